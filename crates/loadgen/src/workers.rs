@@ -1,0 +1,500 @@
+//! `idle`, `connect` and `storm`, spread over worker processes.
+//!
+//! A process may hold only so many files (RLIMIT_NOFILE; 20,000 on the reference machine), so
+//! socket-heavy scenarios run in `--procs` child processes of this same binary. Pair `i` belongs
+//! to worker `i * procs / pairs`, so both users of a pair are always in one process. Children
+//! report JSON events on stdout (`progress`, `ready`, `done`) and take commands on stdin
+//! (`go`, `close`); the parent samples `/proc` of the servers between those steps.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{classify, Incoming, Protocol, Target, Ws};
+use crate::messaging::bar;
+use crate::procstat::{self, CpuSnap};
+use crate::report::{new_hist, Report};
+use crate::{pair_ids, Cli, Scenario};
+
+/// Events a worker prints, one JSON object per line.
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(tag = "ev", rename_all = "lowercase")]
+enum Event {
+    Progress {
+        n: u64,
+    },
+    Ready {
+        opened: u64,
+        failed: u64,
+        errors: Vec<String>,
+    },
+    Done {
+        ok: u64,
+        failed: u64,
+        retries: u64,
+        /// Per-socket time to welcome, microseconds.
+        samples_us: Vec<u64>,
+        errors: Vec<String>,
+    },
+}
+
+fn emit(ev: &Event) {
+    println!(
+        "{}",
+        serde_json::to_string(ev).expect("events serialize to JSON")
+    );
+}
+
+/// Keeps an open socket alive: drains it and answers Engine.IO pings.
+fn hold(mut ws: Ws, protocol: Protocol) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                if protocol == Protocol::Socketio
+                    && classify(protocol, t.as_str()) == Incoming::Ping
+                    && ws.send(Message::text("3")).await.is_err()
+                {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// The pair range `[lo, hi)` of worker `index` out of `procs`.
+fn slice(pairs: usize, index: usize, procs: usize) -> (usize, usize) {
+    (pairs * index / procs, pairs * (index + 1) / procs)
+}
+
+/// Errors, keeping only the first few messages.
+#[derive(Default)]
+struct Errors {
+    count: AtomicU64,
+    first: StdMutex<Vec<String>>,
+}
+
+impl Errors {
+    fn add(&self, e: &anyhow::Error) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut f = self.first.lock().expect("not poisoned");
+        if f.len() < 5 {
+            f.push(format!("{e:#}"));
+        }
+    }
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.first.lock().expect("not poisoned"))
+    }
+}
+
+/// One socket to open: (instance, user, peer).
+type Spec = (usize, String, String);
+
+fn specs(run_id: &str, lo: usize, hi: usize) -> Vec<Spec> {
+    let mut v = Vec::with_capacity(2 * (hi - lo));
+    for i in lo..hi {
+        let (a, b) = pair_ids(run_id, i);
+        v.push((i, a.clone(), b.clone()));
+        v.push((i + 1, b, a));
+    }
+    v
+}
+
+/// Prints `progress` events every 250 ms from a counter.
+fn progress_ticker(n: Arc<AtomicU64>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            iv.tick().await;
+            emit(&Event::Progress {
+                n: n.load(Ordering::Relaxed),
+            });
+        }
+    })
+}
+
+/// Opens all `specs` with bounded concurrency, timing each from `since` (or from its own
+/// start when `since` is `None`). Failed attempts are retried up to `retries` times.
+async fn open_all(
+    target: &Target,
+    specs: Vec<Spec>,
+    concurrency: usize,
+    since: Option<Instant>,
+    retries: u32,
+) -> (Vec<JoinHandle<()>>, Vec<u64>, u64, Errors) {
+    let progress = Arc::new(AtomicU64::new(0));
+    let ticker = progress_ticker(progress.clone());
+    let errors = Errors::default();
+    let retried = AtomicU64::new(0);
+    let results: Vec<Option<(Ws, u64)>> = futures_util::stream::iter(specs)
+        .map(|(inst, u, p)| {
+            let progress = progress.clone();
+            let errors = &errors;
+            let retried = &retried;
+            async move {
+                let t = since.unwrap_or_else(Instant::now);
+                let mut attempt = 0;
+                loop {
+                    match target.connect(inst, &u, &p).await {
+                        Ok(ws) => {
+                            progress.fetch_add(1, Ordering::Relaxed);
+                            return Some((ws, t.elapsed().as_micros() as u64));
+                        }
+                        Err(_) if attempt < retries => {
+                            attempt += 1;
+                            retried.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt)))
+                                .await;
+                        }
+                        Err(e) => {
+                            errors.add(&e.context(u.clone()));
+                            return None;
+                        }
+                    }
+                }
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    ticker.abort();
+    let mut held = Vec::with_capacity(results.len());
+    let mut samples = Vec::with_capacity(results.len());
+    for (ws, us) in results.into_iter().flatten() {
+        held.push(hold(ws, target.protocol));
+        samples.push(us);
+    }
+    let retried = retried.load(Ordering::Relaxed);
+    (held, samples, retried, errors)
+}
+
+/// Worker process: runs its slice, talking to the parent over stdin/stdout.
+pub async fn child(cli: &Cli, target: &Target, run_id: &str, index: usize) -> Result<()> {
+    let procs = cli.common.procs.max(1);
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut held: Vec<JoinHandle<()>> = Vec::new();
+    let mut my_specs = Vec::new();
+    match &cli.scenario {
+        Scenario::Idle {
+            pairs, concurrency, ..
+        }
+        | Scenario::Storm {
+            pairs, concurrency, ..
+        } => {
+            let (lo, hi) = slice(*pairs, index, procs);
+            my_specs = specs(run_id, lo, hi);
+            let (h, _, _, errors) =
+                open_all(target, my_specs.clone(), concurrency / procs, None, 0).await;
+            held = h;
+            emit(&Event::Ready {
+                opened: held.len() as u64,
+                failed: errors.count.load(Ordering::Relaxed),
+                errors: errors.take(),
+            });
+        }
+        Scenario::Connect { .. } => emit(&Event::Ready {
+            opened: 0,
+            failed: 0,
+            errors: vec![],
+        }),
+        _ => bail!("worker processes serve idle, connect and storm only"),
+    }
+    while let Some(line) = stdin.next_line().await? {
+        match line.trim() {
+            "go" => {
+                let (h, samples, retried, errors) = match &cli.scenario {
+                    Scenario::Connect { count, concurrency } => {
+                        let (lo, hi) = slice(count / 2, index, procs);
+                        open_all(target, specs(run_id, lo, hi), concurrency / procs, None, 0).await
+                    }
+                    Scenario::Storm { .. } => {
+                        // Drop every socket at once (TCP FIN, no close frame), then reconnect all.
+                        let t = Instant::now();
+                        for h in held.drain(..) {
+                            h.abort();
+                        }
+                        let n = my_specs.len();
+                        open_all(target, std::mem::take(&mut my_specs), n, Some(t), 5).await
+                    }
+                    _ => bail!("nothing to do on go"),
+                };
+                held.extend(h);
+                emit(&Event::Done {
+                    ok: samples.len() as u64,
+                    failed: errors.count.load(Ordering::Relaxed),
+                    retries: retried,
+                    samples_us: samples,
+                    errors: errors.take(),
+                });
+            }
+            "close" => break,
+            _ => {}
+        }
+    }
+    for h in held {
+        h.abort();
+    }
+    Ok(())
+}
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+async fn send_all(workers: &mut [Worker], cmd: &str) -> Result<()> {
+    for w in workers.iter_mut() {
+        w.stdin.write_all(format!("{cmd}\n").as_bytes()).await?;
+        w.stdin.flush().await?;
+    }
+    Ok(())
+}
+
+/// Collects one `ready` or `done` event per worker, driving the progress bar meanwhile.
+async fn collect(
+    rx: &mut mpsc::UnboundedReceiver<(usize, Event)>,
+    procs: usize,
+    pb: &indicatif::ProgressBar,
+    deadline: Duration,
+) -> Result<Vec<Event>> {
+    let mut progress = vec![0u64; procs];
+    let mut out: Vec<Option<Event>> = (0..procs).map(|_| None).collect();
+    let until = tokio::time::Instant::now() + deadline;
+    while out.iter().any(Option::is_none) {
+        let (i, ev) = tokio::time::timeout_at(until, rx.recv())
+            .await
+            .map_err(|_| anyhow!("workers did not finish within {deadline:?}"))?
+            .ok_or_else(|| anyhow!("a worker process exited early"))?;
+        match ev {
+            Event::Progress { n } => {
+                progress[i] = n;
+                pb.set_position(progress.iter().sum());
+            }
+            other => out[i] = Some(other),
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// Parent: spawns the workers, samples the servers, and builds the report.
+pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
+    let c = &cli.common;
+    let procs = c.procs.max(1);
+    let exe = std::env::current_exe()?;
+    let mut args: Vec<String> = Vec::new();
+    let mut skip = false;
+    for a in std::env::args().skip(1) {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--run-id" {
+            skip = true;
+            continue;
+        }
+        if a.starts_with("--run-id=") {
+            continue;
+        }
+        args.push(a);
+    }
+    let pids = &c.server_pids;
+    let rss0 = procstat::rss_kib(pids).unwrap_or(0);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut workers = Vec::new();
+    for i in 0..procs {
+        let mut child = Command::new(&exe)
+            .args(&args)
+            .args(["--worker-index", &i.to_string(), "--run-id", run_id])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn worker")?;
+        let stdout = child.stdout.take().expect("piped");
+        let stdin = child.stdin.take().expect("piped");
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(ev) = serde_json::from_str::<Event>(&line) {
+                    if tx.send((i, ev)).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        workers.push(Worker { child, stdin });
+    }
+    drop(tx);
+    let limit = Duration::from_secs(600);
+    let (total, what) = match &cli.scenario {
+        Scenario::Idle { pairs, .. } | Scenario::Storm { pairs, .. } => (2 * pairs, "open"),
+        Scenario::Connect { count, .. } => (count / 2 * 2, "connect"),
+        _ => bail!("not a worker scenario"),
+    };
+    let pb = bar(total as u64, what);
+    let t_open = Instant::now();
+    let ready = collect(&mut rx, procs, &pb, limit).await?;
+    let open_secs = t_open.elapsed().as_secs_f64();
+    let (mut opened, mut failed, mut errors) = (0, 0, Vec::new());
+    for ev in ready {
+        if let Event::Ready {
+            opened: o,
+            failed: f,
+            errors: e,
+        } = ev
+        {
+            opened += o;
+            failed += f;
+            errors.extend(e);
+        }
+    }
+    let mut r = Report::new(cli.scenario.name(), &c.label);
+    r.set("protocol", serde_json::to_value(c.protocol)?)
+        .set("instances", c.ports.len())
+        .set("procs", procs);
+    match &cli.scenario {
+        Scenario::Idle {
+            pairs, settle_ms, ..
+        } => {
+            pb.finish_and_clear();
+            tokio::time::sleep(Duration::from_millis(*settle_ms)).await;
+            let rss1 = procstat::rss_kib(pids).unwrap_or(0);
+            r.set("pairs", *pairs)
+                .set("sockets_opened", opened)
+                .set("sockets_failed", failed)
+                .setf("open_secs", open_secs, 2);
+            if !pids.is_empty() {
+                let per = rss1.saturating_sub(rss0) as f64 / opened.max(1) as f64;
+                r.set("server_rss_before_kib", rss0)
+                    .set("server_rss_after_kib", rss1)
+                    .setf("server_rss_per_conn_kib", per, 2);
+                let limits: Vec<Option<u64>> =
+                    pids.iter().map(|&p| procstat::nofile_limit(p)).collect();
+                r.set("server_nofile_limits", serde_json::to_value(limits)?);
+            }
+        }
+        Scenario::Connect { count, concurrency } => {
+            let cpu0 = CpuSnap::take(pids, c.redis_pid).unwrap_or_default();
+            let t0 = Instant::now();
+            send_all(&mut workers, "go").await?;
+            let done = collect(&mut rx, procs, &pb, limit).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            let cpu = CpuSnap::take(pids, c.redis_pid)
+                .unwrap_or_default()
+                .since(&cpu0);
+            pb.finish_and_clear();
+            let (ok, fail, _retries, hist) = merge_done(done, &mut errors);
+            r.set("sockets", *count)
+                .set("concurrency", *concurrency)
+                .set("ok", ok)
+                .set("failed", fail)
+                .setf("secs", secs, 3)
+                .setf("upgrades_per_sec", ok as f64 / secs, 0)
+                .latency("handshake", &hist);
+            if !pids.is_empty() && ok > 0 {
+                r.setf("server_cpu_secs", cpu.server, 2).setf(
+                    "server_cpu_ms_per_upgrade",
+                    1000.0 * cpu.server / ok as f64,
+                    4,
+                );
+            }
+        }
+        Scenario::Storm { pairs, .. } => {
+            pb.finish_and_clear();
+            r.set("pairs", *pairs)
+                .set("sockets_opened", opened)
+                .set("sockets_failed_initial", failed);
+            let pb = bar(opened, "reconnect");
+            let t0 = Instant::now();
+            send_all(&mut workers, "go").await?;
+            let done = collect(&mut rx, procs, &pb, limit).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            pb.finish_and_clear();
+            let (ok, fail, retries, hist) = merge_done(done, &mut errors);
+            r.set("reconnected", ok)
+                .set("failed", fail)
+                .set("retries", retries)
+                .setf("secs_until_all_welcomed", secs, 3)
+                .latency("welcome_after", &hist);
+        }
+        _ => {}
+    }
+    r.set("errors", serde_json::to_value(&errors)?);
+    let _ = send_all(&mut workers, "close").await;
+    for w in &mut workers {
+        let _ = tokio::time::timeout(Duration::from_secs(30), w.child.wait()).await;
+    }
+    Ok(r)
+}
+
+fn merge_done(
+    done: Vec<Event>,
+    errors: &mut Vec<String>,
+) -> (u64, u64, u64, hdrhistogram::Histogram<u64>) {
+    let mut hist = new_hist();
+    let (mut ok, mut fail, mut retries) = (0, 0, 0);
+    for ev in done {
+        if let Event::Done {
+            ok: o,
+            failed: f,
+            retries: rt,
+            samples_us,
+            errors: e,
+        } = ev
+        {
+            ok += o;
+            fail += f;
+            retries += rt;
+            errors.extend(e);
+            for us in samples_us {
+                let _ = hist.record((us * 1000).max(1));
+            }
+        }
+    }
+    (ok, fail, retries, hist)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_cover_all_pairs_once() {
+        let pairs = 1001;
+        let procs = 3;
+        let mut covered = 0;
+        let mut prev_hi = 0;
+        for i in 0..procs {
+            let (lo, hi) = slice(pairs, i, procs);
+            assert_eq!(lo, prev_hi);
+            covered += hi - lo;
+            prev_hi = hi;
+        }
+        assert_eq!(covered, pairs);
+        let s = specs("r", 4, 6);
+        assert_eq!(s.len(), 4);
+        assert_eq!(s[0], (4, "r4a".into(), "r4b".into()));
+        assert_eq!(s[1], (5, "r4b".into(), "r4a".into()));
+    }
+
+    #[test]
+    fn events_round_trip() {
+        let line = serde_json::to_string(&Event::Progress { n: 3 }).unwrap();
+        assert_eq!(line, r#"{"ev":"progress","n":3}"#);
+        assert!(matches!(
+            serde_json::from_str::<Event>(&line).unwrap(),
+            Event::Progress { n: 3 }
+        ));
+    }
+}
