@@ -308,6 +308,7 @@ pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
     }
     let pids = &c.server_pids;
     let rss0 = procstat::rss_kib(pids).unwrap_or(0);
+    let redis_rss0 = c.redis_pid.map(|p| procstat::rss_kib(&[p]).unwrap_or(0));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut workers = Vec::new();
     for i in 0..procs {
@@ -382,6 +383,15 @@ pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
                 let limits: Vec<Option<u64>> =
                     pids.iter().map(|&p| procstat::nofile_limit(p)).collect();
                 r.set("server_nofile_limits", serde_json::to_value(limits)?);
+            }
+            if let (Some(p), Some(before)) = (c.redis_pid, redis_rss0) {
+                let after = procstat::rss_kib(&[p]).unwrap_or(0);
+                r.set("redis_rss_delta_kib", after.saturating_sub(before))
+                    .setf(
+                        "redis_rss_per_conn_kib",
+                        after.saturating_sub(before) as f64 / opened.max(1) as f64,
+                        3,
+                    );
             }
         }
         Scenario::Connect { count, concurrency } => {
