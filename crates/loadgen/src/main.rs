@@ -88,6 +88,10 @@ enum Scenario {
         /// Wait this long after the last open before reading RSS, in milliseconds.
         #[arg(long, default_value_t = 3000)]
         settle_ms: u64,
+        /// After reading RSS, keep the sockets open this long and report the server and Redis
+        /// CPU they cost while idle (keepalives, presence refreshes), in seconds.
+        #[arg(long, default_value_t = 10)]
+        hold_secs: u64,
     },
     /// P pairs send S-byte messages at a total rate R; report one-way latency.
     Latency {

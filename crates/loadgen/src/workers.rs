@@ -366,7 +366,10 @@ pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
         .set("procs", procs);
     match &cli.scenario {
         Scenario::Idle {
-            pairs, settle_ms, ..
+            pairs,
+            settle_ms,
+            hold_secs,
+            ..
         } => {
             pb.finish_and_clear();
             tokio::time::sleep(Duration::from_millis(*settle_ms)).await;
@@ -383,6 +386,26 @@ pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
                 let limits: Vec<Option<u64>> =
                     pids.iter().map(|&p| procstat::nofile_limit(p)).collect();
                 r.set("server_nofile_limits", serde_json::to_value(limits)?);
+            }
+            if *hold_secs > 0 && !pids.is_empty() {
+                let cpu0 = CpuSnap::take(pids, c.redis_pid).unwrap_or_default();
+                tokio::time::sleep(Duration::from_secs(*hold_secs)).await;
+                let cpu = CpuSnap::take(pids, c.redis_pid)
+                    .unwrap_or_default()
+                    .since(&cpu0);
+                let per_10k_per_sec = |s: f64| s / *hold_secs as f64 / (opened.max(1) as f64 / 1e4);
+                r.set("hold_secs", *hold_secs).setf(
+                    "idle_server_cpu_ms_per_sec_per_10k_conns",
+                    1000.0 * per_10k_per_sec(cpu.server),
+                    2,
+                );
+                if c.redis_pid.is_some() {
+                    r.setf(
+                        "idle_redis_cpu_ms_per_sec_per_10k_conns",
+                        1000.0 * per_10k_per_sec(cpu.redis),
+                        2,
+                    );
+                }
             }
             if let (Some(p), Some(before)) = (c.redis_pid, redis_rss0) {
                 let after = procstat::rss_kib(&[p]).unwrap_or(0);
