@@ -48,9 +48,7 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// Whether new sockets are accepted and the broker can deliver.
     pub fn is_ready(&self) -> bool {
-        self.accepting.load(Ordering::Relaxed)
-            && !self.shutdown.is_cancelled()
-            && self.broker.is_ready()
+        self.accepting.load(Ordering::Relaxed) && !self.shutdown.is_cancelled() && self.broker.is_ready()
     }
 }
 
@@ -95,14 +93,8 @@ pub async fn run(
                 pool_size: settings.redis_pool_size,
             };
             Arc::new(
-                RedisBroker::start(
-                    options,
-                    registry.clone(),
-                    token.clone(),
-                    &background,
-                    Duration::from_secs(5),
-                )
-                .await?,
+                RedisBroker::start(options, registry.clone(), token.clone(), &background, Duration::from_secs(5))
+                    .await?,
             )
         }
     };
@@ -124,17 +116,13 @@ pub async fn run(
         shutdown.await;
         stop.cancel();
     });
-    let serve = axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(token.clone().cancelled_owned());
+    let serve = axum::serve(listener, router(state.clone())).with_graceful_shutdown(token.clone().cancelled_owned());
     let closer = {
         let state = state.clone();
         async move {
             token.cancelled().await;
             state.accepting.store(false, Ordering::Relaxed);
-            tracing::info!(
-                sessions = state.registry.len(),
-                "shutting down: closing sockets"
-            );
+            tracing::info!(sessions = state.registry.len(), "shutting down: closing sockets");
             for session in state.registry.all() {
                 session.close(CloseReason::SHUTDOWN);
             }
@@ -142,10 +130,7 @@ pub async fn run(
     };
     let (served, ()) = tokio::join!(serve.into_future(), closer);
     state.sessions.close();
-    if tokio::time::timeout(grace, state.sessions.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, state.sessions.wait()).await.is_err() {
         tracing::warn!("shutdown grace period ran out with sockets still open");
     }
     background.close();

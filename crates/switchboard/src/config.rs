@@ -97,25 +97,14 @@ fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
 impl Settings {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_from(
-            file,
-            Environment::with_prefix("SWITCHBOARD").prefix_separator("_"),
-        )
+        Self::load_from(file, Environment::with_prefix("SWITCHBOARD").prefix_separator("_"))
     }
 
     /// Loads defaults, then `file`, then the given variables instead of the
     /// process environment (for tests).
     pub fn load_with_env(file: Option<&Path>, vars: &[(&str, &str)]) -> Result<Self, ConfigError> {
-        let map = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Self::load_from(
-            file,
-            Environment::with_prefix("SWITCHBOARD")
-                .prefix_separator("_")
-                .source(Some(map)),
-        )
+        let map = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Self::load_from(file, Environment::with_prefix("SWITCHBOARD").prefix_separator("_").source(Some(map)))
     }
 
     fn load_from(file: Option<&Path>, env: Environment) -> Result<Self, ConfigError> {
@@ -132,21 +121,15 @@ impl Settings {
             ("redis_pool_size", "16"),
             ("shutdown_grace_secs", "10"),
         ] {
-            builder = builder
-                .set_default(key, value)
-                .map_err(|e| ConfigError(e.to_string()))?;
+            builder = builder.set_default(key, value).map_err(|e| ConfigError(e.to_string()))?;
         }
         if let Some(path) = file {
             builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
-        let raw: Raw = builder
-            .add_source(env)
-            .build()
-            .and_then(Config::try_deserialize)
-            .map_err(|e| match &e {
-                config::ConfigError::Type { key: Some(key), .. } => bad(key, &e),
-                _ => ConfigError(e.to_string()),
-            })?;
+        let raw: Raw = builder.add_source(env).build().and_then(Config::try_deserialize).map_err(|e| match &e {
+            config::ConfigError::Type { key: Some(key), .. } => bad(key, &e),
+            _ => ConfigError(e.to_string()),
+        })?;
         raw.validate()
     }
 }
@@ -157,22 +140,16 @@ fn non_empty(value: Option<String>) -> Option<String> {
 
 impl Raw {
     fn validate(self) -> Result<Settings, ConfigError> {
-        let listen = self.listen.parse().map_err(|e| {
-            bad(
-                "listen",
-                format!("{:?} is not a socket address: {e}", self.listen),
-            )
-        })?;
+        let listen = self
+            .listen
+            .parse()
+            .map_err(|e| bad("listen", format!("{:?} is not a socket address: {e}", self.listen)))?;
         let redis_url = non_empty(self.redis_url);
         if let Some(url) = &redis_url {
-            redis::parse_redis_url(url)
-                .ok_or_else(|| bad("redis_url", format!("{url:?} is not a redis:// URL")))?;
+            redis::parse_redis_url(url).ok_or_else(|| bad("redis_url", format!("{url:?} is not a redis:// URL")))?;
         }
         if self.channel_prefix.is_empty()
-            || self
-                .channel_prefix
-                .bytes()
-                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            || self.channel_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
         {
             return Err(bad("channel_prefix", "must be non-empty, without spaces"));
         }
@@ -187,17 +164,9 @@ impl Raw {
         let ice_servers = RawValue::from_string(self.ice_servers.trim().to_owned())
             .ok()
             .filter(|v| v.get().starts_with('['))
-            .ok_or_else(|| {
-                bad(
-                    "ice_servers",
-                    "must be a JSON array of RTCIceServer objects",
-                )
-            })?;
+            .ok_or_else(|| bad("ice_servers", "must be a JSON array of RTCIceServer objects"))?;
         if self.outbox_messages == 0 || self.outbox_bytes < self.max_message_bytes {
-            return Err(bad(
-                "outbox_bytes",
-                "queues must hold at least one message of the largest size",
-            ));
+            return Err(bad("outbox_bytes", "queues must hold at least one message of the largest size"));
         }
         if self.presence_ttl_secs < 3 {
             return Err(bad("presence_ttl_secs", "must be at least 3"));
@@ -248,22 +217,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sb-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("switchboard.toml");
-        std::fs::write(
-            &file,
-            "listen = \"0.0.0.0:9000\"\nchannel_prefix = \"fromfile\"\nmax_message_bytes = 1000\n",
-        )
-        .unwrap();
-        let s = Settings::load_with_env(Some(&file), &[("SWITCHBOARD_CHANNEL_PREFIX", "fromenv")])
+        std::fs::write(&file, "listen = \"0.0.0.0:9000\"\nchannel_prefix = \"fromfile\"\nmax_message_bytes = 1000\n")
             .unwrap();
+        let s = Settings::load_with_env(Some(&file), &[("SWITCHBOARD_CHANNEL_PREFIX", "fromenv")]).unwrap();
         assert_eq!(s.listen, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(s.channel_prefix, "fromenv");
         assert_eq!(s.max_message_bytes, 1000);
         let s = Settings::load_with_env(
             None,
-            &[
-                ("SWITCHBOARD_REDIS_URL", "redis://127.0.0.1:7000"),
-                ("SWITCHBOARD_LOG_FORMAT", "json"),
-            ],
+            &[("SWITCHBOARD_REDIS_URL", "redis://127.0.0.1:7000"), ("SWITCHBOARD_LOG_FORMAT", "json")],
         )
         .unwrap();
         assert_eq!(s.redis_url.as_deref(), Some("redis://127.0.0.1:7000"));
@@ -282,9 +244,7 @@ mod tests {
             ("SWITCHBOARD_ICE_SERVERS", "{\"urls\":1}"),
             ("SWITCHBOARD_CHANNEL_PREFIX", "a b"),
         ] {
-            let err = Settings::load_with_env(None, &[(key, value)])
-                .unwrap_err()
-                .to_string();
+            let err = Settings::load_with_env(None, &[(key, value)]).unwrap_err().to_string();
             assert!(err.contains(key), "{key}={value}: {err}");
             assert!(!err.contains('\n'), "{err}");
         }

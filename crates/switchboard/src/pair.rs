@@ -82,14 +82,8 @@ impl PairId {
     /// Builds the pair of `a` and `b`, in either order.
     pub fn new(a: &UserId, b: &UserId) -> Result<Self, SameUser> {
         match a.cmp(b) {
-            std::cmp::Ordering::Less => Ok(Self {
-                lower: a.clone(),
-                higher: b.clone(),
-            }),
-            std::cmp::Ordering::Greater => Ok(Self {
-                lower: b.clone(),
-                higher: a.clone(),
-            }),
+            std::cmp::Ordering::Less => Ok(Self { lower: a.clone(), higher: b.clone() }),
+            std::cmp::Ordering::Greater => Ok(Self { lower: b.clone(), higher: a.clone() }),
             std::cmp::Ordering::Equal => Err(SameUser),
         }
     }
@@ -168,22 +162,12 @@ mod tests {
 
     #[test]
     fn punctuated_ids_do_not_collide() {
-        let pairs = [
-            ("a-b", "c"),
-            ("a", "b-c"),
-            ("a.b", "c"),
-            ("a", "b.c"),
-            ("a_b", "c"),
-            ("a", "b_c"),
-        ];
+        let pairs = [("a-b", "c"), ("a", "b-c"), ("a.b", "c"), ("a", "b.c"), ("a_b", "c"), ("a", "b_c")];
         let mut seen = std::collections::HashSet::new();
         for (x, y) in pairs {
             let p = PairId::new(&id(x), &id(y)).unwrap();
             assert!(seen.insert(p.channel("switchboard")), "{x},{y}");
-            assert_eq!(
-                PairId::from_channel("switchboard", &p.channel("switchboard")),
-                Some(p)
-            );
+            assert_eq!(PairId::from_channel("switchboard", &p.channel("switchboard")), Some(p));
         }
     }
 }

@@ -46,6 +46,12 @@ impl Registry {
         }
     }
 
+    /// Decides a session's `peerOnline` atomically with respect to dispatch.
+    pub fn finish_setup(&self, session: &SessionHandle, from_presence: Option<u64>) -> bool {
+        let _map = self.lock();
+        session.finish_setup(from_presence)
+    }
+
     /// Hands an envelope received on `channel` to every local session there.
     /// Returns how many local sessions the channel has.
     pub fn dispatch(&self, channel: &str, raw: &Bytes) -> usize {

@@ -81,12 +81,7 @@ pub fn decode(raw: &[u8]) -> Option<Envelope<'_>> {
     if parts.next().is_some() || from.is_empty() {
         return None;
     }
-    Some(Envelope {
-        kind,
-        from,
-        session,
-        body,
-    })
+    Some(Envelope { kind, from, session, body })
 }
 
 #[cfg(test)]
@@ -99,29 +94,14 @@ mod tests {
         let body = "{\"type\":\"offer\",\"sdp\":\"v=0\\r\\n\u{1F600}\"}\n\n".as_bytes();
         let raw = encode(Kind::Message, &user, 0xdead_beef_0000_0001, body);
         let env = decode(&raw).unwrap();
-        assert_eq!(
-            env,
-            Envelope {
-                kind: Kind::Message,
-                from: "al-ice.1_",
-                session: 0xdead_beef_0000_0001,
-                body
-            }
-        );
+        assert_eq!(env, Envelope { kind: Kind::Message, from: "al-ice.1_", session: 0xdead_beef_0000_0001, body });
         let join = encode(Kind::Join, &user, 7, b"");
         assert_eq!(decode(&join).unwrap().kind, Kind::Join);
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in [
-            &b""[..],
-            b"M a 1",
-            b"X a 1\n",
-            b"M a zz\n",
-            b"M  1\n",
-            b"M a 1 2\n",
-        ] {
+        for bad in [&b""[..], b"M a 1", b"X a 1\n", b"M a zz\n", b"M  1\n", b"M a 1 2\n"] {
             assert_eq!(decode(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }

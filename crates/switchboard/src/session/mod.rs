@@ -53,11 +53,8 @@ fn random_session_id() -> u64 {
 /// Runs a session on an upgraded socket until it ends.
 pub async fn run(state: AppState, socket: UpgradeFut, identity: Identity) {
     let id = random_session_id();
-    let span =
-        tracing::info_span!("session", user = %identity.user, session = format_args!("{id:x}"));
-    run_session(state, socket, identity, id)
-        .instrument(span)
-        .await;
+    let span = tracing::info_span!("session", user = %identity.user, session = format_args!("{id:x}"));
+    run_session(state, socket, identity, id).instrument(span).await;
 }
 
 async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) {
@@ -79,12 +76,8 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     let Identity { user, pair } = identity;
     let peer = pair.other(&user).clone();
     let channel = pair.channel(&state.settings.channel_prefix);
-    let (handle, outbox) = SessionHandle::new(
-        id,
-        user.clone(),
-        state.settings.outbox_messages,
-        state.settings.outbox_bytes,
-    );
+    let (handle, outbox) =
+        SessionHandle::new(id, user.clone(), state.settings.outbox_messages, state.settings.outbox_bytes);
     let handle = Arc::new(handle);
 
     // Register and subscribe before anything can be announced.
@@ -107,37 +100,32 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
         Err(e) => {
             tracing::warn!(error = %e, "session refused: broker unavailable");
             state.registry.remove(&channel, id);
-            let _ = ws_writer
-                .write_frame(Frame::close(1013, b"broker unavailable"))
-                .await;
+            let _ = ws_writer.write_frame(Frame::close(1013, b"broker unavailable")).await;
             let _ = ws_writer.flush().await;
             return;
         }
     };
-    handle.set_peer_session(peer_session);
+    let peer_online = state.registry.finish_setup(&handle, peer_session);
     let welcome = ServerEvent::Welcome {
         user_id: user.as_str(),
         peer_id: peer.as_str(),
         polite: pair.is_polite(&user),
-        peer_online: peer_session.is_some(),
+        peer_online,
         ice_servers: &state.settings.ice_servers,
     }
     .to_bytes();
     let welcomed = async {
-        ws_writer
-            .write_frame(Frame::text(Payload::Borrowed(&welcome)))
-            .await?;
+        ws_writer.write_frame(Frame::text(Payload::Borrowed(&welcome))).await?;
         ws_writer.flush().await
     }
     .await;
     let joined = match welcomed {
-        Ok(()) => broker
-            .publish(&channel, envelope::encode(Kind::Join, &user, id, b""))
-            .await
-            .map_err(|e| e.to_string()),
+        Ok(()) => {
+            broker.publish(&channel, envelope::encode(Kind::Join, &user, id, b"")).await.map_err(|e| e.to_string())
+        }
         Err(e) => Err(e.to_string()),
     };
-    tracing::debug!(peer_online = peer_session.is_some(), "session open");
+    tracing::debug!(peer_online, "session open");
 
     let (control_tx, control_rx) = mpsc::channel(8);
     let writer = tokio::spawn(writer::run(ws_writer, outbox, control_rx, handle.clone()));
@@ -145,19 +133,10 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     let end = match joined {
         Err(e) => {
             tracing::warn!(error = %e, "session setup failed");
-            End::Server(CloseReason {
-                code: 1013,
-                reason: "broker unavailable",
-            })
+            End::Server(CloseReason { code: 1013, reason: "broker unavailable" })
         }
         Ok(()) => {
-            let mut session = Session {
-                state: &state,
-                handle: &handle,
-                channel: &channel,
-                user: &user,
-                pair: &pair,
-            };
+            let mut session = Session { state: &state, handle: &handle, channel: &channel, user: &user, pair: &pair };
             session.read_loop(&mut reader, &control_tx).await
         }
     };
@@ -181,9 +160,7 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     }
     let replaced = handle.close_reason() == Some(CloseReason::REPLACED);
     if !replaced {
-        let _ = broker
-            .publish(&channel, envelope::encode(Kind::Leave, &user, id, b""))
-            .await;
+        let _ = broker.publish(&channel, envelope::encode(Kind::Leave, &user, id, b"")).await;
     }
     tracing::debug!(replaced, "session closed");
 
@@ -218,8 +195,7 @@ impl Session<'_> {
             std::future::ready(Ok::<(), std::convert::Infallible>(()))
         };
         let refresh_every = self.state.settings.presence_ttl / 3;
-        let mut refresh =
-            tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
+        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
         loop {
             let frame = tokio::select! {
                 biased;
@@ -252,21 +228,12 @@ impl Session<'_> {
                     })
                 }
                 Some(Incoming::TooBig) => {
-                    return End::Server(CloseReason {
-                        code: close::TOO_BIG,
-                        reason: "message too big",
-                    })
+                    return End::Server(CloseReason { code: close::TOO_BIG, reason: "message too big" })
                 }
-                Some(Incoming::Protocol) => {
-                    return End::Server(CloseReason {
-                        code: 1002,
-                        reason: "protocol error",
-                    })
-                }
+                Some(Incoming::Protocol) => return End::Server(CloseReason { code: 1002, reason: "protocol error" }),
                 Some(Incoming::Close(code)) => {
                     return End::ClientClosed(
-                        code.filter(|c| (1000..5000).contains(c) && *c != 1005 && *c != 1006)
-                            .unwrap_or(close::NORMAL),
+                        code.filter(|c| (1000..5000).contains(c) && *c != 1005 && *c != 1006).unwrap_or(close::NORMAL),
                     )
                 }
             }
@@ -277,50 +244,26 @@ impl Session<'_> {
     async fn on_text(&mut self, payload: Bytes) {
         if let Err(e) = protocol::check_client_frame(&payload) {
             let message = e.to_string();
-            self.handle.deliver(
-                ServerEvent::Error {
-                    code: e.code(),
-                    message: &message,
-                }
-                .to_bytes(),
-            );
+            self.handle.deliver(ServerEvent::Error { code: e.code(), message: &message }.to_bytes());
             return;
         }
         let env = envelope::encode(Kind::Message, self.user, self.handle.id, &payload);
         if let Err(e) = self.state.broker.publish(self.channel, env).await {
             tracing::warn!(error = %e, "publish failed");
             let message = "the message could not be relayed: the broker is unavailable";
-            self.handle.deliver(
-                ServerEvent::Error {
-                    code: "broker_unavailable",
-                    message,
-                }
-                .to_bytes(),
-            );
+            self.handle.deliver(ServerEvent::Error { code: "broker_unavailable", message }.to_bytes());
         }
     }
 
     /// Keeps this session's presence alive; a peer whose presence expired
     /// (its replica died) is reported as gone.
     async fn refresh_presence(&mut self) {
-        match self
-            .state
-            .broker
-            .refresh_presence(self.pair, self.user, self.handle.id)
-            .await
-        {
+        match self.state.broker.refresh_presence(self.pair, self.user, self.handle.id).await {
             Ok(None) => {
                 if let Some(gone) = self.handle.forget_peer() {
-                    tracing::info!(
-                        peer_session = format_args!("{gone:x}"),
-                        "peer presence expired"
-                    );
-                    self.handle.deliver(
-                        ServerEvent::PeerLeft {
-                            peer_id: self.pair.other(self.user).as_str(),
-                        }
-                        .to_bytes(),
-                    );
+                    tracing::info!(peer_session = format_args!("{gone:x}"), "peer presence expired");
+                    self.handle
+                        .deliver(ServerEvent::PeerLeft { peer_id: self.pair.other(self.user).as_str() }.to_bytes());
                 }
             }
             Ok(Some(_)) => {}

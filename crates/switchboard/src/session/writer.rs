@@ -63,8 +63,7 @@ async fn write_text<W: AsyncWrite + Unpin>(
     frame: Bytes,
 ) -> Result<(), WebSocketError> {
     let len = frame.len();
-    ws.write_frame(Frame::text(Payload::Borrowed(&frame)))
-        .await?;
+    ws.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
     handle.sent(len);
     Ok(())
 }
