@@ -37,10 +37,11 @@ fn init_logs() {
 
 /// Settings for tests: port 0, and Redis when `redis_url` is given.
 pub fn settings(redis_url: Option<&str>) -> Settings {
-    let mut settings = Settings::default();
-    settings.listen = "127.0.0.1:0".parse().unwrap();
-    settings.redis_url = redis_url.map(str::to_owned);
-    settings
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        redis_url: redis_url.map(str::to_owned),
+        ..Settings::default()
+    }
 }
 
 impl Instance {
