@@ -37,11 +37,7 @@ fn init_logs() {
 
 /// Settings for tests: port 0, and Redis when `redis_url` is given.
 pub fn settings(redis_url: Option<&str>) -> Settings {
-    Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        redis_url: redis_url.map(str::to_owned),
-        ..Settings::default()
-    }
+    Settings { listen: "127.0.0.1:0".parse().unwrap(), redis_url: redis_url.map(str::to_owned), ..Settings::default() }
 }
 
 impl Instance {

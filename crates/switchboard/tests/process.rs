@@ -77,7 +77,8 @@ fn help_lists_the_options() {
 #[tokio::test]
 async fn sigterm_closes_sockets_with_1001_and_exits_0() {
     let (mut child, addr) = spawn_on_port_0();
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?userID=alice&peerID=bob")).await.unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?userID=alice&peerID=bob")).await.unwrap();
     let welcome = ws.next().await.unwrap().unwrap();
     assert!(welcome.to_text().unwrap().contains("\"welcome\""));
 
