@@ -24,6 +24,14 @@ Environment (defaults in brackets; a TOML file given by --config uses the same n
   SWITCHBOARD_PRESENCE_TTL_SECS   lifetime of a presence key in Redis [15]
   SWITCHBOARD_REDIS_POOL_SIZE     pooled publish connections [16]
   SWITCHBOARD_SHUTDOWN_GRACE_SECS time allowed for sockets to close on shutdown [10]
+  SWITCHBOARD_DRAIN_SECS          on SIGTERM: seconds of 503 on /readyz while serving, then the
+                                  same span over which sockets close with 1012; 0 = close at once with 1001 [5]
+  SWITCHBOARD_MAX_SOCKETS         open WebSockets per instance; more get HTTP 503 [50000]
+  SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS  time allowed to send the HTTP request head [10]
+  SWITCHBOARD_PING_INTERVAL_SECS  server ping interval; 0 disables pings [20]
+  SWITCHBOARD_PONG_TIMEOUT_SECS   a socket silent this long after a ping is closed [20]
+  SWITCHBOARD_RATE_PER_SEC        client messages per second per socket (token bucket refill) [50]
+  SWITCHBOARD_RATE_BURST          token bucket size; more drops than this within 10 s closes with 1008 [200]
   SWITCHBOARD_CONFIG              TOML file to read (same as --config) []";
 
 /// Log output format.
@@ -63,6 +71,20 @@ pub struct Settings {
     pub redis_pool_size: usize,
     /// Time allowed for sockets to close on shutdown.
     pub shutdown_grace: Duration,
+    /// Paced drain span on SIGTERM; zero closes at once with 1001.
+    pub drain: Duration,
+    /// Open WebSockets allowed per instance.
+    pub max_sockets: usize,
+    /// Time allowed to send the HTTP request head.
+    pub handshake_timeout: Duration,
+    /// Server ping interval; zero disables pings.
+    pub ping_interval: Duration,
+    /// Silence allowed after a ping before the socket is closed.
+    pub pong_timeout: Duration,
+    /// Client messages per second per socket.
+    pub rate_per_sec: u32,
+    /// Token bucket size, and the drops per 10 s that close a socket.
+    pub rate_burst: u32,
 }
 
 /// A configuration value that can't be used; the message names the key.
@@ -84,6 +106,13 @@ struct Raw {
     presence_ttl_secs: u64,
     redis_pool_size: usize,
     shutdown_grace_secs: u64,
+    drain_secs: u64,
+    max_sockets: usize,
+    handshake_timeout_secs: u64,
+    ping_interval_secs: u64,
+    pong_timeout_secs: u64,
+    rate_per_sec: u32,
+    rate_burst: u32,
 }
 
 fn env_name(key: &str) -> String {
@@ -97,25 +126,14 @@ fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
 impl Settings {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_from(
-            file,
-            Environment::with_prefix("SWITCHBOARD").prefix_separator("_"),
-        )
+        Self::load_from(file, Environment::with_prefix("SWITCHBOARD").prefix_separator("_"))
     }
 
     /// Loads defaults, then `file`, then the given variables instead of the
     /// process environment (for tests).
     pub fn load_with_env(file: Option<&Path>, vars: &[(&str, &str)]) -> Result<Self, ConfigError> {
-        let map = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Self::load_from(
-            file,
-            Environment::with_prefix("SWITCHBOARD")
-                .prefix_separator("_")
-                .source(Some(map)),
-        )
+        let map = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Self::load_from(file, Environment::with_prefix("SWITCHBOARD").prefix_separator("_").source(Some(map)))
     }
 
     fn load_from(file: Option<&Path>, env: Environment) -> Result<Self, ConfigError> {
@@ -131,22 +149,23 @@ impl Settings {
             ("presence_ttl_secs", "15"),
             ("redis_pool_size", "16"),
             ("shutdown_grace_secs", "10"),
+            ("drain_secs", "5"),
+            ("max_sockets", "50000"),
+            ("handshake_timeout_secs", "10"),
+            ("ping_interval_secs", "20"),
+            ("pong_timeout_secs", "20"),
+            ("rate_per_sec", "50"),
+            ("rate_burst", "200"),
         ] {
-            builder = builder
-                .set_default(key, value)
-                .map_err(|e| ConfigError(e.to_string()))?;
+            builder = builder.set_default(key, value).map_err(|e| ConfigError(e.to_string()))?;
         }
         if let Some(path) = file {
             builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
-        let raw: Raw = builder
-            .add_source(env)
-            .build()
-            .and_then(Config::try_deserialize)
-            .map_err(|e| match &e {
-                config::ConfigError::Type { key: Some(key), .. } => bad(key, &e),
-                _ => ConfigError(e.to_string()),
-            })?;
+        let raw: Raw = builder.add_source(env).build().and_then(Config::try_deserialize).map_err(|e| match &e {
+            config::ConfigError::Type { key: Some(key), .. } => bad(key, &e),
+            _ => ConfigError(e.to_string()),
+        })?;
         raw.validate()
     }
 }
@@ -157,22 +176,16 @@ fn non_empty(value: Option<String>) -> Option<String> {
 
 impl Raw {
     fn validate(self) -> Result<Settings, ConfigError> {
-        let listen = self.listen.parse().map_err(|e| {
-            bad(
-                "listen",
-                format!("{:?} is not a socket address: {e}", self.listen),
-            )
-        })?;
+        let listen = self
+            .listen
+            .parse()
+            .map_err(|e| bad("listen", format!("{:?} is not a socket address: {e}", self.listen)))?;
         let redis_url = non_empty(self.redis_url);
         if let Some(url) = &redis_url {
-            redis::parse_redis_url(url)
-                .ok_or_else(|| bad("redis_url", format!("{url:?} is not a redis:// URL")))?;
+            redis::parse_redis_url(url).ok_or_else(|| bad("redis_url", format!("{url:?} is not a redis:// URL")))?;
         }
         if self.channel_prefix.is_empty()
-            || self
-                .channel_prefix
-                .bytes()
-                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            || self.channel_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
         {
             return Err(bad("channel_prefix", "must be non-empty, without spaces"));
         }
@@ -187,23 +200,27 @@ impl Raw {
         let ice_servers = RawValue::from_string(self.ice_servers.trim().to_owned())
             .ok()
             .filter(|v| v.get().starts_with('['))
-            .ok_or_else(|| {
-                bad(
-                    "ice_servers",
-                    "must be a JSON array of RTCIceServer objects",
-                )
-            })?;
+            .ok_or_else(|| bad("ice_servers", "must be a JSON array of RTCIceServer objects"))?;
         if self.outbox_messages == 0 || self.outbox_bytes < self.max_message_bytes {
-            return Err(bad(
-                "outbox_bytes",
-                "queues must hold at least one message of the largest size",
-            ));
+            return Err(bad("outbox_bytes", "queues must hold at least one message of the largest size"));
         }
         if self.presence_ttl_secs < 3 {
             return Err(bad("presence_ttl_secs", "must be at least 3"));
         }
         if self.redis_pool_size == 0 {
             return Err(bad("redis_pool_size", "must be at least 1"));
+        }
+        if self.max_sockets == 0 {
+            return Err(bad("max_sockets", "must be at least 1"));
+        }
+        if self.handshake_timeout_secs == 0 {
+            return Err(bad("handshake_timeout_secs", "must be at least 1"));
+        }
+        if self.ping_interval_secs > 0 && self.pong_timeout_secs == 0 {
+            return Err(bad("pong_timeout_secs", "must be at least 1 while pings are on"));
+        }
+        if self.rate_per_sec == 0 || self.rate_burst == 0 {
+            return Err(bad("rate_per_sec", "rate and burst must be at least 1"));
         }
         Ok(Settings {
             listen,
@@ -218,6 +235,13 @@ impl Raw {
             presence_ttl: Duration::from_secs(self.presence_ttl_secs),
             redis_pool_size: self.redis_pool_size,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            drain: Duration::from_secs(self.drain_secs),
+            max_sockets: self.max_sockets,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            ping_interval: Duration::from_secs(self.ping_interval_secs),
+            pong_timeout: Duration::from_secs(self.pong_timeout_secs),
+            rate_per_sec: self.rate_per_sec,
+            rate_burst: self.rate_burst,
         })
     }
 }
@@ -248,22 +272,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sb-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("switchboard.toml");
-        std::fs::write(
-            &file,
-            "listen = \"0.0.0.0:9000\"\nchannel_prefix = \"fromfile\"\nmax_message_bytes = 1000\n",
-        )
-        .unwrap();
-        let s = Settings::load_with_env(Some(&file), &[("SWITCHBOARD_CHANNEL_PREFIX", "fromenv")])
+        std::fs::write(&file, "listen = \"0.0.0.0:9000\"\nchannel_prefix = \"fromfile\"\nmax_message_bytes = 1000\n")
             .unwrap();
+        let s = Settings::load_with_env(Some(&file), &[("SWITCHBOARD_CHANNEL_PREFIX", "fromenv")]).unwrap();
         assert_eq!(s.listen, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(s.channel_prefix, "fromenv");
         assert_eq!(s.max_message_bytes, 1000);
         let s = Settings::load_with_env(
             None,
-            &[
-                ("SWITCHBOARD_REDIS_URL", "redis://127.0.0.1:7000"),
-                ("SWITCHBOARD_LOG_FORMAT", "json"),
-            ],
+            &[("SWITCHBOARD_REDIS_URL", "redis://127.0.0.1:7000"), ("SWITCHBOARD_LOG_FORMAT", "json")],
         )
         .unwrap();
         assert_eq!(s.redis_url.as_deref(), Some("redis://127.0.0.1:7000"));
@@ -282,9 +299,7 @@ mod tests {
             ("SWITCHBOARD_ICE_SERVERS", "{\"urls\":1}"),
             ("SWITCHBOARD_CHANNEL_PREFIX", "a b"),
         ] {
-            let err = Settings::load_with_env(None, &[(key, value)])
-                .unwrap_err()
-                .to_string();
+            let err = Settings::load_with_env(None, &[(key, value)]).unwrap_err().to_string();
             assert!(err.contains(key), "{key}={value}: {err}");
             assert!(!err.contains('\n'), "{err}");
         }

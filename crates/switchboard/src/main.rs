@@ -20,10 +20,7 @@ async fn main() -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(settings.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
-                "switchboard: cannot listen on {} (SWITCHBOARD_LISTEN): {e}",
-                settings.listen
-            );
+            eprintln!("switchboard: cannot listen on {} (SWITCHBOARD_LISTEN): {e}", settings.listen);
             return ExitCode::from(1);
         }
     };

@@ -82,14 +82,8 @@ impl PairId {
     /// Builds the pair of `a` and `b`, in either order.
     pub fn new(a: &UserId, b: &UserId) -> Result<Self, SameUser> {
         match a.cmp(b) {
-            std::cmp::Ordering::Less => Ok(Self {
-                lower: a.clone(),
-                higher: b.clone(),
-            }),
-            std::cmp::Ordering::Greater => Ok(Self {
-                lower: b.clone(),
-                higher: a.clone(),
-            }),
+            std::cmp::Ordering::Less => Ok(Self { lower: a.clone(), higher: b.clone() }),
+            std::cmp::Ordering::Greater => Ok(Self { lower: b.clone(), higher: a.clone() }),
             std::cmp::Ordering::Equal => Err(SameUser),
         }
     }
@@ -168,22 +162,52 @@ mod tests {
 
     #[test]
     fn punctuated_ids_do_not_collide() {
-        let pairs = [
-            ("a-b", "c"),
-            ("a", "b-c"),
-            ("a.b", "c"),
-            ("a", "b.c"),
-            ("a_b", "c"),
-            ("a", "b_c"),
-        ];
+        let pairs = [("a-b", "c"), ("a", "b-c"), ("a.b", "c"), ("a", "b.c"), ("a_b", "c"), ("a", "b_c")];
         let mut seen = std::collections::HashSet::new();
         for (x, y) in pairs {
             let p = PairId::new(&id(x), &id(y)).unwrap();
             assert!(seen.insert(p.channel("switchboard")), "{x},{y}");
-            assert_eq!(
-                PairId::from_channel("switchboard", &p.channel("switchboard")),
-                Some(p)
-            );
+            assert_eq!(PairId::from_channel("switchboard", &p.channel("switchboard")), Some(p));
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ID: &str = "[A-Za-z0-9_.-]{1,64}";
+
+    proptest! {
+        #[test]
+        fn valid_ids_parse_and_round_trip(raw in ID) {
+            let id = UserId::parse(&raw).unwrap();
+            prop_assert_eq!(id.as_str(), raw.as_str());
+        }
+
+        #[test]
+        fn anything_else_is_refused(raw in ".*") {
+            let ok = !raw.is_empty() && raw.len() <= MAX_ID_LEN && raw.bytes().all(is_id_byte);
+            prop_assert_eq!(UserId::parse(&raw).is_ok(), ok);
+        }
+
+        #[test]
+        fn channel_is_symmetric_and_parses_back(a in ID, b in ID) {
+            prop_assume!(a != b);
+            let (a, b) = (UserId::parse(&a).unwrap(), UserId::parse(&b).unwrap());
+            let ab = PairId::new(&a, &b).unwrap();
+            prop_assert_eq!(ab.channel("sb"), PairId::new(&b, &a).unwrap().channel("sb"));
+            prop_assert_eq!(PairId::from_channel("sb", &ab.channel("sb")), Some(ab.clone()));
+            prop_assert!(ab.is_polite(&a) != ab.is_polite(&b), "exactly one side is polite");
+        }
+
+        #[test]
+        fn distinct_pairs_never_share_a_channel(a in ID, b in ID, c in ID, d in ID) {
+            prop_assume!(a != b && c != d);
+            let p = PairId::new(&UserId::parse(&a).unwrap(), &UserId::parse(&b).unwrap()).unwrap();
+            let q = PairId::new(&UserId::parse(&c).unwrap(), &UserId::parse(&d).unwrap()).unwrap();
+            prop_assert_eq!(p == q, p.channel("sb") == q.channel("sb"));
         }
     }
 }

@@ -30,14 +30,7 @@ pub mod close {
 }
 
 /// Types that only the server may send; a client frame using one is refused.
-pub const RESERVED_TYPES: &[&str] = &[
-    "welcome",
-    "peer-joined",
-    "peer-left",
-    "error",
-    "resync",
-    "ice-servers",
-];
+pub const RESERVED_TYPES: &[&str] = &["welcome", "peer-joined", "peer-left", "error", "resync", "ice-servers"];
 
 /// Why a client frame was refused. Each maps to an `error` event code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,9 +64,7 @@ pub struct FrameInfo<'a> {
 pub fn check_client_frame(payload: &[u8]) -> Result<FrameInfo<'_>, FrameError> {
     let first = payload.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
-        return Err(FrameError::InvalidJson(
-            "frame must be a JSON object".into(),
-        ));
+        return Err(FrameError::InvalidJson("frame must be a JSON object".into()));
     }
     let probe: Probe<'_> = serde_json::from_slice(payload)
         .map_err(|e| FrameError::InvalidJson(format!("frame is not valid JSON: {e}")))?;
@@ -225,8 +216,7 @@ mod tests {
 
     #[test]
     fn accepts_objects_and_reads_type() {
-        let info =
-            check_client_frame(br#" {"type":"offer","sdp":"v=0\r\n","n":[1,{"a":null}]}"#).unwrap();
+        let info = check_client_frame(br#" {"type":"offer","sdp":"v=0\r\n","n":[1,{"a":null}]}"#).unwrap();
         assert_eq!(info.kind.as_deref(), Some("offer"));
         assert_eq!(check_client_frame(b"{}").unwrap().kind, None);
         assert_eq!(check_client_frame(br#"{"type":7}"#).unwrap().kind, None);
@@ -234,24 +224,9 @@ mod tests {
 
     #[test]
     fn rejects_non_objects() {
-        for bad in [
-            &b"[]"[..],
-            b"\"x\"",
-            b"12",
-            b"null",
-            b"",
-            b"{",
-            b"{} x",
-            br#"["type","offer"]"#,
-            b"{\"a\":1,}",
-        ] {
+        for bad in [&b"[]"[..], b"\"x\"", b"12", b"null", b"", b"{", b"{} x", br#"["type","offer"]"#, b"{\"a\":1,}"] {
             let err = check_client_frame(bad).unwrap_err();
-            assert_eq!(
-                err.code(),
-                "invalid_json",
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+            assert_eq!(err.code(), "invalid_json", "{:?}", String::from_utf8_lossy(bad));
         }
     }
 
@@ -259,16 +234,10 @@ mod tests {
     fn rejects_reserved_types_even_escaped_or_duplicated() {
         for t in RESERVED_TYPES {
             let frame = format!(r#"{{"type":"{t}"}}"#);
-            assert_eq!(
-                check_client_frame(frame.as_bytes()).unwrap_err().code(),
-                "reserved_type"
-            );
+            assert_eq!(check_client_frame(frame.as_bytes()).unwrap_err().code(), "reserved_type");
         }
         let escaped = br#"{"type":"w\u0065lcome"}"#;
-        assert_eq!(
-            check_client_frame(escaped).unwrap_err().code(),
-            "reserved_type"
-        );
+        assert_eq!(check_client_frame(escaped).unwrap_err().code(), "reserved_type");
         let dup = br#"{"type":"offer","type":"welcome"}"#;
         assert_eq!(check_client_frame(dup).unwrap_err().code(), "invalid_json");
     }
@@ -276,21 +245,13 @@ mod tests {
     #[test]
     fn events_serialize_to_the_documented_shape() {
         let ice = serde_json::value::RawValue::from_string("[]".into()).unwrap();
-        let w = ServerEvent::Welcome {
-            user_id: "a",
-            peer_id: "b",
-            polite: false,
-            peer_online: true,
-            ice_servers: &ice,
-        };
+        let w =
+            ServerEvent::Welcome { user_id: "a", peer_id: "b", polite: false, peer_online: true, ice_servers: &ice };
         assert_eq!(
             &w.to_bytes()[..],
             br#"{"type":"welcome","userID":"a","peerID":"b","polite":false,"peerOnline":true,"iceServers":[]}"#
         );
-        assert_eq!(
-            &ServerEvent::PeerLeft { peer_id: "b" }.to_bytes()[..],
-            br#"{"type":"peer-left","peerID":"b"}"#
-        );
+        assert_eq!(&ServerEvent::PeerLeft { peer_id: "b" }.to_bytes()[..], br#"{"type":"peer-left","peerID":"b"}"#);
         assert_eq!(&ServerEvent::Resync.to_bytes()[..], br#"{"type":"resync"}"#);
     }
 }

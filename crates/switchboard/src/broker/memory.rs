@@ -21,10 +21,7 @@ pub struct MemoryBroker {
 impl MemoryBroker {
     /// A broker delivering into `registry`.
     pub fn new(registry: Arc<Registry>) -> Self {
-        Self {
-            registry,
-            presence: Mutex::default(),
-        }
+        Self { registry, presence: Mutex::default() }
     }
 
     fn presence(&self) -> std::sync::MutexGuard<'_, HashMap<(PairId, UserId), SessionId>> {
@@ -32,9 +29,7 @@ impl MemoryBroker {
     }
 
     fn peer_of(&self, pair: &PairId, user: &UserId) -> Option<SessionId> {
-        self.presence()
-            .get(&(pair.clone(), pair.other(user).clone()))
-            .copied()
+        self.presence().get(&(pair.clone(), pair.other(user).clone())).copied()
     }
 }
 
@@ -57,8 +52,7 @@ impl Broker for MemoryBroker {
         user: &UserId,
         session: SessionId,
     ) -> Result<Option<SessionId>, BrokerError> {
-        self.presence()
-            .insert((pair.clone(), user.clone()), session);
+        self.presence().insert((pair.clone(), user.clone()), session);
         Ok(self.peer_of(pair, user))
     }
 
@@ -71,12 +65,7 @@ impl Broker for MemoryBroker {
         Ok(self.peer_of(pair, user))
     }
 
-    async fn release_presence(
-        &self,
-        pair: &PairId,
-        user: &UserId,
-        session: SessionId,
-    ) -> Result<(), BrokerError> {
+    async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {
         let key = (pair.clone(), user.clone());
         let mut map = self.presence();
         if map.get(&key) == Some(&session) {

@@ -62,12 +62,7 @@ pub trait Broker: Send + Sync + 'static {
     ) -> Result<Option<SessionId>, BrokerError>;
 
     /// Removes `user`'s presence in `pair` if it is still `session`'s.
-    async fn release_presence(
-        &self,
-        pair: &PairId,
-        user: &UserId,
-        session: SessionId,
-    ) -> Result<(), BrokerError>;
+    async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError>;
 
     /// Whether the broker can deliver right now.
     fn is_ready(&self) -> bool;

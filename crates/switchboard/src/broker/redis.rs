@@ -58,9 +58,7 @@ pub struct RedisBroker {
 
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisBroker")
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
+        f.debug_struct("RedisBroker").field("prefix", &self.prefix).finish_non_exhaustive()
     }
 }
 
@@ -96,20 +94,13 @@ impl RedisBroker {
         pool_config.timeouts.create = Some(Duration::from_secs(2));
         pool_config.timeouts.recycle = Some(Duration::from_secs(2));
         config.pool = Some(pool_config);
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| BrokerError::Pool(e.to_string()))?;
+        let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| BrokerError::Pool(e.to_string()))?;
 
         let ready = Arc::new(AtomicBool::new(false));
         let (commands, rx) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = oneshot::channel();
-        let subscriber = Subscriber {
-            client,
-            registry,
-            ready: ready.clone(),
-            counts: HashMap::new(),
-            first: Some(first_tx),
-        };
+        let subscriber =
+            Subscriber { client, registry, ready: ready.clone(), counts: HashMap::new(), first: Some(first_tx) };
         tracker.spawn(subscriber.run(rx, shutdown));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
@@ -125,33 +116,23 @@ impl RedisBroker {
     }
 
     async fn conn(&self) -> Result<deadpool_redis::Connection, BrokerError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| BrokerError::Pool(e.to_string()))
+        self.pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))
     }
 
     fn keys(&self, pair: &PairId, user: &UserId) -> (String, String) {
-        (
-            pair.presence_key(&self.prefix, user),
-            pair.presence_key(&self.prefix, pair.other(user)),
-        )
+        (pair.presence_key(&self.prefix, user), pair.presence_key(&self.prefix, pair.other(user)))
     }
 }
 
 fn parse_session(value: Option<String>) -> Option<SessionId> {
-    value
-        .and_then(|v| u64::from_str_radix(&v, 16).ok())
-        .filter(|&s| s != 0)
+    value.and_then(|v| u64::from_str_radix(&v, 16).ok()).filter(|&s| s != 0)
 }
 
 #[async_trait]
 impl Broker for RedisBroker {
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Subscribe(channel.into(), tx))
-            .map_err(|_| BrokerError::Disconnected)?;
+        self.commands.send(Command::Subscribe(channel.into(), tx)).map_err(|_| BrokerError::Disconnected)?;
         rx.await.map_err(|_| BrokerError::Disconnected)?
     }
 
@@ -161,11 +142,7 @@ impl Broker for RedisBroker {
 
     async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError> {
         let mut conn = self.conn().await?;
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(&envelope[..])
-            .query_async::<i64>(&mut conn)
-            .await?;
+        redis::cmd("PUBLISH").arg(channel).arg(&envelope[..]).query_async::<i64>(&mut conn).await?;
         Ok(())
     }
 
@@ -200,19 +177,12 @@ impl Broker for RedisBroker {
         let (mine, peer) = self.keys(pair, user);
         let mut conn = self.conn().await?;
         let mut call = self.refresh.key(mine);
-        call.key(peer)
-            .arg(format!("{session:x}"))
-            .arg(self.ttl_secs);
+        call.key(peer).arg(format!("{session:x}")).arg(self.ttl_secs);
         let peer_session: Option<String> = call.invoke_async(&mut conn).await?;
         Ok(parse_session(peer_session))
     }
 
-    async fn release_presence(
-        &self,
-        pair: &PairId,
-        user: &UserId,
-        session: SessionId,
-    ) -> Result<(), BrokerError> {
+    async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {
         let key = pair.presence_key(&self.prefix, user);
         let mut conn = self.conn().await?;
         let mut call = self.release.key(key);
@@ -243,11 +213,7 @@ enum Ended {
 }
 
 impl Subscriber {
-    async fn run(
-        mut self,
-        mut commands: mpsc::UnboundedReceiver<Command>,
-        shutdown: CancellationToken,
-    ) {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         let mut connected_before = false;
         loop {
@@ -258,9 +224,7 @@ impl Subscriber {
             let ended = match connect {
                 Ok(pubsub) => {
                     backoff = Duration::from_millis(100);
-                    let ended = self
-                        .connected(pubsub, &mut commands, &shutdown, connected_before)
-                        .await;
+                    let ended = self.connected(pubsub, &mut commands, &shutdown, connected_before).await;
                     connected_before = true;
                     ended
                 }
@@ -339,13 +303,10 @@ impl Subscriber {
             let _ = first.send(());
         }
         if reconnected {
-            tracing::info!(
-                channels = self.counts.len(),
-                "redis subscriber: reconnected; sending resync"
-            );
+            tracing::info!(channels = self.counts.len(), "redis subscriber: reconnected; sending resync");
+            crate::metrics::broker_reconnect();
             let resync = ServerEvent::Resync.to_bytes();
-            self.registry
-                .broadcast(self.counts.keys().map(|c| &**c), &resync);
+            self.registry.broadcast(self.counts.keys().map(|c| &**c), &resync);
         } else {
             tracing::info!("redis subscriber: connected");
         }
@@ -372,11 +333,7 @@ impl Subscriber {
         }
     }
 
-    async fn command(
-        &mut self,
-        sink: &mut redis::aio::PubSubSink,
-        cmd: Command,
-    ) -> Result<(), redis::RedisError> {
+    async fn command(&mut self, sink: &mut redis::aio::PubSubSink, cmd: Command) -> Result<(), redis::RedisError> {
         match cmd {
             Command::Subscribe(channel, ack) => {
                 let count = self.counts.entry(channel.clone()).or_insert(0);

@@ -19,30 +19,17 @@ struct Embedded;
 /// Routes `/`, `/call` and `/{file}`.
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route(
-            "/",
-            get(|state: State<AppState>| serve(state, "index.html")),
-        )
-        .route(
-            "/call",
-            get(|state: State<AppState>| serve(state, "call.html")),
-        )
+        .route("/", get(|state: State<AppState>| serve(state, "index.html")))
+        .route("/call", get(|state: State<AppState>| serve(state, "call.html")))
         .route(
             "/{*path}",
-            get(
-                |state: State<AppState>, Path(path): Path<String>| async move {
-                    serve(state, &path).await
-                },
-            ),
+            get(|state: State<AppState>, Path(path): Path<String>| async move { serve(state, &path).await }),
         )
 }
 
 /// True for a relative path of plain names: no `..`, no hidden files, no backslashes.
 fn is_safe(path: &str) -> bool {
-    !path.is_empty()
-        && path
-            .split('/')
-            .all(|part| !part.is_empty() && !part.starts_with('.') && !part.contains('\\'))
+    !path.is_empty() && path.split('/').all(|part| !part.is_empty() && !part.starts_with('.') && !part.contains('\\'))
 }
 
 async fn serve(State(state): State<AppState>, path: &str) -> Response {
@@ -56,13 +43,7 @@ async fn serve(State(state): State<AppState>, path: &str) -> Response {
     match body {
         Some(bytes) => {
             let mime = mime_guess::from_path(path).first_or_octet_stream();
-            (
-                [
-                    (header::CONTENT_TYPE, mime.as_ref().to_owned()),
-                    (header::CACHE_CONTROL, "no-cache".to_owned()),
-                ],
-                bytes,
-            )
+            ([(header::CONTENT_TYPE, mime.as_ref().to_owned()), (header::CACHE_CONTROL, "no-cache".to_owned())], bytes)
                 .into_response()
         }
         None => StatusCode::NOT_FOUND.into_response(),
@@ -73,15 +54,7 @@ async fn serve(State(state): State<AppState>, path: &str) -> Response {
 mod tests {
     #[test]
     fn refuses_escaping_paths() {
-        for bad in [
-            "",
-            "../Cargo.toml",
-            "a/../../b",
-            ".env",
-            "a//b",
-            "a\\..\\b",
-            "/etc/passwd",
-        ] {
+        for bad in ["", "../Cargo.toml", "a/../../b", ".env", "a//b", "a\\..\\b", "/etc/passwd"] {
             assert!(!super::is_safe(bad), "{bad}");
         }
         assert!(super::is_safe("img/call.png"));

@@ -31,24 +31,15 @@ pub struct Identity {
 }
 
 fn id_param(param: &'static str, value: Option<&str>) -> Result<UserId, ApiError> {
-    let value = value.ok_or(ApiError::BadParam {
-        param,
-        why: "is required".into(),
-    })?;
-    UserId::parse(value).map_err(|e| ApiError::BadParam {
-        param,
-        why: e.to_string(),
-    })
+    let value = value.ok_or(ApiError::BadParam { param, why: "is required".into() })?;
+    UserId::parse(value).map_err(|e| ApiError::BadParam { param, why: e.to_string() })
 }
 
 /// Checks the query: both IDs valid and different.
 pub fn identify(query: &WsQuery) -> Result<Identity, ApiError> {
     let user = id_param("userID", query.user_id.as_deref())?;
     let peer = id_param("peerID", query.peer_id.as_deref())?;
-    let pair = PairId::new(&user, &peer).map_err(|e| ApiError::BadParam {
-        param: "peerID",
-        why: e.to_string(),
-    })?;
+    let pair = PairId::new(&user, &peer).map_err(|e| ApiError::BadParam { param: "peerID", why: e.to_string() })?;
     Ok(Identity { user, pair })
 }
 
@@ -60,15 +51,14 @@ pub async fn upgrade(
 ) -> Result<Response, ApiError> {
     let identity = identify(&query)?;
     let upgrade = upgrade.map_err(|_| ApiError::NotUpgrade)?;
-    if state.shutdown.is_cancelled() {
+    if state.stopping.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
     if !state.broker.is_ready() {
         return Err(ApiError::BrokerUnavailable);
     }
+    let permit = state.try_open_socket().ok_or(ApiError::TooManySockets)?;
     let (response, socket) = upgrade.upgrade().map_err(|_| ApiError::NotUpgrade)?;
-    state
-        .sessions
-        .spawn(session::run(state.clone(), socket, identity));
+    state.sessions.spawn(session::run(state.clone(), socket, identity, permit));
     Ok(response.map(Body::new))
 }

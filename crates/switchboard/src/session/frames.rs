@@ -40,10 +40,7 @@ fn into_bytes(payload: Payload<'_>) -> BytesMut {
 impl Assembler {
     /// An assembler accepting messages of at most `limit` bytes.
     pub fn new(limit: usize) -> Self {
-        Self {
-            limit,
-            partial: None,
-        }
+        Self { limit, partial: None }
     }
 
     /// Feeds one frame; returns a result when a message is complete.
@@ -93,8 +90,7 @@ impl Assembler {
                 }
             }
             OpCode::Close => {
-                let code = (frame.payload.len() >= 2)
-                    .then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]));
+                let code = (frame.payload.len() >= 2).then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]));
                 Some(Incoming::Close(code))
             }
             OpCode::Ping | OpCode::Pong => None,
@@ -127,12 +123,7 @@ mod tests {
     }
 
     fn cont(fin: bool, data: &[u8]) -> Frame<'static> {
-        Frame::new(
-            fin,
-            OpCode::Continuation,
-            None,
-            Payload::Owned(data.to_vec()),
-        )
+        Frame::new(fin, OpCode::Continuation, None, Payload::Owned(data.to_vec()))
     }
 
     #[test]
