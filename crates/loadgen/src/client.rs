@@ -55,13 +55,7 @@ pub struct Target {
 
 impl Target {
     /// Builds a target; `sources` is the number of loopback source addresses starting at 127.0.0.2.
-    pub fn new(
-        template: &str,
-        ports: &[u16],
-        protocol: Protocol,
-        sources: u8,
-        timeout: Duration,
-    ) -> Result<Self> {
+    pub fn new(template: &str, ports: &[u16], protocol: Protocol, sources: u8, timeout: Duration) -> Result<Self> {
         if ports.is_empty() {
             bail!("--ports must name at least one port");
         }
@@ -83,9 +77,7 @@ impl Target {
             addrs.push(SocketAddr::new(ip, uri.port_u16().unwrap_or(80)));
         }
         let sources = if addrs[0].is_ipv4() {
-            (0..sources.max(1))
-                .map(|i| Ipv4Addr::new(127, 0, 0, 2 + i))
-                .collect()
+            (0..sources.max(1)).map(|i| Ipv4Addr::new(127, 0, 0, 2 + i)).collect()
         } else {
             Vec::new()
         };
@@ -111,38 +103,24 @@ impl Target {
     pub async fn connect(&self, instance: usize, user: &str, peer: &str) -> Result<Ws> {
         tokio::time::timeout(self.timeout, self.connect_inner(instance, user, peer))
             .await
-            .map_err(|_| {
-                anyhow!(
-                    "timed out after {:?} (connect/upgrade/welcome)",
-                    self.timeout
-                )
-            })?
+            .map_err(|_| anyhow!("timed out after {:?} (connect/upgrade/welcome)", self.timeout))?
     }
 
     async fn connect_inner(&self, instance: usize, user: &str, peer: &str) -> Result<Ws> {
         let i = instance % self.addrs.len();
         let dst = self.addrs[i];
-        let socket = if dst.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
+        let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         if !self.sources.is_empty() {
             let k = self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len();
-            socket
-                .bind(SocketAddr::new(IpAddr::V4(self.sources[k]), 0))
-                .context("bind source address")?;
+            socket.bind(SocketAddr::new(IpAddr::V4(self.sources[k]), 0)).context("bind source address")?;
         }
         let stream = socket.connect(dst).await.context("tcp connect")?;
         stream.set_nodelay(true)?;
         let url = fill(&self.template, self.ports[i], user, peer);
-        let config = WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer)
-            .write_buffer_size(0);
-        let (mut ws, _resp) =
-            tokio_tungstenite::client_async_with_config(url, stream, Some(config))
-                .await
-                .context("websocket upgrade")?;
+        let config = WebSocketConfig::default().read_buffer_size(self.read_buffer).write_buffer_size(0);
+        let (mut ws, _resp) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+            .await
+            .context("websocket upgrade")?;
         if self.protocol == Protocol::Socketio {
             // Engine.IO open packet, then CONNECT to the default namespace.
             let open = next_text(&mut ws).await?;
@@ -178,10 +156,7 @@ async fn next_text(ws: &mut Ws) -> Result<String> {
 
 /// Fills `{port}`, `{u}` and `{p}` in a URL template.
 pub fn fill(template: &str, port: u16, user: &str, peer: &str) -> String {
-    template
-        .replace("{port}", &port.to_string())
-        .replace("{u}", user)
-        .replace("{p}", peer)
+    template.replace("{port}", &port.to_string()).replace("{u}", user).replace("{p}", peer)
 }
 
 /// What one incoming text frame is, as far as the load generator cares.
@@ -278,19 +253,10 @@ mod tests {
         for size in [300usize, 4096] {
             let m = encode_bench(Protocol::Raw, 12345, 987654321, size);
             assert_eq!(m.len(), size);
-            assert_eq!(
-                classify(Protocol::Raw, &m),
-                Incoming::Bench {
-                    seq: 12345,
-                    ts: 987654321
-                }
-            );
+            assert_eq!(classify(Protocol::Raw, &m), Incoming::Bench { seq: 12345, ts: 987654321 });
             let s = encode_bench(Protocol::Socketio, 7, 8, size);
             assert_eq!(s.len(), size + "42[\"signal\",]".len());
-            assert_eq!(
-                classify(Protocol::Socketio, &s),
-                Incoming::Bench { seq: 7, ts: 8 }
-            );
+            assert_eq!(classify(Protocol::Socketio, &s), Incoming::Bench { seq: 7, ts: 8 });
         }
     }
 
@@ -298,43 +264,20 @@ mod tests {
     fn classifies_server_events() {
         let w = r#"{"type":"welcome","userID":"a","peerID":"b","polite":false,"peerOnline":false,"iceServers":[]}"#;
         assert_eq!(classify(Protocol::Raw, w), Incoming::Welcome);
-        assert_eq!(
-            classify(Protocol::Raw, r#"{"type":"peer-joined","peerID":"b"}"#),
-            Incoming::Other
-        );
-        assert_eq!(
-            classify(Protocol::Raw, r#"{"type":"error","code":"invalid_json"}"#),
-            Incoming::Error
-        );
-        assert_eq!(
-            classify(Protocol::Socketio, r#"42["welcome",{"type":"welcome"}]"#),
-            Incoming::Welcome
-        );
+        assert_eq!(classify(Protocol::Raw, r#"{"type":"peer-joined","peerID":"b"}"#), Incoming::Other);
+        assert_eq!(classify(Protocol::Raw, r#"{"type":"error","code":"invalid_json"}"#), Incoming::Error);
+        assert_eq!(classify(Protocol::Socketio, r#"42["welcome",{"type":"welcome"}]"#), Incoming::Welcome);
         assert_eq!(classify(Protocol::Socketio, "2"), Incoming::Ping);
-        assert_eq!(
-            classify(Protocol::Socketio, r#"40{"sid":"x"}"#),
-            Incoming::Other
-        );
+        assert_eq!(classify(Protocol::Socketio, r#"40{"sid":"x"}"#), Incoming::Other);
     }
 
     #[test]
     fn fills_template_and_rejects_non_loopback() {
         assert_eq!(
-            fill(
-                "ws://127.0.0.1:{port}/ws?userID={u}&peerID={p}",
-                9,
-                "a",
-                "b"
-            ),
+            fill("ws://127.0.0.1:{port}/ws?userID={u}&peerID={p}", 9, "a", "b"),
             "ws://127.0.0.1:9/ws?userID=a&peerID=b"
         );
-        let t = Target::new(
-            "ws://10.0.0.1:{port}/ws",
-            &[1],
-            Protocol::Raw,
-            1,
-            Duration::from_secs(1),
-        );
+        let t = Target::new("ws://10.0.0.1:{port}/ws", &[1], Protocol::Raw, 1, Duration::from_secs(1));
         assert!(t.is_err());
     }
 }

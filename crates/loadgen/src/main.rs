@@ -33,11 +33,7 @@ struct Cli {
 #[derive(Args, Debug, Clone)]
 struct Common {
     /// URL template; `{port}`, `{u}` (user ID) and `{p}` (peer ID) are filled in.
-    #[arg(
-        long,
-        global = true,
-        default_value = "ws://127.0.0.1:{port}/ws?userID={u}&peerID={p}"
-    )]
+    #[arg(long, global = true, default_value = "ws://127.0.0.1:{port}/ws?userID={u}&peerID={p}")]
     url: String,
     /// Server ports. The two users of pair i go to ports[i % n] and ports[(i+1) % n], so with two
     /// ports every pair spans both instances.
@@ -165,34 +161,20 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     // Raise our soft open-files limit to the hard limit (sockets are files).
     let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.common.threads.max(1))
-        .enable_all()
-        .build()?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cli.common.threads.max(1)).enable_all().build()?;
     rt.block_on(run(cli, nofile))
 }
 
 async fn run(cli: Cli, nofile: u64) -> Result<()> {
     let c = &cli.common;
-    let mut target = Target::new(
-        &c.url,
-        &c.ports,
-        c.protocol,
-        c.sources,
-        Duration::from_secs(c.timeout_secs),
-    )?;
+    let mut target = Target::new(&c.url, &c.ports, c.protocol, c.sources, Duration::from_secs(c.timeout_secs))?;
     let run_id = c.run_id.clone().unwrap_or_else(random_run_id);
     if let Some(index) = c.worker_index {
         return workers::child(&cli, &target, &run_id, index).await;
     }
     let mut report = match &cli.scenario {
-        Scenario::Latency {
-            pairs,
-            size,
-            rate,
-            duration_secs,
-            warmup_secs,
-        } => {
+        Scenario::Latency { pairs, size, rate, duration_secs, warmup_secs } => {
             target.read_buffer = 16 * 1024;
             let p = messaging::Params {
                 pairs: *pairs,
@@ -203,13 +185,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
             };
             messaging::run(c, &target, &run_id, "latency", p).await?
         }
-        Scenario::Throughput {
-            pairs,
-            size,
-            window,
-            duration_secs,
-            warmup_secs,
-        } => {
+        Scenario::Throughput { pairs, size, window, duration_secs, warmup_secs } => {
             target.read_buffer = 64 * 1024;
             let p = messaging::Params {
                 pairs: *pairs,
@@ -230,9 +206,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
 fn random_run_id() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    let tag: String = (0..5)
-        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
-        .collect();
+    let tag: String = (0..5).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect();
     format!("r{tag}")
 }
 

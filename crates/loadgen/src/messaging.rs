@@ -82,14 +82,8 @@ async fn open_pairs(target: &Target, run_id: &str, pairs: usize) -> Result<Vec<W
             let pb = pb.clone();
             async move {
                 let (a, b) = pair_ids(run_id, i);
-                let wa = target
-                    .connect(i, &a, &b)
-                    .await
-                    .with_context(|| format!("open {a}"))?;
-                let wb = target
-                    .connect(i + 1, &b, &a)
-                    .await
-                    .with_context(|| format!("open {b}"))?;
+                let wa = target.connect(i, &a, &b).await.with_context(|| format!("open {a}"))?;
+                let wb = target.connect(i + 1, &b, &a).await.with_context(|| format!("open {b}"))?;
                 pb.inc(1);
                 anyhow::Ok((i, wa, wb))
             }
@@ -210,13 +204,7 @@ async fn sender(
 }
 
 /// Runs a latency or throughput scenario and builds its report.
-pub async fn run(
-    c: &Common,
-    target: &Target,
-    run_id: &str,
-    name: &str,
-    p: Params,
-) -> Result<Report> {
+pub async fn run(c: &Common, target: &Target, run_id: &str, name: &str, p: Params) -> Result<Report> {
     let sockets = open_pairs(target, run_id, p.pairs).await?;
     let n = sockets.len();
     let counters = Arc::new(Counters::default());
@@ -279,11 +267,14 @@ pub async fn run(
     };
     tokio::time::sleep_until(warm_end).await;
     let cpu0 = CpuSnap::take(&c.server_pids, c.redis_pid).unwrap_or_default();
+    let me = [std::process::id() as i32];
+    let own0 = crate::procstat::cpu_secs(&me).unwrap_or(0.0);
     let recv0 = counters.received.load(Ordering::Relaxed);
     let sent0 = counters.sent.load(Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep_until(end).await;
     let cpu1 = CpuSnap::take(&c.server_pids, c.redis_pid).unwrap_or_default();
+    let own1 = crate::procstat::cpu_secs(&me).unwrap_or(0.0);
     let recv1 = counters.received.load(Ordering::Relaxed);
     let sent1 = counters.sent.load(Ordering::Relaxed);
     let secs = t0.elapsed().as_secs_f64();
@@ -312,11 +303,7 @@ pub async fn run(
     let closes = sinks.into_iter().map(|s| async move {
         let _ = s.lock().await.close().await;
     });
-    let _ = tokio::time::timeout(
-        Duration::from_secs(3),
-        futures_util::future::join_all(closes),
-    )
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), futures_util::future::join_all(closes)).await;
 
     let sent = counters.sent.load(Ordering::Relaxed);
     let received = counters.received.load(Ordering::Relaxed);
@@ -341,25 +328,23 @@ pub async fn run(
         .set("reordered", reordered)
         .set("send_errors", counters.send_errors.load(Ordering::Relaxed))
         .set("disconnects", counters.disconnects.load(Ordering::Relaxed))
-        .set(
-            "server_errors",
-            counters.server_errors.load(Ordering::Relaxed),
-        )
+        .set("server_errors", counters.server_errors.load(Ordering::Relaxed))
         .set("loss_and_reorder_zero", sent == received && reordered == 0)
-        .latency("latency", &hist);
+        .latency("latency", &hist)
+        .setf("loadgen_cpu_secs", own1 - own0, 2);
     if !c.server_pids.is_empty() && delivered > 0 {
         let per100k = |cpu_s: f64| cpu_s / (delivered as f64 / 100_000.0);
-        r.setf("server_cpu_secs", cpu.server, 2)
-            .setf("server_cpu_secs_per_100k_msgs", per100k(cpu.server), 3)
-            .setf("msgs_per_server_cpu_sec", delivered as f64 / cpu.server, 0);
+        r.setf("server_cpu_secs", cpu.server, 2).setf("server_cpu_secs_per_100k_msgs", per100k(cpu.server), 3).setf(
+            "msgs_per_server_cpu_sec",
+            delivered as f64 / cpu.server,
+            0,
+        );
         if c.redis_pid.is_some() {
-            r.setf("redis_cpu_secs", cpu.redis, 2)
-                .setf("redis_cpu_secs_per_100k_msgs", per100k(cpu.redis), 3)
-                .setf(
-                    "msgs_per_server_plus_redis_cpu_sec",
-                    delivered as f64 / (cpu.server + cpu.redis),
-                    0,
-                );
+            r.setf("redis_cpu_secs", cpu.redis, 2).setf("redis_cpu_secs_per_100k_msgs", per100k(cpu.redis), 3).setf(
+                "msgs_per_server_plus_redis_cpu_sec",
+                delivered as f64 / (cpu.server + cpu.redis),
+                0,
+            );
         }
     }
     Ok(r)

@@ -7,9 +7,8 @@ use procfs::process::Process;
 pub fn rss_kib(pids: &[i32]) -> Result<u64> {
     let mut total = 0;
     for &pid in pids {
-        let status = Process::new(pid)
-            .and_then(|p| p.status())
-            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        let status =
+            Process::new(pid).and_then(|p| p.status()).with_context(|| format!("reading /proc/{pid}/status"))?;
         total += status.vmrss.unwrap_or(0);
     }
     Ok(total)
@@ -20,9 +19,7 @@ pub fn cpu_secs(pids: &[i32]) -> Result<f64> {
     let tps = procfs::ticks_per_second() as f64;
     let mut ticks = 0u64;
     for &pid in pids {
-        let stat = Process::new(pid)
-            .and_then(|p| p.stat())
-            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        let stat = Process::new(pid).and_then(|p| p.stat()).with_context(|| format!("reading /proc/{pid}/stat"))?;
         ticks += stat.utime + stat.stime;
     }
     Ok(ticks as f64 / tps)
@@ -60,10 +57,7 @@ impl CpuSnap {
 
     /// Difference `self - earlier`.
     pub fn since(&self, earlier: &Self) -> Self {
-        Self {
-            server: self.server - earlier.server,
-            redis: self.redis - earlier.redis,
-        }
+        Self { server: self.server - earlier.server, redis: self.redis - earlier.redis }
     }
 }
 

@@ -11,12 +11,7 @@ pub struct Report {
 impl Report {
     /// Starts a report with the scenario name and label.
     pub fn new(scenario: &str, label: &str) -> Self {
-        Self {
-            fields: vec![
-                ("scenario".into(), json!(scenario)),
-                ("label".into(), json!(label)),
-            ],
-        }
+        Self { fields: vec![("scenario".into(), json!(scenario)), ("label".into(), json!(label))] }
     }
 
     /// Adds a field.
@@ -28,11 +23,7 @@ impl Report {
     /// Adds a float rounded to `digits` decimals.
     pub fn setf(&mut self, key: &str, value: f64, digits: i32) -> &mut Self {
         let m = 10f64.powi(digits);
-        let v = if value.is_finite() {
-            json!((value * m).round() / m)
-        } else {
-            Value::Null
-        };
+        let v = if value.is_finite() { json!((value * m).round() / m) } else { Value::Null };
         self.set(key, v)
     }
 
@@ -43,26 +34,10 @@ impl Report {
         if h.is_empty() {
             return self;
         }
-        self.setf(
-            &format!("{prefix}_p50_us"),
-            us(h.value_at_quantile(0.50)),
-            1,
-        );
-        self.setf(
-            &format!("{prefix}_p90_us"),
-            us(h.value_at_quantile(0.90)),
-            1,
-        );
-        self.setf(
-            &format!("{prefix}_p99_us"),
-            us(h.value_at_quantile(0.99)),
-            1,
-        );
-        self.setf(
-            &format!("{prefix}_p999_us"),
-            us(h.value_at_quantile(0.999)),
-            1,
-        );
+        self.setf(&format!("{prefix}_p50_us"), us(h.value_at_quantile(0.50)), 1);
+        self.setf(&format!("{prefix}_p90_us"), us(h.value_at_quantile(0.90)), 1);
+        self.setf(&format!("{prefix}_p99_us"), us(h.value_at_quantile(0.99)), 1);
+        self.setf(&format!("{prefix}_p999_us"), us(h.value_at_quantile(0.999)), 1);
         self.setf(&format!("{prefix}_max_us"), us(h.max()), 1)
     }
 
@@ -115,9 +90,7 @@ mod tests {
             h.record(v * 1000).unwrap();
         }
         let mut r = Report::new("latency", "x");
-        r.set("pairs", 3)
-            .setf("rate", 1.23456, 2)
-            .latency("lat", &h);
+        r.set("pairs", 3).setf("rate", 1.23456, 2).latency("lat", &h);
         let j = r.to_json();
         assert_eq!(j["pairs"], 3);
         assert_eq!(j["rate"], 1.23);

@@ -49,10 +49,7 @@ enum Event {
 }
 
 fn emit(ev: &Event) {
-    println!(
-        "{}",
-        serde_json::to_string(ev).expect("events serialize to JSON")
-    );
+    println!("{}", serde_json::to_string(ev).expect("events serialize to JSON"));
 }
 
 /// Keeps an open socket alive: drains it and answers Engine.IO pings.
@@ -115,9 +112,7 @@ fn progress_ticker(n: Arc<AtomicU64>) -> JoinHandle<()> {
         let mut iv = tokio::time::interval(Duration::from_millis(250));
         loop {
             iv.tick().await;
-            emit(&Event::Progress {
-                n: n.load(Ordering::Relaxed),
-            });
+            emit(&Event::Progress { n: n.load(Ordering::Relaxed) });
         }
     })
 }
@@ -152,8 +147,7 @@ async fn open_all(
                         Err(_) if attempt < retries => {
                             attempt += 1;
                             retried.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt)))
-                                .await;
+                            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
                         }
                         Err(e) => {
                             errors.add(&e.context(u.clone()));
@@ -184,16 +178,10 @@ pub async fn child(cli: &Cli, target: &Target, run_id: &str, index: usize) -> Re
     let mut held: Vec<JoinHandle<()>> = Vec::new();
     let mut my_specs = Vec::new();
     match &cli.scenario {
-        Scenario::Idle {
-            pairs, concurrency, ..
-        }
-        | Scenario::Storm {
-            pairs, concurrency, ..
-        } => {
+        Scenario::Idle { pairs, concurrency, .. } | Scenario::Storm { pairs, concurrency, .. } => {
             let (lo, hi) = slice(*pairs, index, procs);
             my_specs = specs(run_id, lo, hi);
-            let (h, _, _, errors) =
-                open_all(target, my_specs.clone(), concurrency / procs, None, 0).await;
+            let (h, _, _, errors) = open_all(target, my_specs.clone(), concurrency / procs, None, 0).await;
             held = h;
             emit(&Event::Ready {
                 opened: held.len() as u64,
@@ -201,11 +189,7 @@ pub async fn child(cli: &Cli, target: &Target, run_id: &str, index: usize) -> Re
                 errors: errors.take(),
             });
         }
-        Scenario::Connect { .. } => emit(&Event::Ready {
-            opened: 0,
-            failed: 0,
-            errors: vec![],
-        }),
+        Scenario::Connect { .. } => emit(&Event::Ready { opened: 0, failed: 0, errors: vec![] }),
         _ => bail!("worker processes serve idle, connect and storm only"),
     }
     while let Some(line) = stdin.next_line().await? {
@@ -349,50 +333,38 @@ pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
     let open_secs = t_open.elapsed().as_secs_f64();
     let (mut opened, mut failed, mut errors) = (0, 0, Vec::new());
     for ev in ready {
-        if let Event::Ready {
-            opened: o,
-            failed: f,
-            errors: e,
-        } = ev
-        {
+        if let Event::Ready { opened: o, failed: f, errors: e } = ev {
             opened += o;
             failed += f;
             errors.extend(e);
         }
     }
     let mut r = Report::new(cli.scenario.name(), &c.label);
-    r.set("protocol", serde_json::to_value(c.protocol)?)
-        .set("instances", c.ports.len())
-        .set("procs", procs);
+    r.set("protocol", serde_json::to_value(c.protocol)?).set("instances", c.ports.len()).set("procs", procs);
     match &cli.scenario {
-        Scenario::Idle {
-            pairs,
-            settle_ms,
-            hold_secs,
-            ..
-        } => {
+        Scenario::Idle { pairs, settle_ms, hold_secs, .. } => {
             pb.finish_and_clear();
             tokio::time::sleep(Duration::from_millis(*settle_ms)).await;
             let rss1 = procstat::rss_kib(pids).unwrap_or(0);
-            r.set("pairs", *pairs)
-                .set("sockets_opened", opened)
-                .set("sockets_failed", failed)
-                .setf("open_secs", open_secs, 2);
+            r.set("pairs", *pairs).set("sockets_opened", opened).set("sockets_failed", failed).setf(
+                "open_secs",
+                open_secs,
+                2,
+            );
             if !pids.is_empty() {
                 let per = rss1.saturating_sub(rss0) as f64 / opened.max(1) as f64;
-                r.set("server_rss_before_kib", rss0)
-                    .set("server_rss_after_kib", rss1)
-                    .setf("server_rss_per_conn_kib", per, 2);
-                let limits: Vec<Option<u64>> =
-                    pids.iter().map(|&p| procstat::nofile_limit(p)).collect();
+                r.set("server_rss_before_kib", rss0).set("server_rss_after_kib", rss1).setf(
+                    "server_rss_per_conn_kib",
+                    per,
+                    2,
+                );
+                let limits: Vec<Option<u64>> = pids.iter().map(|&p| procstat::nofile_limit(p)).collect();
                 r.set("server_nofile_limits", serde_json::to_value(limits)?);
             }
             if *hold_secs > 0 && !pids.is_empty() {
                 let cpu0 = CpuSnap::take(pids, c.redis_pid).unwrap_or_default();
                 tokio::time::sleep(Duration::from_secs(*hold_secs)).await;
-                let cpu = CpuSnap::take(pids, c.redis_pid)
-                    .unwrap_or_default()
-                    .since(&cpu0);
+                let cpu = CpuSnap::take(pids, c.redis_pid).unwrap_or_default().since(&cpu0);
                 let per_10k_per_sec = |s: f64| s / *hold_secs as f64 / (opened.max(1) as f64 / 1e4);
                 r.set("hold_secs", *hold_secs).setf(
                     "idle_server_cpu_ms_per_sec_per_10k_conns",
@@ -400,32 +372,28 @@ pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
                     2,
                 );
                 if c.redis_pid.is_some() {
-                    r.setf(
-                        "idle_redis_cpu_ms_per_sec_per_10k_conns",
-                        1000.0 * per_10k_per_sec(cpu.redis),
-                        2,
-                    );
+                    r.setf("idle_redis_cpu_ms_per_sec_per_10k_conns", 1000.0 * per_10k_per_sec(cpu.redis), 2);
                 }
             }
             if let (Some(p), Some(before)) = (c.redis_pid, redis_rss0) {
                 let after = procstat::rss_kib(&[p]).unwrap_or(0);
-                r.set("redis_rss_delta_kib", after.saturating_sub(before))
-                    .setf(
-                        "redis_rss_per_conn_kib",
-                        after.saturating_sub(before) as f64 / opened.max(1) as f64,
-                        3,
-                    );
+                r.set("redis_rss_delta_kib", after.saturating_sub(before)).setf(
+                    "redis_rss_per_conn_kib",
+                    after.saturating_sub(before) as f64 / opened.max(1) as f64,
+                    3,
+                );
             }
         }
         Scenario::Connect { count, concurrency } => {
+            let own = worker_pids(&workers);
             let cpu0 = CpuSnap::take(pids, c.redis_pid).unwrap_or_default();
+            let own0 = procstat::cpu_secs(&own).unwrap_or(0.0);
             let t0 = Instant::now();
             send_all(&mut workers, "go").await?;
             let done = collect(&mut rx, procs, &pb, limit).await?;
             let secs = t0.elapsed().as_secs_f64();
-            let cpu = CpuSnap::take(pids, c.redis_pid)
-                .unwrap_or_default()
-                .since(&cpu0);
+            let cpu = CpuSnap::take(pids, c.redis_pid).unwrap_or_default().since(&cpu0);
+            let own_cpu = procstat::cpu_secs(&own).unwrap_or(0.0) - own0;
             pb.finish_and_clear();
             let (ok, fail, _retries, hist) = merge_done(done, &mut errors);
             r.set("sockets", *count)
@@ -434,7 +402,8 @@ pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
                 .set("failed", fail)
                 .setf("secs", secs, 3)
                 .setf("upgrades_per_sec", ok as f64 / secs, 0)
-                .latency("handshake", &hist);
+                .latency("handshake", &hist)
+                .setf("loadgen_cpu_secs", own_cpu, 2);
             if !pids.is_empty() && ok > 0 {
                 r.setf("server_cpu_secs", cpu.server, 2).setf(
                     "server_cpu_ms_per_upgrade",
@@ -445,9 +414,7 @@ pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
         }
         Scenario::Storm { pairs, .. } => {
             pb.finish_and_clear();
-            r.set("pairs", *pairs)
-                .set("sockets_opened", opened)
-                .set("sockets_failed_initial", failed);
+            r.set("pairs", *pairs).set("sockets_opened", opened).set("sockets_failed_initial", failed);
             let pb = bar(opened, "reconnect");
             let t0 = Instant::now();
             send_all(&mut workers, "go").await?;
@@ -471,21 +438,15 @@ pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
     Ok(r)
 }
 
-fn merge_done(
-    done: Vec<Event>,
-    errors: &mut Vec<String>,
-) -> (u64, u64, u64, hdrhistogram::Histogram<u64>) {
+fn worker_pids(workers: &[Worker]) -> Vec<i32> {
+    workers.iter().filter_map(|w| w.child.id()).map(|p| p as i32).collect()
+}
+
+fn merge_done(done: Vec<Event>, errors: &mut Vec<String>) -> (u64, u64, u64, hdrhistogram::Histogram<u64>) {
     let mut hist = new_hist();
     let (mut ok, mut fail, mut retries) = (0, 0, 0);
     for ev in done {
-        if let Event::Done {
-            ok: o,
-            failed: f,
-            retries: rt,
-            samples_us,
-            errors: e,
-        } = ev
-        {
+        if let Event::Done { ok: o, failed: f, retries: rt, samples_us, errors: e } = ev {
             ok += o;
             fail += f;
             retries += rt;
@@ -525,9 +486,6 @@ mod tests {
     fn events_round_trip() {
         let line = serde_json::to_string(&Event::Progress { n: 3 }).unwrap();
         assert_eq!(line, r#"{"ev":"progress","n":3}"#);
-        assert!(matches!(
-            serde_json::from_str::<Event>(&line).unwrap(),
-            Event::Progress { n: 3 }
-        ));
+        assert!(matches!(serde_json::from_str::<Event>(&line).unwrap(), Event::Progress { n: 3 }));
     }
 }

@@ -103,10 +103,8 @@ fn dispatch(c: &mut Criterion) {
 }
 
 fn server_events(c: &mut Criterion) {
-    let ice = serde_json::value::RawValue::from_string(
-        r#"[{"urls":"stun:stun.example.org:3478"}]"#.to_string(),
-    )
-    .expect("valid JSON");
+    let ice = serde_json::value::RawValue::from_string(r#"[{"urls":"stun:stun.example.org:3478"}]"#.to_string())
+        .expect("valid JSON");
     c.bench_function("server_event/welcome", |b| {
         b.iter(|| {
             ServerEvent::Welcome {
@@ -121,11 +119,5 @@ fn server_events(c: &mut Criterion) {
     });
 }
 
-criterion_group!(
-    benches,
-    frame_check,
-    envelope_codec,
-    dispatch,
-    server_events
-);
+criterion_group!(benches, frame_check, envelope_codec, dispatch, server_events);
 criterion_main!(benches);
