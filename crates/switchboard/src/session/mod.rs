@@ -133,7 +133,9 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     .to_bytes();
     let welcomed = async {
         ws_writer.write_frame(Frame::text(Payload::Borrowed(&welcome))).await?;
-        ws_writer.flush().await
+        ws_writer.flush().await?;
+        crate::metrics::message_out(welcome.len());
+        Ok::<(), fastwebsockets::WebSocketError>(())
     }
     .await;
     let joined = match welcomed {
