@@ -26,4 +26,4 @@ if ! cmp -s deploy/tests/requirements.txt "$stamp"; then
   cp deploy/tests/requirements.txt "$stamp"
 fi
 
-PATH="$venv/bin:/usr/sbin:$PATH" exec "$venv/bin/python" -m pytest -p no:cacheprovider deploy/tests "$@"
+PYTHONDONTWRITEBYTECODE=1 PATH="$venv/bin:/usr/sbin:$PATH" exec "$venv/bin/python" -m pytest -p no:cacheprovider deploy/tests "$@"
