@@ -1,1 +1,34 @@
-//! x
+//! switchboard: a horizontally scalable WebRTC signaling relay.
+//!
+//! # Layout
+//!
+//! A peer's signaling follows the file names:
+//!
+//! ```text
+//! socket ─▶ routes::ws ─▶ session ─▶ broker (publish) ─▶ Redis channel {prefix}:pair:{lower}:{higher}
+//!                                                              │
+//! socket ◀─ session::writer ◀─ registry ◀─ broker (subscribe) ◀┘
+//! ```
+//!
+//! - [`config`]: settings from defaults, a TOML file and `SWITCHBOARD_*` variables.
+//! - [`app`]: the router and [`app::run`], which serves a listener until shutdown.
+//! - [`routes`]: `/ws` (query checks and the upgrade), health probes, page files.
+//! - [`pair`]: user IDs, pairs, channel and key names.
+//! - [`protocol`]: client frame checks, server events, close codes.
+//! - [`session`]: one socket: setup, the reader loop, the writer task, cleanup.
+//! - [`broker`]: the [`broker::Broker`] trait, the in-memory broker, the Redis broker
+//!   and the envelope that carries the sender's identity next to the client's bytes.
+//! - [`registry`]: which local sessions belong to which pair channel; fans out
+//!   what the broker receives without ever waiting on a socket.
+
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod pair;
+pub mod protocol;
+pub mod registry;
+pub mod routes;
+pub mod session;
+pub mod telemetry;

@@ -1,0 +1,80 @@
+//! The single-process broker: publishing is a direct call into the registry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{Broker, BrokerError, SessionId};
+use crate::pair::{PairId, UserId};
+use crate::registry::Registry;
+
+/// Relays between sessions of one process. Order holds because every publish
+/// is delivered before it returns.
+#[derive(Debug)]
+pub struct MemoryBroker {
+    registry: Arc<Registry>,
+    presence: Mutex<HashMap<(PairId, UserId), SessionId>>,
+}
+
+impl MemoryBroker {
+    /// A broker delivering into `registry`.
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self { registry, presence: Mutex::default() }
+    }
+
+    fn presence(&self) -> std::sync::MutexGuard<'_, HashMap<(PairId, UserId), SessionId>> {
+        self.presence.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn peer_of(&self, pair: &PairId, user: &UserId) -> Option<SessionId> {
+        self.presence().get(&(pair.clone(), pair.other(user).clone())).copied()
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn subscribe(&self, _channel: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    fn unsubscribe(&self, _channel: &str) {}
+
+    async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError> {
+        self.registry.dispatch(channel, &envelope);
+        Ok(())
+    }
+
+    async fn claim_presence(
+        &self,
+        pair: &PairId,
+        user: &UserId,
+        session: SessionId,
+    ) -> Result<Option<SessionId>, BrokerError> {
+        self.presence().insert((pair.clone(), user.clone()), session);
+        Ok(self.peer_of(pair, user))
+    }
+
+    async fn refresh_presence(
+        &self,
+        pair: &PairId,
+        user: &UserId,
+        _session: SessionId,
+    ) -> Result<Option<SessionId>, BrokerError> {
+        Ok(self.peer_of(pair, user))
+    }
+
+    async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {
+        let key = (pair.clone(), user.clone());
+        let mut map = self.presence();
+        if map.get(&key) == Some(&session) {
+            map.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,69 @@
+//! Brokers carry envelopes between the instances that serve a pair.
+//!
+//! [`memory::MemoryBroker`] relays inside one process; [`redis::RedisBroker`]
+//! publishes on the pair's Redis channel and runs one dedicated subscriber
+//! connection per instance. Both hand what they receive to the
+//! [`Registry`](crate::registry::Registry), which fans it out to local sessions.
+
+pub mod envelope;
+pub mod memory;
+pub mod redis;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::pair::{PairId, UserId};
+pub use envelope::SessionId;
+
+/// Whose fault a broker failure is. Every broker failure is the broker's (Redis), never the client's.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Redis is unreachable or answered with an error.
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// No connection could be taken from the publish pool.
+    #[error("redis pool: {0}")]
+    Pool(String),
+    /// The subscriber connection is down; messages can't be delivered now.
+    #[error("the broker's subscriber connection is down")]
+    Disconnected,
+}
+
+/// The operations a session needs from a broker.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Starts receiving `channel` on this instance. Counted: only the first
+    /// local session of a pair subscribes; resolves once the subscription is live.
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError>;
+
+    /// Drops one count of `channel`'s subscription; the last one unsubscribes.
+    fn unsubscribe(&self, channel: &str);
+
+    /// Publishes an envelope on `channel`. One session's publishes are
+    /// awaited one after another, so they arrive in order.
+    async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError>;
+
+    /// Records `session` as `user`'s live session in `pair` and returns the
+    /// peer's live session, if any.
+    async fn claim_presence(
+        &self,
+        pair: &PairId,
+        user: &UserId,
+        session: SessionId,
+    ) -> Result<Option<SessionId>, BrokerError>;
+
+    /// Keeps `session`'s presence alive and returns the peer's live session, if any.
+    /// Returns `Ok(None)` for the peer when it has none.
+    async fn refresh_presence(
+        &self,
+        pair: &PairId,
+        user: &UserId,
+        session: SessionId,
+    ) -> Result<Option<SessionId>, BrokerError>;
+
+    /// Removes `user`'s presence in `pair` if it is still `session`'s.
+    async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError>;
+
+    /// Whether the broker can deliver right now.
+    fn is_ready(&self) -> bool;
+}

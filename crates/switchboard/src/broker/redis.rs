@@ -1,0 +1,357 @@
+//! The Redis broker: PUBLISH through a deadpool-redis pool, and one dedicated
+//! subscriber connection per instance.
+//!
+//! The subscriber task owns the set of live channels with a count of local
+//! sessions each. It SUBSCRIBEs on a channel's first session and UNSUBSCRIBEs
+//! after its last, so `PUBSUB NUMSUB` falls back to 0. When the connection drops
+//! it reconnects with backoff, subscribes every live channel again, and tells
+//! their sessions `{"type":"resync"}`: pub/sub is at-most-once, so anything
+//! published meanwhile is gone.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_redis::{Pool, Runtime};
+use futures_util::StreamExt;
+use redis::Script;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Broker, BrokerError, SessionId};
+use crate::pair::{PairId, UserId};
+use crate::protocol::ServerEvent;
+use crate::registry::Registry;
+
+/// How the Redis broker is set up.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Start of every channel and key name.
+    pub prefix: String,
+    /// Lifetime of a presence key; sessions refresh it well before.
+    pub presence_ttl: Duration,
+    /// Largest number of pooled publish connections.
+    pub pool_size: usize,
+}
+
+enum Command {
+    Subscribe(Box<str>, oneshot::Sender<Result<(), BrokerError>>),
+    Unsubscribe(Box<str>),
+}
+
+/// Publishes and subscribes through Redis.
+pub struct RedisBroker {
+    pool: Pool,
+    commands: mpsc::UnboundedSender<Command>,
+    ready: Arc<AtomicBool>,
+    prefix: String,
+    ttl_secs: u64,
+    refresh: Script,
+    release: Script,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+/// Keeps `KEYS[1]` as `ARGV[1]` (unless another session owns it) and returns `KEYS[2]`.
+const REFRESH_LUA: &str = r"
+local mine = redis.call('GET', KEYS[1])
+if mine == false or mine == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return redis.call('GET', KEYS[2])";
+
+/// Deletes `KEYS[1]` only while it still holds `ARGV[1]`.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+impl RedisBroker {
+    /// Builds the pool, starts the subscriber task on `tracker`, and waits up to
+    /// `first_connect` for its first connection (it keeps retrying after that).
+    pub async fn start(
+        options: RedisOptions,
+        registry: Arc<Registry>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+        first_connect: Duration,
+    ) -> Result<Self, BrokerError> {
+        let client = redis::Client::open(options.url.as_str())?;
+        let mut config = deadpool_redis::Config::from_url(options.url.as_str());
+        let mut pool_config = deadpool_redis::PoolConfig::new(options.pool_size.max(1));
+        pool_config.timeouts.wait = Some(Duration::from_secs(2));
+        pool_config.timeouts.create = Some(Duration::from_secs(2));
+        pool_config.timeouts.recycle = Some(Duration::from_secs(2));
+        config.pool = Some(pool_config);
+        let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| BrokerError::Pool(e.to_string()))?;
+
+        let ready = Arc::new(AtomicBool::new(false));
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (first_tx, first_rx) = oneshot::channel();
+        let subscriber =
+            Subscriber { client, registry, ready: ready.clone(), counts: HashMap::new(), first: Some(first_tx) };
+        tracker.spawn(subscriber.run(rx, shutdown));
+        let _ = tokio::time::timeout(first_connect, first_rx).await;
+
+        Ok(Self {
+            pool,
+            commands,
+            ready,
+            prefix: options.prefix,
+            ttl_secs: options.presence_ttl.as_secs().max(1),
+            refresh: Script::new(REFRESH_LUA),
+            release: Script::new(RELEASE_LUA),
+        })
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, BrokerError> {
+        self.pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))
+    }
+
+    fn keys(&self, pair: &PairId, user: &UserId) -> (String, String) {
+        (pair.presence_key(&self.prefix, user), pair.presence_key(&self.prefix, pair.other(user)))
+    }
+}
+
+fn parse_session(value: Option<String>) -> Option<SessionId> {
+    value.and_then(|v| u64::from_str_radix(&v, 16).ok()).filter(|&s| s != 0)
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Subscribe(channel.into(), tx)).map_err(|_| BrokerError::Disconnected)?;
+        rx.await.map_err(|_| BrokerError::Disconnected)?
+    }
+
+    fn unsubscribe(&self, channel: &str) {
+        let _ = self.commands.send(Command::Unsubscribe(channel.into()));
+    }
+
+    async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("PUBLISH").arg(channel).arg(&envelope[..]).query_async::<i64>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn claim_presence(
+        &self,
+        pair: &PairId,
+        user: &UserId,
+        session: SessionId,
+    ) -> Result<Option<SessionId>, BrokerError> {
+        let (mine, peer) = self.keys(pair, user);
+        let mut conn = self.conn().await?;
+        let (peer_session,): (Option<String>,) = redis::pipe()
+            .cmd("SET")
+            .arg(&mine)
+            .arg(format!("{session:x}"))
+            .arg("EX")
+            .arg(self.ttl_secs)
+            .ignore()
+            .cmd("GET")
+            .arg(&peer)
+            .query_async(&mut conn)
+            .await?;
+        Ok(parse_session(peer_session))
+    }
+
+    async fn refresh_presence(
+        &self,
+        pair: &PairId,
+        user: &UserId,
+        session: SessionId,
+    ) -> Result<Option<SessionId>, BrokerError> {
+        let (mine, peer) = self.keys(pair, user);
+        let mut conn = self.conn().await?;
+        let mut call = self.refresh.key(mine);
+        call.key(peer).arg(format!("{session:x}")).arg(self.ttl_secs);
+        let peer_session: Option<String> = call.invoke_async(&mut conn).await?;
+        Ok(parse_session(peer_session))
+    }
+
+    async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {
+        let key = pair.presence_key(&self.prefix, user);
+        let mut conn = self.conn().await?;
+        let mut call = self.release.key(key);
+        call.arg(format!("{session:x}"));
+        call.invoke_async::<i64>(&mut conn).await?;
+        Ok(())
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// The one subscriber connection of this instance.
+struct Subscriber {
+    client: redis::Client,
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+    /// Local sessions per subscribed channel.
+    counts: HashMap<Box<str>, usize>,
+    first: Option<oneshot::Sender<()>>,
+}
+
+/// Why a connected spell of the subscriber ended.
+enum Ended {
+    Shutdown,
+    Dropped,
+}
+
+impl Subscriber {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut connected_before = false;
+        loop {
+            let connect = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = self.client.get_async_pubsub() => c,
+            };
+            let ended = match connect {
+                Ok(pubsub) => {
+                    backoff = Duration::from_millis(100);
+                    let ended = self.connected(pubsub, &mut commands, &shutdown, connected_before).await;
+                    connected_before = true;
+                    ended
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis subscriber: connect failed");
+                    Ended::Dropped
+                }
+            };
+            self.ready.store(false, Ordering::Relaxed);
+            if matches!(ended, Ended::Shutdown) {
+                return;
+            }
+            if let Some(first) = self.first.take() {
+                let _ = first.send(());
+            }
+            // Wait out the backoff while still answering commands.
+            let until = tokio::time::Instant::now() + backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(until) => break,
+                    cmd = commands.recv() => match cmd {
+                        None => return,
+                        Some(cmd) => self.offline(cmd),
+                    },
+                }
+            }
+        }
+    }
+
+    /// While disconnected: a new subscriber is refused, a leaving one is uncounted.
+    fn offline(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe(_, ack) => {
+                let _ = ack.send(Err(BrokerError::Disconnected));
+            }
+            Command::Unsubscribe(channel) => {
+                self.uncount(&channel);
+            }
+        }
+    }
+
+    /// Drops one count; true when it was the channel's last.
+    fn uncount(&mut self, channel: &str) -> bool {
+        match self.counts.get_mut(channel) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.counts.remove(channel);
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn connected(
+        &mut self,
+        pubsub: redis::aio::PubSub,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        shutdown: &CancellationToken,
+        reconnected: bool,
+    ) -> Ended {
+        let (mut sink, mut stream) = pubsub.split();
+        if !self.counts.is_empty() {
+            let channels: Vec<&str> = self.counts.keys().map(|c| &**c).collect();
+            if let Err(e) = sink.subscribe(&channels).await {
+                tracing::warn!(error = %e, "redis subscriber: resubscribe failed");
+                return Ended::Dropped;
+            }
+        }
+        self.ready.store(true, Ordering::Relaxed);
+        if let Some(first) = self.first.take() {
+            let _ = first.send(());
+        }
+        if reconnected {
+            tracing::info!(channels = self.counts.len(), "redis subscriber: reconnected; sending resync");
+            let resync = ServerEvent::Resync.to_bytes();
+            self.registry.broadcast(self.counts.keys().map(|c| &**c), &resync);
+        } else {
+            tracing::info!("redis subscriber: connected");
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ended::Shutdown,
+                msg = stream.next() => {
+                    let Some(msg) = msg else {
+                        tracing::warn!("redis subscriber: connection lost");
+                        return Ended::Dropped;
+                    };
+                    let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
+                    self.registry.dispatch(msg.get_channel_name(), &payload);
+                }
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { return Ended::Shutdown };
+                    if let Err(e) = self.command(&mut sink, cmd).await {
+                        tracing::warn!(error = %e, "redis subscriber: command failed");
+                        return Ended::Dropped;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn command(&mut self, sink: &mut redis::aio::PubSubSink, cmd: Command) -> Result<(), redis::RedisError> {
+        match cmd {
+            Command::Subscribe(channel, ack) => {
+                let count = self.counts.entry(channel.clone()).or_insert(0);
+                *count += 1;
+                if *count == 1 {
+                    if let Err(e) = sink.subscribe(&*channel).await {
+                        self.uncount(&channel);
+                        let _ = ack.send(Err(BrokerError::Disconnected));
+                        return Err(e);
+                    }
+                }
+                let _ = ack.send(Ok(()));
+            }
+            Command::Unsubscribe(channel) => {
+                if self.uncount(&channel) {
+                    sink.unsubscribe(&*channel).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

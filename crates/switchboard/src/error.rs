@@ -1,0 +1,67 @@
+//! HTTP errors, each saying whose fault it is.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// Whose fault a failure is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The client sent something we refuse.
+    Client,
+    /// Redis is down or failed.
+    Broker,
+    /// This server is shutting down, or broke.
+    Server,
+}
+
+/// An error answered over HTTP instead of an upgrade.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A query parameter is missing or invalid.
+    #[error("{param}: {why}")]
+    BadParam {
+        /// The parameter's name.
+        param: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// `/ws` without a WebSocket upgrade.
+    #[error("this endpoint expects a WebSocket upgrade")]
+    NotUpgrade,
+    /// The broker can't take new sessions right now.
+    #[error("the message broker is unavailable; retry shortly")]
+    BrokerUnavailable,
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl ApiError {
+    /// Whose fault the error is.
+    pub fn fault(&self) -> Fault {
+        match self {
+            ApiError::BadParam { .. } | ApiError::NotUpgrade => Fault::Client,
+            ApiError::BrokerUnavailable => Fault::Broker,
+            ApiError::ShuttingDown => Fault::Server,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadParam { .. } => StatusCode::BAD_REQUEST,
+            ApiError::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
+            ApiError::BrokerUnavailable | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match self.fault() {
+            Fault::Client => tracing::debug!(error = %self, "request refused"),
+            Fault::Broker | Fault::Server => tracing::warn!(error = %self, "request failed"),
+        }
+        (status, format!("{self}\n")).into_response()
+    }
+}

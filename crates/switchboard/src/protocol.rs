@@ -1,0 +1,257 @@
+//! The wire protocol: client frame checks, server events and close codes.
+//!
+//! A client text frame must be a JSON object. It is forwarded byte for byte, so
+//! the check here only scans it: `serde` walks the object with [`IgnoredAny`]
+//! for every value except `type`, and nothing is built on the heap unless a
+//! `type` string holds escapes.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Serialize;
+
+/// WebSocket close codes the server sends.
+pub mod close {
+    /// Normal closure, in reply to a client's close.
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client sent a binary frame.
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// A policy was broken: flood, or a socket too slow to read its queue.
+    pub const POLICY: u16 = 1008;
+    /// A frame or message was over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The server restarts; reconnect (possibly to another replica).
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// The same user connected again to the same pair; the older session ends.
+    pub const REPLACED: u16 = 4001;
+}
+
+/// Types that only the server may send; a client frame using one is refused.
+pub const RESERVED_TYPES: &[&str] = &["welcome", "peer-joined", "peer-left", "error", "resync", "ice-servers"];
+
+/// Why a client frame was refused. Each maps to an `error` event code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Not JSON, or JSON but not an object.
+    #[error("{0}")]
+    InvalidJson(String),
+    /// The object's `type` is one of [`RESERVED_TYPES`].
+    #[error("type {0:?} is reserved for server events")]
+    ReservedType(String),
+}
+
+impl FrameError {
+    /// The `code` of the `error` event sent back to the client.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FrameError::InvalidJson(_) => "invalid_json",
+            FrameError::ReservedType(_) => "reserved_type",
+        }
+    }
+}
+
+/// What the relay learned from a valid client frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameInfo<'a> {
+    /// The `type` field when it is a string.
+    pub kind: Option<Cow<'a, str>>,
+}
+
+/// Checks that `payload` is one JSON object whose `type` is not reserved.
+pub fn check_client_frame(payload: &[u8]) -> Result<FrameInfo<'_>, FrameError> {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(FrameError::InvalidJson("frame must be a JSON object".into()));
+    }
+    let probe: Probe<'_> = serde_json::from_slice(payload)
+        .map_err(|e| FrameError::InvalidJson(format!("frame is not valid JSON: {e}")))?;
+    if let Some(kind) = &probe.kind {
+        if RESERVED_TYPES.contains(&kind.as_ref()) {
+            return Err(FrameError::ReservedType(kind.to_string()));
+        }
+    }
+    Ok(FrameInfo { kind: probe.kind })
+}
+
+/// A JSON object scanned for its `type` field only.
+struct Probe<'a> {
+    kind: Option<Cow<'a, str>>,
+}
+
+impl<'de> Deserialize<'de> for Probe<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = Probe<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe<'de>, A::Error> {
+                let mut kind = None;
+                let mut seen_type = false;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "type" {
+                        if seen_type {
+                            return Err(de::Error::duplicate_field("type"));
+                        }
+                        seen_type = true;
+                        kind = map.next_value::<TypeField<'de>>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Probe { kind })
+            }
+        }
+        d.deserialize_map(ObjectVisitor)
+    }
+}
+
+/// The value of `type`: kept when it is a string, skipped otherwise.
+struct TypeField<'a>(Option<Cow<'a, str>>);
+
+impl<'de> Deserialize<'de> for TypeField<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TypeVisitor;
+        impl<'de> Visitor<'de> for TypeVisitor {
+            type Value = TypeField<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(TypeField(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(TypeField(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(TypeField(Some(Cow::Owned(v))))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(TypeField(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(TypeField(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(TypeField(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(TypeField(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(TypeField(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(TypeField(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(TypeField(None))
+            }
+        }
+        d.deserialize_any(TypeVisitor)
+    }
+}
+
+/// An event the server itself sends.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ServerEvent<'a> {
+    /// The first frame of every session.
+    Welcome {
+        /// This session's user.
+        #[serde(rename = "userID")]
+        user_id: &'a str,
+        /// The other user of the pair.
+        #[serde(rename = "peerID")]
+        peer_id: &'a str,
+        /// Whether this side is polite in perfect negotiation.
+        polite: bool,
+        /// Whether the peer has a live session right now.
+        #[serde(rename = "peerOnline")]
+        peer_online: bool,
+        /// STUN/TURN servers for `RTCPeerConnection`.
+        #[serde(rename = "iceServers")]
+        ice_servers: &'a serde_json::value::RawValue,
+    },
+    /// The peer opened a session.
+    PeerJoined {
+        /// The peer's ID.
+        #[serde(rename = "peerID")]
+        peer_id: &'a str,
+    },
+    /// The peer's session ended.
+    PeerLeft {
+        /// The peer's ID.
+        #[serde(rename = "peerID")]
+        peer_id: &'a str,
+    },
+    /// A frame was refused or could not be relayed.
+    Error {
+        /// A stable machine-readable code.
+        code: &'a str,
+        /// A human-readable explanation.
+        message: &'a str,
+    },
+    /// Messages may have been lost (the broker reconnected): renegotiate.
+    Resync,
+}
+
+impl ServerEvent<'_> {
+    /// The event as JSON text.
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        // Serializing these plain structs cannot fail.
+        serde_json::to_vec(self).map(Into::into).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_objects_and_reads_type() {
+        let info = check_client_frame(br#" {"type":"offer","sdp":"v=0\r\n","n":[1,{"a":null}]}"#).unwrap();
+        assert_eq!(info.kind.as_deref(), Some("offer"));
+        assert_eq!(check_client_frame(b"{}").unwrap().kind, None);
+        assert_eq!(check_client_frame(br#"{"type":7}"#).unwrap().kind, None);
+    }
+
+    #[test]
+    fn rejects_non_objects() {
+        for bad in [&b"[]"[..], b"\"x\"", b"12", b"null", b"", b"{", b"{} x", br#"["type","offer"]"#, b"{\"a\":1,}"] {
+            let err = check_client_frame(bad).unwrap_err();
+            assert_eq!(err.code(), "invalid_json", "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn rejects_reserved_types_even_escaped_or_duplicated() {
+        for t in RESERVED_TYPES {
+            let frame = format!(r#"{{"type":"{t}"}}"#);
+            assert_eq!(check_client_frame(frame.as_bytes()).unwrap_err().code(), "reserved_type");
+        }
+        let escaped = br#"{"type":"w\u0065lcome"}"#;
+        assert_eq!(check_client_frame(escaped).unwrap_err().code(), "reserved_type");
+        let dup = br#"{"type":"offer","type":"welcome"}"#;
+        assert_eq!(check_client_frame(dup).unwrap_err().code(), "invalid_json");
+    }
+
+    #[test]
+    fn events_serialize_to_the_documented_shape() {
+        let ice = serde_json::value::RawValue::from_string("[]".into()).unwrap();
+        let w =
+            ServerEvent::Welcome { user_id: "a", peer_id: "b", polite: false, peer_online: true, ice_servers: &ice };
+        assert_eq!(
+            &w.to_bytes()[..],
+            br#"{"type":"welcome","userID":"a","peerID":"b","polite":false,"peerOnline":true,"iceServers":[]}"#
+        );
+        assert_eq!(&ServerEvent::PeerLeft { peer_id: "b" }.to_bytes()[..], br#"{"type":"peer-left","peerID":"b"}"#);
+        assert_eq!(&ServerEvent::Resync.to_bytes()[..], br#"{"type":"resync"}"#);
+    }
+}

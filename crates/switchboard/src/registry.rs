@@ -1,0 +1,97 @@
+//! Which sessions of which pairs live on this instance.
+//!
+//! Both brokers call [`Registry::dispatch`] with what arrives on a channel. It
+//! holds a std `Mutex` only for the lookup and the non-blocking deliveries,
+//! never across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use crate::broker::envelope;
+use crate::session::handle::SessionHandle;
+
+/// Local sessions by pair channel.
+#[derive(Debug, Default)]
+pub struct Registry {
+    channels: Mutex<HashMap<Box<str>, Vec<Arc<SessionHandle>>>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Box<str>, Vec<Arc<SessionHandle>>>> {
+        // A panic while holding the lock leaves the map consistent: every
+        // critical section is a single insert, remove or loop of try_sends.
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a session under `channel`.
+    pub fn insert(&self, channel: &str, session: Arc<SessionHandle>) {
+        self.lock().entry(channel.into()).or_default().push(session);
+    }
+
+    /// Removes the session `id` from `channel`.
+    pub fn remove(&self, channel: &str, id: u64) {
+        let mut map = self.lock();
+        if let Some(list) = map.get_mut(channel) {
+            list.retain(|s| s.id != id);
+            if list.is_empty() {
+                map.remove(channel);
+            }
+        }
+    }
+
+    /// Decides a session's `peerOnline` atomically with respect to dispatch.
+    pub fn finish_setup(&self, session: &SessionHandle, from_presence: Option<u64>) -> bool {
+        let _map = self.lock();
+        session.finish_setup(from_presence)
+    }
+
+    /// Hands an envelope received on `channel` to every local session there.
+    /// Returns how many local sessions the channel has.
+    pub fn dispatch(&self, channel: &str, raw: &Bytes) -> usize {
+        let Some(env) = envelope::decode(raw) else {
+            tracing::warn!(channel, "dropping a malformed envelope from the broker");
+            return 0;
+        };
+        let body_at = raw.len() - env.body.len();
+        let map = self.lock();
+        let Some(list) = map.get(channel) else {
+            return 0;
+        };
+        for session in list {
+            session.on_envelope(&env, raw, body_at);
+        }
+        list.len()
+    }
+
+    /// Queues `frame` for every session of the given channels.
+    pub fn broadcast<'a>(&self, channels: impl IntoIterator<Item = &'a str>, frame: &Bytes) {
+        let map = self.lock();
+        for channel in channels {
+            for session in map.get(channel).into_iter().flatten() {
+                session.deliver(frame.clone());
+            }
+        }
+    }
+
+    /// Every local session, for shutdown.
+    pub fn all(&self) -> Vec<Arc<SessionHandle>> {
+        self.lock().values().flatten().cloned().collect()
+    }
+
+    /// Number of local sessions.
+    pub fn len(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    /// Whether no session is local.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

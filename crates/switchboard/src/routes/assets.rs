@@ -1,0 +1,62 @@
+//! The page files of `static/`: embedded in the binary, or read from
+//! `SWITCHBOARD_STATIC_DIR` when set (for editing pages without a rebuild).
+
+use std::borrow::Cow;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use rust_embed::RustEmbed;
+
+use crate::app::AppState;
+
+#[derive(RustEmbed)]
+#[folder = "../../static/"]
+struct Embedded;
+
+/// Routes `/`, `/call` and `/{file}`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/", get(|state: State<AppState>| serve(state, "index.html")))
+        .route("/call", get(|state: State<AppState>| serve(state, "call.html")))
+        .route(
+            "/{*path}",
+            get(|state: State<AppState>, Path(path): Path<String>| async move { serve(state, &path).await }),
+        )
+}
+
+/// True for a relative path of plain names: no `..`, no hidden files, no backslashes.
+fn is_safe(path: &str) -> bool {
+    !path.is_empty() && path.split('/').all(|part| !part.is_empty() && !part.starts_with('.') && !part.contains('\\'))
+}
+
+async fn serve(State(state): State<AppState>, path: &str) -> Response {
+    if !is_safe(path) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let body: Option<Cow<'static, [u8]>> = match &state.settings.static_dir {
+        Some(dir) => tokio::fs::read(dir.join(path)).await.ok().map(Cow::Owned),
+        None => Embedded::get(path).map(|file| file.data),
+    };
+    match body {
+        Some(bytes) => {
+            let mime = mime_guess::from_path(path).first_or_octet_stream();
+            ([(header::CONTENT_TYPE, mime.as_ref().to_owned()), (header::CACHE_CONTROL, "no-cache".to_owned())], bytes)
+                .into_response()
+        }
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn refuses_escaping_paths() {
+        for bad in ["", "../Cargo.toml", "a/../../b", ".env", "a//b", "a\\..\\b", "/etc/passwd"] {
+            assert!(!super::is_safe(bad), "{bad}");
+        }
+        assert!(super::is_safe("img/call.png"));
+    }
+}

@@ -1,0 +1,22 @@
+//! Liveness and readiness probes.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+
+use crate::app::AppState;
+
+/// `GET /healthz`: 200 while the process runs.
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /readyz`: 200 while sockets are accepted and the broker is connected, 503 otherwise.
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else if state.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
+    }
+}

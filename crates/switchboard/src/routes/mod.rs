@@ -1,0 +1,5 @@
+//! HTTP handlers.
+
+pub mod assets;
+pub mod health;
+pub mod ws;

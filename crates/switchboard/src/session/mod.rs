@@ -1,0 +1,273 @@
+//! One WebSocket session, from upgrade to cleanup.
+//!
+//! Setup runs in a fixed order so that nothing is missed: register locally,
+//! subscribe to the pair's channel, claim presence, write the welcome, then
+//! announce the join. After that the reader loop (this task) reads whole
+//! messages and publishes them one at a time, which keeps the session's order,
+//! while a writer task drains the outbox that the registry fills.
+
+pub mod frames;
+pub mod handle;
+pub mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fastwebsockets::upgrade::UpgradeFut;
+use fastwebsockets::{Frame, Payload, Role};
+use tokio::io::{AsyncReadExt, BufWriter};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::app::AppState;
+use crate::broker::envelope::{self, Kind};
+use crate::protocol::{self, close, ServerEvent};
+use crate::routes::ws::Identity;
+use frames::{Assembler, Incoming};
+use handle::{CloseReason, SessionHandle};
+use writer::Control;
+
+/// How long a closing socket may take to finish the close handshake.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// How a session's reader loop ended.
+enum End {
+    /// The client closed; answer with this code.
+    ClientClosed(u16),
+    /// The server closes with this reason.
+    Server(CloseReason),
+    /// The connection is gone.
+    Gone,
+}
+
+fn random_session_id() -> u64 {
+    loop {
+        let id = rand::random::<u64>();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+/// Runs a session on an upgraded socket until it ends.
+pub async fn run(state: AppState, socket: UpgradeFut, identity: Identity) {
+    let id = random_session_id();
+    let span = tracing::info_span!("session", user = %identity.user, session = format_args!("{id:x}"));
+    run_session(state, socket, identity, id).instrument(span).await;
+}
+
+async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) {
+    let ws = match socket.await {
+        Ok(ws) => ws,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let (mut read_io, write_io) = tokio::io::split(ws.into_inner());
+    let (mut reader, mut ws_writer) =
+        fastwebsockets::after_handshake_split(&mut read_io, BufWriter::new(write_io), Role::Server);
+    reader.set_auto_close(false);
+    reader.set_auto_pong(true);
+    // fastwebsockets refuses frames of `max_message_size` bytes or more.
+    reader.set_max_message_size(state.settings.max_message_bytes + 1);
+
+    let Identity { user, pair } = identity;
+    let peer = pair.other(&user).clone();
+    let channel = pair.channel(&state.settings.channel_prefix);
+    let (handle, outbox) =
+        SessionHandle::new(id, user.clone(), state.settings.outbox_messages, state.settings.outbox_bytes);
+    let handle = Arc::new(handle);
+
+    // Register and subscribe before anything can be announced.
+    state.registry.insert(&channel, handle.clone());
+    let broker = &state.broker;
+    let setup = async {
+        broker.subscribe(&channel).await?;
+        let peer_session = match broker.claim_presence(&pair, &user, id).await {
+            Ok(p) => p,
+            Err(e) => {
+                broker.unsubscribe(&channel);
+                return Err(e);
+            }
+        };
+        Ok(peer_session)
+    }
+    .await;
+    let peer_session = match setup {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "session refused: broker unavailable");
+            state.registry.remove(&channel, id);
+            let _ = ws_writer.write_frame(Frame::close(1013, b"broker unavailable")).await;
+            let _ = ws_writer.flush().await;
+            return;
+        }
+    };
+    let peer_online = state.registry.finish_setup(&handle, peer_session);
+    let welcome = ServerEvent::Welcome {
+        user_id: user.as_str(),
+        peer_id: peer.as_str(),
+        polite: pair.is_polite(&user),
+        peer_online,
+        ice_servers: &state.settings.ice_servers,
+    }
+    .to_bytes();
+    let welcomed = async {
+        ws_writer.write_frame(Frame::text(Payload::Borrowed(&welcome))).await?;
+        ws_writer.flush().await
+    }
+    .await;
+    let joined = match welcomed {
+        Ok(()) => {
+            broker.publish(&channel, envelope::encode(Kind::Join, &user, id, b"")).await.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    tracing::debug!(peer_online, "session open");
+
+    let (control_tx, control_rx) = mpsc::channel(8);
+    let writer = tokio::spawn(writer::run(ws_writer, outbox, control_rx, handle.clone()));
+
+    let end = match joined {
+        Err(e) => {
+            tracing::warn!(error = %e, "session setup failed");
+            End::Server(CloseReason { code: 1013, reason: "broker unavailable" })
+        }
+        Ok(()) => {
+            let mut session = Session { state: &state, handle: &handle, channel: &channel, user: &user, pair: &pair };
+            session.read_loop(&mut reader, &control_tx).await
+        }
+    };
+    drop(reader);
+
+    // Tell the socket why, then clean up so the peer hears of it at once.
+    match end {
+        End::ClientClosed(code) => {
+            let _ = control_tx.try_send(Control::Close(code, ""));
+        }
+        End::Server(reason) => {
+            let _ = control_tx.try_send(Control::Close(reason.code, reason.reason));
+        }
+        End::Gone => {}
+    }
+    drop(control_tx);
+    state.registry.remove(&channel, id);
+    broker.unsubscribe(&channel);
+    if let Err(e) = broker.release_presence(&pair, &user, id).await {
+        tracing::debug!(error = %e, "presence release failed");
+    }
+    let replaced = handle.close_reason() == Some(CloseReason::REPLACED);
+    if !replaced {
+        let _ = broker.publish(&channel, envelope::encode(Kind::Leave, &user, id, b"")).await;
+    }
+    tracing::debug!(replaced, "session closed");
+
+    // Let the close handshake finish: read until the client's FIN, so unread
+    // input doesn't turn our close into a reset.
+    let linger = async {
+        let mut scratch = [0u8; 1024];
+        while matches!(read_io.read(&mut scratch).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
+    writer.abort();
+}
+
+/// The reading side of a live session.
+struct Session<'a> {
+    state: &'a AppState,
+    handle: &'a SessionHandle,
+    channel: &'a str,
+    user: &'a crate::pair::UserId,
+    pair: &'a crate::pair::PairId,
+}
+
+impl Session<'_> {
+    async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut fastwebsockets::WebSocketRead<R>,
+        control: &mpsc::Sender<Control>,
+    ) -> End {
+        let mut assembler = Assembler::new(self.state.settings.max_message_bytes);
+        let mut pong = |frame: Frame<'_>| {
+            let _ = control.try_send(Control::Pong(frame.payload.to_vec()));
+            std::future::ready(Ok::<(), std::convert::Infallible>(()))
+        };
+        let refresh_every = self.state.settings.presence_ttl / 3;
+        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = self.handle.closing() => {
+                    return match self.handle.close_reason() {
+                        Some(CloseReason::GONE) | None => End::Gone,
+                        Some(reason) => End::Server(reason),
+                    };
+                }
+                _ = refresh.tick() => {
+                    self.refresh_presence().await;
+                    continue;
+                }
+                frame = reader.read_frame(&mut pong) => frame,
+            };
+            let incoming = match frame {
+                Ok(frame) => assembler.push(frame),
+                Err(e) => match frames::on_error(&e) {
+                    Some(incoming) => Some(incoming),
+                    None => return End::Gone,
+                },
+            };
+            match incoming {
+                None => {}
+                Some(Incoming::Text(payload)) => self.on_text(payload).await,
+                Some(Incoming::Binary) => {
+                    return End::Server(CloseReason {
+                        code: close::UNSUPPORTED_DATA,
+                        reason: "binary frames are not supported",
+                    })
+                }
+                Some(Incoming::TooBig) => {
+                    return End::Server(CloseReason { code: close::TOO_BIG, reason: "message too big" })
+                }
+                Some(Incoming::Protocol) => return End::Server(CloseReason { code: 1002, reason: "protocol error" }),
+                Some(Incoming::Close(code)) => {
+                    return End::ClientClosed(
+                        code.filter(|c| (1000..5000).contains(c) && *c != 1005 && *c != 1006).unwrap_or(close::NORMAL),
+                    )
+                }
+            }
+        }
+    }
+
+    /// Checks a client message and publishes it, or answers with an error event.
+    async fn on_text(&mut self, payload: Bytes) {
+        if let Err(e) = protocol::check_client_frame(&payload) {
+            let message = e.to_string();
+            self.handle.deliver(ServerEvent::Error { code: e.code(), message: &message }.to_bytes());
+            return;
+        }
+        let env = envelope::encode(Kind::Message, self.user, self.handle.id, &payload);
+        if let Err(e) = self.state.broker.publish(self.channel, env).await {
+            tracing::warn!(error = %e, "publish failed");
+            let message = "the message could not be relayed: the broker is unavailable";
+            self.handle.deliver(ServerEvent::Error { code: "broker_unavailable", message }.to_bytes());
+        }
+    }
+
+    /// Keeps this session's presence alive; a peer whose presence expired
+    /// (its replica died) is reported as gone.
+    async fn refresh_presence(&mut self) {
+        match self.state.broker.refresh_presence(self.pair, self.user, self.handle.id).await {
+            Ok(None) => {
+                if let Some(gone) = self.handle.forget_peer() {
+                    tracing::info!(peer_session = format_args!("{gone:x}"), "peer presence expired");
+                    self.handle
+                        .deliver(ServerEvent::PeerLeft { peer_id: self.pair.other(self.user).as_str() }.to_bytes());
+                }
+            }
+            Ok(Some(_)) => {}
+            Err(e) => tracing::debug!(error = %e, "presence refresh failed"),
+        }
+    }
+}

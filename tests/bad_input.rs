@@ -1,0 +1,151 @@
+//! Every kind of bad input gets a clear answer, and nobody else notices.
+
+use serde_json::json;
+use switchboard_tests::{both_brokers, Client, Cluster, Instance};
+
+both_brokers!(
+    bad_queries_get_400_naming_the_parameter,
+    invalid_json_gets_an_error_event_and_the_socket_stays_open,
+    reserved_types_are_refused_not_forwarded,
+    binary_frame_closes_with_1003,
+    oversized_frame_closes_with_1009,
+    oversized_fragmented_message_closes_with_1009,
+    huge_declared_length_closes_with_1009_before_any_payload,
+    fragmented_message_within_the_limit_is_relayed,
+);
+
+/// A pair that must keep working while another client misbehaves.
+struct Bystanders(Client, Client);
+
+impl Bystanders {
+    async fn join(c: &Cluster) -> Self {
+        let (mut x, _) = c.node(0).join("carol", "dave").await;
+        let (y, _) = c.node(1).join("dave", "carol").await;
+        assert_eq!(x.recv_json().await["type"], "peer-joined");
+        Bystanders(x, y)
+    }
+
+    async fn still_relay(&mut self) {
+        self.0.send(r#"{"type":"offer","still":"fine"}"#).await;
+        assert_eq!(self.1.recv_text().await, r#"{"type":"offer","still":"fine"}"#);
+        self.1.send(r#"{"type":"answer","still":"fine"}"#).await;
+        assert_eq!(self.0.recv_text().await, r#"{"type":"answer","still":"fine"}"#);
+    }
+}
+
+/// Alice and Bob, with Alice having seen Bob join.
+async fn alice_and_bob(c: &Cluster) -> (Client, Client) {
+    let (mut alice, _) = c.node(0).join("alice", "bob").await;
+    let (bob, _) = c.node(1).join("bob", "alice").await;
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    (alice, bob)
+}
+
+async fn bad_queries_get_400_naming_the_parameter(c: &Cluster) {
+    let node: &Instance = c.node(0);
+    let long = "x".repeat(65);
+    let cases = [
+        ("/ws?peerID=bob".to_owned(), "userID"),
+        ("/ws?userID=alice".to_owned(), "peerID"),
+        ("/ws?userID=&peerID=bob".to_owned(), "userID"),
+        ("/ws?userID=al%20ice&peerID=bob".to_owned(), "userID"),
+        ("/ws?userID=alice&peerID=b:ob".to_owned(), "peerID"),
+        (format!("/ws?userID=alice&peerID={long}"), "peerID"),
+        ("/ws?userID=alice&peerID=alice".to_owned(), "peerID"),
+    ];
+    for (path, param) in cases {
+        let (status, body) = node.get(&path).await;
+        assert_eq!(status, 400, "{path}");
+        assert!(body.contains(param), "{path}: body {body:?} should name {param}");
+    }
+    // Valid IDs but no upgrade.
+    assert_eq!(node.get("/ws?userID=alice&peerID=bob").await.0, 426);
+    // And a refused upgrade really is refused.
+    let err = Client::connect(&node.ws_url("alice", "alice")).await.err().expect("no upgrade");
+    assert!(err.to_string().contains("400"), "{err}");
+}
+
+async fn invalid_json_gets_an_error_event_and_the_socket_stays_open(c: &Cluster) {
+    let (mut alice, mut bob) = alice_and_bob(c).await;
+    for bad in ["not json", "[1,2]", "\"offer\"", "42", "{\"type\":\"offer\"", "{} {}", "null"] {
+        alice.send(bad).await;
+        let event = alice.recv_json().await;
+        assert_eq!(event["type"], "error", "{bad}");
+        assert_eq!(event["code"], "invalid_json", "{bad}");
+        assert!(event["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    alice.send(r#"{"type":"offer","after":"errors"}"#).await;
+    // Nothing of the bad frames reached bob: the valid one is his next frame.
+    assert_eq!(bob.recv_text().await, r#"{"type":"offer","after":"errors"}"#);
+}
+
+async fn reserved_types_are_refused_not_forwarded(c: &Cluster) {
+    let (mut alice, mut bob) = alice_and_bob(c).await;
+    for t in ["welcome", "peer-joined", "peer-left", "error", "resync", "ice-servers"] {
+        alice.send(json!({"type": t, "peerID": "mallory"}).to_string()).await;
+        let event = alice.recv_json().await;
+        assert_eq!((event["type"].as_str(), event["code"].as_str()), (Some("error"), Some("reserved_type")), "{t}");
+    }
+    // Escaping does not get around it.
+    alice.send(r#"{"type":"peer-\u006ceft","peerID":"bob"}"#).await;
+    assert_eq!(alice.recv_json().await["code"], "reserved_type");
+    alice.send(r#"{"type":"bye"}"#).await;
+    assert_eq!(bob.recv_text().await, r#"{"type":"bye"}"#);
+}
+
+async fn binary_frame_closes_with_1003(c: &Cluster) {
+    let mut others = Bystanders::join(c).await;
+    let (mut alice, mut bob) = alice_and_bob(c).await;
+    alice.send_binary(vec![1, 2, 3]).await;
+    assert_eq!(alice.expect_closed().await.code, Some(1003));
+    assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
+    others.still_relay().await;
+}
+
+async fn oversized_frame_closes_with_1009(c: &Cluster) {
+    let mut others = Bystanders::join(c).await;
+    let (mut alice, mut bob) = alice_and_bob(c).await;
+    let limit = c.node(0).max_message_bytes();
+    let too_big = format!(r#"{{"type":"offer","sdp":"{}"}}"#, "x".repeat(limit));
+    alice.send(too_big).await;
+    assert_eq!(alice.expect_closed().await.code, Some(1009));
+    assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
+    others.still_relay().await;
+}
+
+async fn oversized_fragmented_message_closes_with_1009(c: &Cluster) {
+    let mut others = Bystanders::join(c).await;
+    let (mut alice, mut bob) = alice_and_bob(c).await;
+    let limit = c.node(0).max_message_bytes();
+    // Every fragment is small; only their sum is over the limit.
+    let chunk = vec![b'x'; limit / 4];
+    alice.send_fragment(br#"{"type":"offer","sdp":""#, true, false).await;
+    for _ in 0..5 {
+        alice.send_fragment(&chunk, false, false).await;
+    }
+    alice.send_fragment(br#""}"#, false, true).await;
+    assert_eq!(alice.expect_closed().await.code, Some(1009));
+    assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
+    others.still_relay().await;
+}
+
+async fn huge_declared_length_closes_with_1009_before_any_payload(c: &Cluster) {
+    let mut others = Bystanders::join(c).await;
+    let (mut alice, _bob) = alice_and_bob(c).await;
+    // A masked text frame header declaring 1 TiB, and no payload at all: the
+    // server must refuse on the header instead of allocating or waiting.
+    let mut header = vec![0x81, 0xFF];
+    header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    alice.send_raw(&header).await;
+    assert_eq!(alice.expect_closed().await.code, Some(1009));
+    others.still_relay().await;
+}
+
+async fn fragmented_message_within_the_limit_is_relayed(c: &Cluster) {
+    let (mut alice, mut bob) = alice_and_bob(c).await;
+    alice.send_fragment(br#"{"type":"offer","#, true, false).await;
+    alice.send_fragment(br#""sdp":"v=0"#, false, false).await;
+    alice.send_fragment(br#""}"#, false, true).await;
+    assert_eq!(bob.recv_text().await, r#"{"type":"offer","sdp":"v=0"}"#);
+}

@@ -1,0 +1,195 @@
+//! Test harness: a real `redis-server` per test, in-process switchboard
+//! instances on port 0, and a real WebSocket client.
+//!
+//! Set `TEST_LOG=1` to see the servers' logs.
+
+pub mod client;
+pub mod redis_server;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use switchboard::config::Settings;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use client::Client;
+pub use redis_server::RedisServer;
+
+/// How long any awaited event may take before a test fails. Generous, for a
+/// loaded 2-core machine; tests never sleep for a fixed time.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A switchboard instance running in this process.
+pub struct Instance {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    max_message_bytes: usize,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), switchboard::app::RunError>>,
+}
+
+fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        switchboard::telemetry::init(switchboard::config::LogFormat::Text);
+    }
+}
+
+/// Settings for tests: port 0, and Redis when `redis_url` is given.
+pub fn settings(redis_url: Option<&str>) -> Settings {
+    let mut settings = Settings::default();
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    settings.redis_url = redis_url.map(str::to_owned);
+    settings
+}
+
+impl Instance {
+    /// Starts an instance with `settings` (its `listen` is ignored: port 0).
+    pub async fn start(settings: Settings) -> Self {
+        init_logs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let max_message_bytes = settings.max_message_bytes;
+        let task = tokio::spawn(switchboard::app::run(listener, settings, stop.clone().cancelled_owned()));
+        let instance = Self { addr, max_message_bytes, stop, task };
+        instance.wait_ready().await;
+        instance
+    }
+
+    /// An instance relaying in memory.
+    pub async fn memory() -> Self {
+        Self::start(settings(None)).await
+    }
+
+    /// An instance on `redis`.
+    pub async fn on(redis: &RedisServer) -> Self {
+        Self::start(settings(Some(&redis.url()))).await
+    }
+
+    /// `ws://` URL of `/ws` for `user` and `peer`.
+    pub fn ws_url(&self, user: &str, peer: &str) -> String {
+        format!("ws://{}/ws?userID={user}&peerID={peer}", self.addr)
+    }
+
+    /// The instance's message size limit.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    /// Status code and body of `GET path`.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path).await
+    }
+
+    /// Polls `/readyz` until it answers 200.
+    pub async fn wait_ready(&self) {
+        eventually("instance ready", || async { self.get("/readyz").await.0 == 200 }).await;
+    }
+
+    /// Connects `user` to the pair with `peer` and reads the welcome.
+    pub async fn join(&self, user: &str, peer: &str) -> (Client, serde_json::Value) {
+        let mut client = Client::connect(&self.ws_url(user, peer)).await.expect("upgrade");
+        let welcome = client.recv_json().await;
+        assert_eq!(welcome["type"], "welcome", "first frame must be the welcome: {welcome}");
+        (client, welcome)
+    }
+
+    /// Shuts the instance down and waits for `run` to return.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(DEADLINE, self.task).await.expect("instance stops").unwrap().unwrap();
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a fresh TCP connection.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Polls `check` until it holds, failing the test after [`DEADLINE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Instances sharing one broker: one in-memory instance, or several on one Redis.
+pub struct Cluster {
+    /// The Redis server, for Redis clusters.
+    pub redis: Option<RedisServer>,
+    /// The instances.
+    pub instances: Vec<Instance>,
+}
+
+impl Cluster {
+    /// One instance with the in-memory broker.
+    pub async fn memory() -> Self {
+        Self { redis: None, instances: vec![Instance::memory().await] }
+    }
+
+    /// `n` instances on a fresh Redis.
+    pub async fn redis(n: usize) -> Self {
+        Self::redis_with(n, |_| {}).await
+    }
+
+    /// `n` instances on a fresh Redis, with settings adjusted by `tune`.
+    pub async fn redis_with(n: usize, tune: impl Fn(&mut Settings)) -> Self {
+        let redis = RedisServer::start().await;
+        let mut instances = Vec::new();
+        for _ in 0..n {
+            let mut s = settings(Some(&redis.url()));
+            tune(&mut s);
+            instances.push(Instance::start(s).await);
+        }
+        Self { redis: Some(redis), instances }
+    }
+
+    /// One in-memory instance with settings adjusted by `tune`.
+    pub async fn memory_with(tune: impl Fn(&mut Settings)) -> Self {
+        let mut s = settings(None);
+        tune(&mut s);
+        Self { redis: None, instances: vec![Instance::start(s).await] }
+    }
+
+    /// Instance `i`, wrapping around: every index is the one instance in memory mode.
+    pub fn node(&self, i: usize) -> &Instance {
+        &self.instances[i % self.instances.len()]
+    }
+}
+
+/// Runs an `async fn(&Cluster)` test against the in-memory broker and against
+/// three instances on Redis, as two `#[tokio::test]`s in a module of its name.
+#[macro_export]
+macro_rules! both_brokers {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name(&$crate::Cluster::memory().await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(&$crate::Cluster::redis(3).await).await
+            }
+        }
+    )+};
+}

@@ -1,0 +1,115 @@
+//! A private `redis-server` process on a free port, stopped on drop.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running `redis-server` owned by one test.
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free port and waits until it answers PING.
+    pub async fn start() -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(server) = Self::start_on(port).await {
+                return server;
+            }
+        }
+        panic!("could not start redis-server (is it installed?)");
+    }
+
+    /// Starts `redis-server` on `port`; `None` if it did not come up.
+    pub async fn start_on(port: u16) -> Option<Self> {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut server = Self { port, child: Some(child) };
+        let deadline = tokio::time::Instant::now() + crate::DEADLINE;
+        while tokio::time::Instant::now() < deadline {
+            if server.child.as_mut().unwrap().try_wait().ok().flatten().is_some() {
+                return None; // exited: port taken
+            }
+            if server.ping().await {
+                return Some(server);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else { return false };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return false };
+        redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+    }
+
+    /// A fresh connection for assertions.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+
+    /// `PUBSUB NUMSUB channel`.
+    pub async fn numsub(&self, channel: &str) -> i64 {
+        let (_, n): (String, i64) =
+            redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(&mut self.conn().await).await.unwrap();
+        n
+    }
+
+    /// Number of pub/sub client connections.
+    pub async fn pubsub_clients(&self) -> usize {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        list.lines().filter(|l| !l.trim().is_empty()).count()
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port after [`RedisServer::kill`].
+    pub async fn restart(&mut self) {
+        self.kill();
+        let again = Self::start_on(self.port).await.expect("redis-server restarts on its port");
+        self.child = Some(again.into_child());
+    }
+
+    fn into_child(mut self) -> Child {
+        self.child.take().unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
