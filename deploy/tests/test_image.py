@@ -177,7 +177,8 @@ def test_dockerignore_keeps_sources_and_drops_the_rest():
     assert any(f.startswith("crates/switchboard/src/") for f in files)
     pats = ignore_patterns()
     for probe in [".git/HEAD", "target/release/switchboard", "crates/switchboard/target/x",
-                  "node_modules/a/index.js", "tests/e2e/node_modules/x", "deploy/Dockerfile"]:
+                  "node_modules/a/index.js", "tests/e2e/node_modules/x", "tests/e2e/call.test.mjs",
+                  "deploy/Dockerfile"]:
         assert ignored(probe, pats), probe
     # Page files embedded at compile time must reach the builder.
     static = [f for f in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True,
