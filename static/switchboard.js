@@ -171,6 +171,7 @@ export class SwitchboardCall extends EventTarget {
     this._ignoreOffer = false;
     this._offerId = null; // id of our last offer; answers name the offer they answer
     this._pendingCandidates = []; // [{sid, candidate}]
+    this._sentCandidates = []; // our candidates since our last offer (sent again with it)
     this._terminal = false; // state is `ended` or a final `failed`
     this._watchdogTimer = null;
     this._watchdogTries = 0;
@@ -395,34 +396,52 @@ export class SwitchboardCall extends EventTarget {
     this._setState('connecting', `Connecting to ${this.peerID}…`);
     this._armWatchdog();
     if (!this._pc) {
-      this._createPeerConnection(why);
+      this._startOver(why);
       return;
     }
     await this._restartIce(why);
   }
 
+  /**
+   * Restarts ICE on the current connection. A connection that never finished
+   * an offer/answer exchange is replaced by a fresh one instead: it has
+   * nothing worth keeping, and rolling back its pending offer can leave
+   * Chromium gathering no ICE candidates at all.
+   */
   async _restartIce(why) {
     const pc = this._pc;
-    if (!pc) return;
-    this._log('restarting ICE:', why);
-    // An offer that is still waiting for its answer may have gone nowhere (the
-    // peer was away). Roll it back so restartIce() produces a fresh offer.
-    if (pc.signalingState === 'have-local-offer' && !this._makingOffer) {
-      try {
-        await pc.setLocalDescription({ type: 'rollback' });
-      } catch (err) {
-        this._log('rollback failed', err);
-      }
+    if (!pc || pc.signalingState === 'closed') return;
+    if (!pc.currentRemoteDescription) {
+      if (pc.signalingState === 'have-remote-offer') return; // answering right now
+      this._startOver(why);
+      return;
     }
-    if (pc !== this._pc || pc.signalingState === 'closed') return;
+    this._log('restarting ICE:', why);
     pc.restartIce();
-    // A connection that never completed an offer/answer has no ICE credentials
-    // to replace, so restartIce() alone does not start a negotiation.
-    if (!pc.currentRemoteDescription && pc.signalingState === 'stable') this._negotiate(pc);
+    // Our last offer may have gone nowhere (the peer was away): send it again,
+    // with its candidates. The ICE restart follows once it is answered.
+    if (pc.signalingState === 'have-local-offer' && !this._makingOffer) this._resendOffer(pc);
+  }
+
+  /** Replaces the connection by a fresh one and offers on it. */
+  _startOver(why) {
+    const pc = this._createPeerConnection(why);
+    // Without local tracks no negotiationneeded fires; an offer still lets us receive.
+    this._negotiate(pc);
+    return pc;
+  }
+
+  _resendOffer(pc) {
+    const offer = pc.localDescription;
+    if (!offer || offer.type !== 'offer') return;
+    this._log('sending our pending offer again');
+    this._send({ type: 'offer', sdp: offer.sdp, sid: this._sid, oid: this._offerId });
+    for (const candidate of this._sentCandidates) this._send({ type: 'candidate', candidate, sid: this._sid });
   }
 
   _createPeerConnection(why) {
     this._closePeerConnection();
+    this._sentCandidates = [];
     this._log('new RTCPeerConnection:', why);
     const pc = new RTCPeerConnection({ iceServers: this.iceServers });
     this._pc = pc;
@@ -437,7 +456,9 @@ export class SwitchboardCall extends EventTarget {
     pc.onnegotiationneeded = () => this._negotiate(pc);
     pc.onicecandidate = ({ candidate }) => {
       if (pc !== this._pc || !candidate) return;
-      this._send({ type: 'candidate', candidate: candidate.toJSON(), sid: this._sid });
+      const init = candidate.toJSON();
+      this._sentCandidates.push(init);
+      this._send({ type: 'candidate', candidate: init, sid: this._sid });
     };
     pc.ontrack = ({ track, streams }) => {
       if (pc !== this._pc) return;
@@ -449,6 +470,9 @@ export class SwitchboardCall extends EventTarget {
       if (pc !== this._pc) return;
       this._onConnectionState(pc);
     };
+    pc.onicegatheringstatechange = () => this._log('iceGatheringState', pc.iceGatheringState);
+    pc.onsignalingstatechange = () => this._log('signalingState', pc.signalingState);
+    pc.onicecandidateerror = (e) => this._log('icecandidateerror', e.errorCode, e.errorText, e.url);
     return pc;
   }
 
@@ -457,6 +481,7 @@ export class SwitchboardCall extends EventTarget {
     if (!this.peerOnline && !this._remoteSid) return; // nobody to talk to yet; peer-joined will kick
     try {
       this._makingOffer = true;
+      this._sentCandidates = [];
       await pc.setLocalDescription();
       if (pc !== this._pc) return;
       if (pc.localDescription?.type !== 'offer') return;
@@ -505,8 +530,13 @@ export class SwitchboardCall extends EventTarget {
       return;
     }
     if (pc.connectionState !== 'connected') this._setState('connecting', `Connecting to ${this.peerID}…`);
-    // The polite side rolls back its own offer implicitly here.
-    const rolledBack = offerCollision;
+    if (offerCollision && !pc.currentRemoteDescription) {
+      // Glare on a connection that never negotiated: take the peer's offer on
+      // a fresh connection rather than rolling ours back (see _restartIce).
+      this._log('glare: answering on a fresh connection');
+      pc = this._createPeerConnection('glare on a new connection');
+    }
+    // Otherwise the polite side rolls back its own offer implicitly here.
     await pc.setRemoteDescription(description);
     if (pc !== this._pc) return;
     this._remoteSid = sid;
@@ -515,13 +545,6 @@ export class SwitchboardCall extends EventTarget {
       await pc.setLocalDescription();
       if (pc !== this._pc) return;
       this._send({ type: 'answer', sdp: pc.localDescription.sdp, sid: this._sid, oid: msg.oid ?? null });
-      if (rolledBack) {
-        // Chromium may gather no ICE candidates for an answer that follows the
-        // rollback of its own offer, which wedges the call. Restarting ICE
-        // right away makes a fresh offer with freshly gathered candidates.
-        this._log('glare: restarting ICE after rolling back our offer');
-        pc.restartIce();
-      }
     }
     this._armWatchdog();
     this._afterNegotiation(pc);
@@ -586,10 +609,12 @@ export class SwitchboardCall extends EventTarget {
         break;
       case 'disconnected':
         this._setState('connecting', `The connection to ${this.peerID} was interrupted; trying to recover…`);
+        this._armWatchdog();
         break;
       case 'failed':
         this._setState('failed', `The connection to ${this.peerID} failed; retrying…`);
         this._enqueue(() => this._restartIce('connection failed'));
+        this._armWatchdog();
         break;
       default:
         break;
@@ -598,8 +623,9 @@ export class SwitchboardCall extends EventTarget {
 
   /**
    * Safety net: if the peer is online but the connection does not come up
-   * within a while (a lost message, a wedged negotiation), restart ICE. The
-   * delay doubles on each try, up to the reconnect maximum.
+   * within a while (a lost message, a wedged negotiation), restart ICE, and
+   * later start over on a fresh connection. The delay doubles on each try, up
+   * to the reconnect maximum.
    */
   _armWatchdog() {
     if (this._watchdogTimer || this._stopped) return;
@@ -609,7 +635,10 @@ export class SwitchboardCall extends EventTarget {
       this._watchdogTimer = null;
       if (this._stopped || !this._pc || this._pcConnected() || !this.peerOnline) return;
       this._watchdogTries += 1;
-      this._enqueue(() => this._restartIce('no connection yet (watchdog)'));
+      // First an ICE restart; if even that does not help, a fresh connection
+      // (the peer follows, as it sees descriptions from a new connection).
+      if (this._watchdogTries === 1) this._enqueue(() => this._restartIce('no connection yet (watchdog)'));
+      else this._enqueue(async () => this._startOver('still no connection (watchdog)'));
       this._armWatchdog();
     }, delay * (0.8 + 0.4 * Math.random()));
   }
