@@ -189,3 +189,17 @@ def test_doc_drain_matches_the_manifests():
     g = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert f"drain {d} s, grace {g} s" in drain
     assert "1012" in drain
+
+
+def test_doc_lists_the_servers_reason_labels():
+    """Every close and reject reason the server can put in a `reason` label."""
+    src = REPO / "crates" / "switchboard" / "src"
+    closes = set(re.findall(r'label: "(\w+)"', (src / "session" / "handle.rs").read_text()))
+    closes |= set(re.findall(r'End::\w+(?:\(_\))? => "(\w+)"', (src / "session" / "mod.rs").read_text()))
+    rejects = set(re.findall(r'ApiError::\w+(?: \{ \.\. \})? => "(\w+)"', (src / "error.rs").read_text()))
+    rejects |= set(re.findall(r'FrameError::\w+\(_\) => "(\w+)"', (src / "protocol.rs").read_text()))
+    rejects |= set(re.findall(r'metrics::reject\("(\w+)"\)', (src / "session" / "mod.rs").read_text()))
+    assert len(closes) >= 8 and len(rejects) >= 6, (closes, rejects)
+    metrics = section(DOC.read_text(), "Metrics")
+    missing = sorted(r for r in closes | rejects if f"`{r}`" not in metrics)
+    assert not missing, f"reasons not documented: {missing}"

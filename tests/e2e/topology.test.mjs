@@ -92,13 +92,46 @@ async function httpGet(url) {
   return { status: res.status, body: await res.text(), type: res.headers.get('content-type') };
 }
 
+/** Prometheus text format -> [{name, labels, value}] (samples only). */
+function parseMetrics(text) {
+  const out = [];
+  for (const line of text.split('\n')) {
+    if (!line || line.startsWith('#')) continue;
+    const m = /^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
+    if (!m) continue;
+    const labels = Object.fromEntries([...(m[2] ?? '').matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map((x) => [x[1], x[2]]));
+    out.push({ name: m[1], labels, value: Number(m[3]) });
+  }
+  return out;
+}
+
+/** Sum of the samples of `name` whose labels include `labels`. */
+function sumOf(samples, name, labels = {}) {
+  return samples
+    .filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v))
+    .reduce((acc, s) => acc + s.value, 0);
+}
+
+/** Series names the Grafana dashboard queries (histograms as their base name). */
+function dashboardSeries() {
+  const dash = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'deploy', 'grafana', 'switchboard.json'), 'utf8'));
+  const names = new Set();
+  for (const p of dash.panels) {
+    for (const t of p.targets ?? []) {
+      for (const m of t.expr.matchAll(/\b(switchboard_\w+)/g)) names.add(m[1].replace(/_(bucket|sum|count)$/, ''));
+    }
+  }
+  return names;
+}
+
 /**
  * A switchboard replica on a fixed loopback port, so that it can be restarted
  * behind the same nginx upstream address. Each start is a new process; the
  * logs of all of them are kept in `child.lines` (for the scenario's artifacts).
  */
 class Replica {
-  constructor(name, port, redisUrl) {
+  constructor(name, port, redisUrl, env = {}) {
+    this.env = env;
     this.name = name;
     this.port = port;
     this.addr = `127.0.0.1:${port}`;
@@ -118,6 +151,7 @@ class Replica {
       SWITCHBOARD_REDIS_URL: this.redisUrl,
       SWITCHBOARD_LOG_FORMAT: 'json',
       RUST_LOG: REPLICA_LOG,
+      ...this.env,
     };
     const proc = new Proc(`${this.name} run ${this.runs}`, SWITCHBOARD_BIN, [], { env });
     // Share the line buffer: marker first, then this run's lines as they come.
@@ -135,14 +169,14 @@ class Replica {
     return this;
   }
 
-  /** `{user, at}` of every `session open` this replica logged (all runs), in order. */
-  sessionsOpened() {
+  /** `{user, at, fields}` of every `message` log line of a session (all runs), in order. */
+  sessionLog(message) {
     const out = [];
     for (const line of this.child.lines) {
       if (!line.startsWith('{')) continue;
       try {
         const rec = JSON.parse(line);
-        if (rec.fields?.message === 'session open') out.push({ user: rec.span?.user, at: rec.timestamp });
+        if (rec.fields?.message === message) out.push({ user: rec.span?.user, at: rec.timestamp, fields: rec.fields });
       } catch {
         /* not JSON */
       }
@@ -150,8 +184,14 @@ class Replica {
     return out;
   }
 
+  sessionsOpened() {
+    return this.sessionLog('session open');
+  }
+
   async metrics() {
-    return (await httpGet(`${this.baseUrl}/metrics`)).body;
+    const res = await httpGet(`${this.baseUrl}/metrics`);
+    assert.equal(res.status, 200, `${this.name} /metrics`);
+    return parseMetrics(res.body);
   }
 
   stop(signal) {
@@ -228,11 +268,11 @@ async function startNginx(sc, replicas) {
 }
 
 /** Redis + three replicas on fixed ports + nginx. */
-async function topology(sc) {
+async function topology(sc, env = {}) {
   const redis = await sc.startRedis();
   const replicas = [];
   for (let i = 1; i <= 3; i += 1) {
-    const r = new Replica(`switchboard-${i}`, await freePort(), redis.url);
+    const r = new Replica(`switchboard-${i}`, await freePort(), redis.url, env);
     sc.instances.push(r);
     sc.cleanups.push(() => r.stop('SIGKILL'));
     replicas.push(r);
@@ -373,6 +413,20 @@ scenarioTest('through nginx, pairs land on different replicas and relay both way
   for (const name of placed.values()) perReplica[name] += 1;
   assert.deepEqual(Object.values(perReplica), [3, 3, 3], JSON.stringify(perReplica));
 
+  // ...and from each replica's /metrics: its open-sockets gauge and its pair
+  // subscriptions match the placement (a pair split over two replicas is
+  // subscribed on both).
+  const pairOf = new Map();
+  for (const [a, b] of pairs) for (const u of [a, b]) pairOf.set(u, `${a}|${b}`);
+  for (const r of replicas) {
+    const m = await r.metrics();
+    const mine = [...placed].filter(([, name]) => name === r.name).map(([u]) => u);
+    assert.equal(sumOf(m, 'switchboard_open_sockets'), mine.length, `${r.name} open sockets`);
+    assert.equal(sumOf(m, 'switchboard_sessions_opened_total'), mine.length, `${r.name} sessions opened`);
+    const channels = new Set(mine.map((u) => pairOf.get(u) ?? u));
+    assert.equal(sumOf(m, 'switchboard_pair_subscriptions'), channels.size, `${r.name} pair subscriptions`);
+  }
+
   // Relay both ways, across replicas, byte for byte, never echoed.
   for (const [i, [a, b]] of pairs.entries()) {
     const offer = JSON.stringify({ type: 'offer', sdp: `v=0 pair ${i} from ${a}` });
@@ -389,8 +443,39 @@ scenarioTest('through nginx, pairs land on different replicas and relay both way
     assert.ok(ma.indexOf(answer) < ma.indexOf(cand), 'frames keep their order');
   }
 
+  // /metrics counts what happened. Per pair: offer in on A's replica, out on
+  // B's; answer + candidate the other way; one call setup (offer -> answer),
+  // timed on B's replica; plus one invalid upgrade rejected through nginx.
+  const bad = await httpGet(`${lb.baseUrl}/ws?userID=same&peerID=same`);
+  assert.equal(bad.status, 400);
+  const all = async () => (await Promise.all(replicas.map((r) => r.metrics()))).flat();
+  let m = await all();
+  assert.equal(sumOf(m, 'switchboard_messages_in_total'), 9, 'client frames received');
+  assert.ok(sumOf(m, 'switchboard_messages_out_total') >= 9 + 3, 'relayed frames + peer-joined events');
+  assert.ok(sumOf(m, 'switchboard_bytes_in_total') > 0 && sumOf(m, 'switchboard_bytes_out_total') > sumOf(m, 'switchboard_bytes_in_total'));
+  assert.equal(sumOf(m, 'switchboard_call_setup_seconds_count'), 3, 'one call setup per pair');
+  for (const [, b] of pairs) {
+    const r = replicas.find((x) => x.name === placed.get(b));
+    assert.ok(sumOf(await r.metrics(), 'switchboard_call_setup_seconds_count') >= 1, `call setup timed on ${b}'s replica`);
+  }
+  assert.ok(sumOf(m, 'switchboard_broker_publish_seconds_count') >= 9, 'every relayed frame was published to Redis');
+  assert.equal(sumOf(m, 'switchboard_rejects_total', { reason: 'bad_param' }), 1, 'the bad upgrade was counted');
+  assert.equal(sumOf(m, 'switchboard_sessions_replaced_total'), 0);
+
   // The balancer's own access log agrees (written when the sockets close).
   await socks.closeAll();
+  await until(async () => sumOf(await all(), 'switchboard_open_sockets') === 0, 'every replica back to 0 open sockets');
+  m = await all();
+  assert.equal(sumOf(m, 'switchboard_sessions_closed_total', { reason: 'client_close' }), 9);
+  assert.equal(sumOf(m, 'switchboard_pair_subscriptions'), 0);
+  // Every series the Grafana dashboard queries is exposed by the replicas,
+  // except counters that appear only once they count something that did not
+  // happen here (no session was replaced, Redis never dropped).
+  const exposed = new Set(m.map((x) => x.name.replace(/_(bucket|sum|count)$/, '')));
+  const notHere = new Set(['switchboard_sessions_replaced_total', 'switchboard_broker_reconnects_total']);
+  const missing = [...dashboardSeries()].filter((n) => !exposed.has(n) && !notHere.has(n));
+  assert.deepEqual(missing, [], 'dashboard series missing from /metrics');
+
   const byAddr = Object.fromEntries(replicas.map((r) => [r.addr, r.name]));
   const upstreamOf = (user) => {
     const line = lb.accessLines().find((l) => l.includes(`/ws?userID=${user}&`) && / 101 /.test(l));
@@ -402,19 +487,23 @@ scenarioTest('through nginx, pairs land on different replicas and relay both way
   }
 });
 
+const DRAIN_SECS = 2;
+
 scenarioTest('the call page through nginx: restarting each replica in turn keeps the call up', async (sc, t) => {
-  const { replicas, lb } = await topology(sc);
+  const { replicas, lb } = await topology(sc, { SWITCHBOARD_DRAIN_SECS: String(DRAIN_SECS) });
   const [idA, idB] = pairIDs('roll');
   const a = await sc.participant('A');
   const b = await sc.participant('B');
 
   // Every text frame each page receives, with its time (signaling proof and timing).
   const frames = new Map([[a, []], [b, []]]);
+  const closes = new Map([[a, []], [b, []]]);
   for (const p of [a, b]) {
     p.page.on('websocket', (ws) => {
       ws.on('framereceived', (f) => {
         if (typeof f.payload === 'string') frames.get(p).push({ at: Date.now(), text: f.payload });
       });
+      ws.on('close', () => closes.get(p).push(Date.now()));
     });
   }
   const welcomes = (p) => frames.get(p).filter((f) => f.text.startsWith('{"type":"welcome"'));
@@ -439,27 +528,54 @@ scenarioTest('the call page through nginx: restarting each replica in turn keeps
   for (const r of replicas) {
     const holders = [idA, idB].filter((u) => currentReplica(replicas, u) === r);
     const before = new Map([[a, welcomes(a).length], [b, welcomes(b).length]]);
+    const closedBefore = new Map([[a, closes.get(a).length], [b, closes.get(b).length]]);
     const t0 = Date.now();
-    const exit = await r.stop('SIGTERM');
-    const stopMs = Date.now() - t0;
-    assert.equal(exit.code, 0, `${r.name} exits 0 on SIGTERM`);
+    r.proc.proc.kill('SIGTERM');
+    // /readyz turns 503 at once while the replica keeps serving.
+    const { ms: readyzMs } = await until(
+      async () => (await httpGet(`${r.baseUrl}/readyz`).catch(() => ({}))).status === 503 && { ms: Date.now() - t0 },
+      `${r.name} /readyz 503 after SIGTERM`,
+      5000,
+      20,
+    );
+    assert.equal((await httpGet(`${r.baseUrl}/healthz`)).status, 200, `${r.name} still serves while draining`);
+    const exit = await r.proc.exited;
+    const exitMs = Date.now() - t0;
+    assert.equal(exit.code, 0, `${r.name} exits 0 on SIGTERM\n${r.proc.tail()}`);
+    assert.ok(exitMs >= DRAIN_SECS * 1000, `${r.name} served on for the drain (${exitMs} ms)`);
 
-    // Every page whose socket was on r gets a new welcome from another replica.
+    // Every page whose socket was on r: closed with 1012, then a welcome from
+    // another replica. Signaling was unavailable from that close to that welcome.
     const gaps = {};
     for (const p of [a, b]) {
       const user = p === a ? idA : idB;
       if (!holders.includes(user)) continue;
+      const closedAt = await until(() => closes.get(p)[closedBefore.get(p)], `${p.label}'s socket closing`, 10000);
       const w = await until(() => welcomes(p)[before.get(p)], `${p.label} reconnected`, 30000);
-      gaps[p.label] = w.at - t0;
+      // The replica's own `session closed` (reason drain) for this user: from
+      // then on it relayed nothing for the page.
+      const closedLog = r.sessionLog('session closed').filter((x) => x.user === user).at(-1);
+      assert.equal(closedLog?.fields.reason, 'drain', `${user}'s session on ${r.name} ended by the drain`);
+      const serverClosedAt = Date.parse(closedLog.at);
+      gaps[p.label] = {
+        serverClosedAfterSigtermMs: serverClosedAt - t0,
+        browserSawCloseAfterMs: closedAt - serverClosedAt,
+        unavailableMs: w.at - serverClosedAt,
+      };
+      assert.ok(p.console.some((l) => l.includes('websocket closed 1012')), `${p.label} saw close 1012`);
+      const now = currentReplica(replicas, user);
+      assert.ok(now && now !== r, `${user} moved to another replica`);
     }
     await r.start(); // same port: nginx's upstream comes back
     await probe(r.runs);
     for (const p of [a, b]) assert.equal((await p.status()).state, 'connected', `${p.label} connected after restarting ${r.name}`);
-    measured.push({ replica: r.name, stopMs, holders: holders.length, signalingGapMs: gaps });
+    measured.push({ replica: r.name, readyz503Ms: readyzMs, exitMs, moved: gaps });
   }
 
-  // What each restart cost: time to stop, and per page whose socket was on the
-  // replica, SIGTERM -> welcome from another replica (signaling unavailable).
+  // What each restart cost: SIGTERM -> /readyz 503, SIGTERM -> exit, and per
+  // page whose socket was on the replica: SIGTERM -> the replica closing its
+  // session (1012), how much later the browser saw the close, and the
+  // signaling gap: replica's close -> welcome from another replica.
   t.diagnostic(`rolling restart: ${JSON.stringify(measured)}`);
   console.log(`rolling restart through nginx: ${JSON.stringify(measured)}`);
 
