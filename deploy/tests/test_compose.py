@@ -75,10 +75,11 @@ def test_replicas_share_redis_and_wait_for_it(cfg):
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
         assert svc["build"]["context"] == str(REPO)
         assert any("/readyz" in part or "/healthz" in part for part in svc["healthcheck"]["test"])
-        # Stop grace covers the drain (DRAIN_SECS twice, plus margin).
+        # Stop grace covers the drain: DRAIN_SECS twice, then the shutdown grace.
         grace = svc["stop_grace_period"]
         m = re.fullmatch(r"(\d+)s", grace)
-        assert m and int(m.group(1)) >= 2 * int(env["SWITCHBOARD_DRAIN_SECS"]) + 5, grace
+        shutdown = int(env.get("SWITCHBOARD_SHUTDOWN_GRACE_SECS", "10"))
+        assert m and int(m.group(1)) >= 2 * int(env["SWITCHBOARD_DRAIN_SECS"]) + shutdown, grace
     # Replicas are not published directly: traffic goes through nginx.
     assert all(not cfg["services"][n].get("ports") for n in REPLICAS)
 

@@ -99,11 +99,13 @@ def test_env_comes_from_configmap_and_listens_on_container_port():
 
 def test_grace_period_covers_the_drain():
     dep = one("Deployment", "switchboard")
-    drain = int(one("ConfigMap", "switchboard-config")["data"]["SWITCHBOARD_DRAIN_SECS"])
+    data = one("ConfigMap", "switchboard-config")["data"]
+    drain = int(data["SWITCHBOARD_DRAIN_SECS"])
+    shutdown = int(data.get("SWITCHBOARD_SHUTDOWN_GRACE_SECS", "10"))
     grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     # DRAIN_SECS of service after /readyz turns 503, then 1012 closes spread
-    # over up to another DRAIN_SECS, plus margin for the process to exit.
-    assert grace >= 2 * drain + 5, (grace, drain)
+    # over another DRAIN_SECS, then up to SHUTDOWN_GRACE_SECS for the last sockets.
+    assert grace >= 2 * drain + shutdown, (grace, drain, shutdown)
 
 
 def test_pod_runs_as_the_image_user():

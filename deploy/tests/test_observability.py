@@ -186,8 +186,9 @@ def test_doc_drain_matches_the_manifests():
     cm = yaml.safe_load((REPO / "deploy" / "k8s" / "configmap.yaml").read_text())
     dep = yaml.safe_load((REPO / "deploy" / "k8s" / "deployment.yaml").read_text())
     d = cm["data"]["SWITCHBOARD_DRAIN_SECS"]
+    sg = cm["data"]["SWITCHBOARD_SHUTDOWN_GRACE_SECS"]
     g = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert f"drain {d} s, grace {g} s" in drain
+    assert f"drain {d} s, shutdown grace {sg} s, termination grace {g} s" in " ".join(drain.split())
     assert "1012" in drain
 
 
