@@ -31,6 +31,11 @@ use handle::{CloseReason, SessionHandle};
 use limits::{RateLimit, Verdict};
 use writer::Control;
 
+/// Write buffer per socket: small frames are gathered here and flushed once
+/// per batch; frames over fastwebsockets' writev threshold (1 KiB) bypass it.
+/// Kept small because every idle socket holds one.
+const WRITE_BUFFER: usize = 2048;
+
 /// How long a closing socket may take to finish the close handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
@@ -81,8 +86,11 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     };
     crate::metrics::session_opened();
     let (mut read_io, write_io) = tokio::io::split(ws.into_inner());
-    let (mut reader, mut ws_writer) =
-        fastwebsockets::after_handshake_split(&mut read_io, BufWriter::new(write_io), Role::Server);
+    let (mut reader, mut ws_writer) = fastwebsockets::after_handshake_split(
+        &mut read_io,
+        BufWriter::with_capacity(WRITE_BUFFER, write_io),
+        Role::Server,
+    );
     reader.set_auto_close(false);
     reader.set_auto_pong(true);
     // fastwebsockets refuses frames of `max_message_size` bytes or more.
@@ -133,7 +141,9 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     .to_bytes();
     let welcomed = async {
         ws_writer.write_frame(Frame::text(Payload::Borrowed(&welcome))).await?;
-        ws_writer.flush().await
+        ws_writer.flush().await?;
+        crate::metrics::message_out(welcome.len());
+        Ok::<(), fastwebsockets::WebSocketError>(())
     }
     .await;
     let joined = match welcomed {
