@@ -1,1 +1,85 @@
-//! Redis specifics.
+//! What the Redis broker does in Redis itself: channels, counts, connections, names.
+
+use futures_util::StreamExt;
+use switchboard_tests::{eventually, Client, Cluster};
+
+const CHANNEL: &str = "switchboard:pair:alice:bob";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_counted_and_numsub_returns_to_zero() {
+    let c = Cluster::redis(2).await;
+    let redis = c.redis.as_ref().unwrap();
+    assert_eq!(redis.numsub(CHANNEL).await, 0);
+    // Subscribed before the welcome: the count is there as soon as join returns.
+    let (mut alice, _) = c.node(0).join("alice", "bob").await;
+    assert_eq!(redis.numsub(CHANNEL).await, 1);
+    let (bob, _) = c.node(1).join("bob", "alice").await;
+    assert_eq!(redis.numsub(CHANNEL).await, 2);
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    // A second local session of the pair shares node 0's subscription.
+    let (alice2, _) = c.node(0).join("alice", "bob").await;
+    assert_eq!(alice.expect_closed().await.code, Some(4001));
+    assert_eq!(redis.numsub(CHANNEL).await, 2);
+    bob.close().await;
+    eventually("node 1 unsubscribed", || async { redis.numsub(CHANNEL).await == 1 }).await;
+    alice2.close().await;
+    eventually("every instance unsubscribed", || async { redis.numsub(CHANNEL).await == 0 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_subscriber_connection_per_instance() {
+    let c = Cluster::redis(3).await;
+    let redis = c.redis.as_ref().unwrap();
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        let (a, b) = (format!("u{i}"), format!("v{i}"));
+        clients.push(c.node(i).join(&a, &b).await.0);
+        clients.push(c.node(i + 1).join(&b, &a).await.0);
+    }
+    assert_eq!(redis.pubsub_clients().await, 3, "24 sessions on 3 instances");
+    let channels: Vec<String> =
+        redis::cmd("PUBSUB").arg("CHANNELS").arg("*").query_async(&mut redis.conn().await).await.unwrap();
+    assert_eq!(channels.len(), 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_channel_and_key_starts_with_the_prefix() {
+    let c = Cluster::redis_with(2, |s| s.channel_prefix = "acme.sb".into()).await;
+    let redis = c.redis.as_ref().unwrap();
+    let (_alice, _) = c.node(0).join("alice", "bob").await;
+    let (_bob, _) = c.node(1).join("bob", "alice").await;
+    let mut conn = redis.conn().await;
+    let channels: Vec<String> = redis::cmd("PUBSUB").arg("CHANNELS").arg("*").query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+    assert_eq!(channels, vec!["acme.sb:pair:alice:bob".to_owned()]);
+    assert_eq!(keys.len(), 2, "one presence key per user: {keys:?}");
+    assert!(keys.iter().all(|k| k.starts_with("acme.sb:")), "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_envelope_carries_the_sender_and_the_exact_bytes() {
+    let c = Cluster::redis(1).await;
+    let redis = c.redis.as_ref().unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut spy = client.get_async_pubsub().await.unwrap();
+    spy.subscribe(CHANNEL).await.unwrap();
+    let mut stream = spy.on_message();
+
+    let mut alice = Client::connect(&c.node(0).ws_url("alice", "bob")).await.unwrap();
+    assert_eq!(alice.recv_json().await["type"], "welcome");
+    let join = stream.next().await.unwrap().get_payload_bytes().to_vec();
+    assert!(join.starts_with(b"J alice "), "{:?}", String::from_utf8_lossy(&join));
+
+    let frame = "{ \"type\":\"offer\" ,\"sdp\" : \"v=0\\r\\n\" }";
+    alice.send(frame).await;
+    let published = stream.next().await.unwrap().get_payload_bytes().to_vec();
+    let text = String::from_utf8(published).unwrap();
+    let (header, body) = text.split_once('\n').unwrap();
+    assert!(header.starts_with("O alice "), "an offer is flagged for the call-setup metric: {header}");
+    assert_eq!(body, frame, "the client's JSON is published as is");
+
+    let other = r#"{"type":"candidate","candidate":{}}"#;
+    alice.send(other).await;
+    let published = String::from_utf8(stream.next().await.unwrap().get_payload_bytes().to_vec()).unwrap();
+    assert_eq!(published.split_once('\n').map(|(h, b)| (&h[..8], b)), Some(("M alice ", other)));
+}

@@ -34,6 +34,9 @@ pub enum ApiError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The instance holds `SWITCHBOARD_MAX_SOCKETS` sockets already.
+    #[error("this instance is full; retry shortly")]
+    TooManySockets,
 }
 
 impl ApiError {
@@ -42,7 +45,18 @@ impl ApiError {
         match self {
             ApiError::BadParam { .. } | ApiError::NotUpgrade => Fault::Client,
             ApiError::BrokerUnavailable => Fault::Broker,
-            ApiError::ShuttingDown => Fault::Server,
+            ApiError::ShuttingDown | ApiError::TooManySockets => Fault::Server,
+        }
+    }
+
+    /// The `reason` label of the reject counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::BadParam { .. } => "bad_param",
+            ApiError::NotUpgrade => "not_upgrade",
+            ApiError::BrokerUnavailable => "broker_unavailable",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::TooManySockets => "too_many_sockets",
         }
     }
 
@@ -50,7 +64,9 @@ impl ApiError {
         match self {
             ApiError::BadParam { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
-            ApiError::BrokerUnavailable | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BrokerUnavailable | ApiError::ShuttingDown | ApiError::TooManySockets => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }
@@ -58,6 +74,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        crate::metrics::reject(self.reason());
         match self.fault() {
             Fault::Client => tracing::debug!(error = %self, "request refused"),
             Fault::Broker | Fault::Server => tracing::warn!(error = %self, "request failed"),

@@ -171,3 +171,43 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ID: &str = "[A-Za-z0-9_.-]{1,64}";
+
+    proptest! {
+        #[test]
+        fn valid_ids_parse_and_round_trip(raw in ID) {
+            let id = UserId::parse(&raw).unwrap();
+            prop_assert_eq!(id.as_str(), raw.as_str());
+        }
+
+        #[test]
+        fn anything_else_is_refused(raw in ".*") {
+            let ok = !raw.is_empty() && raw.len() <= MAX_ID_LEN && raw.bytes().all(is_id_byte);
+            prop_assert_eq!(UserId::parse(&raw).is_ok(), ok);
+        }
+
+        #[test]
+        fn channel_is_symmetric_and_parses_back(a in ID, b in ID) {
+            prop_assume!(a != b);
+            let (a, b) = (UserId::parse(&a).unwrap(), UserId::parse(&b).unwrap());
+            let ab = PairId::new(&a, &b).unwrap();
+            prop_assert_eq!(ab.channel("sb"), PairId::new(&b, &a).unwrap().channel("sb"));
+            prop_assert_eq!(PairId::from_channel("sb", &ab.channel("sb")), Some(ab.clone()));
+            prop_assert!(ab.is_polite(&a) != ab.is_polite(&b), "exactly one side is polite");
+        }
+
+        #[test]
+        fn distinct_pairs_never_share_a_channel(a in ID, b in ID, c in ID, d in ID) {
+            prop_assume!(a != b && c != d);
+            let p = PairId::new(&UserId::parse(&a).unwrap(), &UserId::parse(&b).unwrap()).unwrap();
+            let q = PairId::new(&UserId::parse(&c).unwrap(), &UserId::parse(&d).unwrap()).unwrap();
+            prop_assert_eq!(p == q, p.channel("sb") == q.channel("sb"));
+        }
+    }
+}
