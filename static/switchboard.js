@@ -191,7 +191,7 @@ export class SwitchboardCall extends EventTarget {
 
   /** The peer's MediaStream while the peer is present, or null. */
   get remoteStream() {
-    return this._remoteStream;
+    return this.peerOnline ? this._remoteStream : null;
   }
 
   /** Opens the signaling connection. Call once. */
@@ -345,7 +345,9 @@ export class SwitchboardCall extends EventTarget {
         return;
       case 'peer-left':
         this.peerOnline = false;
-        this._setRemoteStream(null);
+        // Hide the peer's video, but keep the stream: if the peer only lost its
+        // socket, the same connection carries on after an ICE restart.
+        this._emit('remotestream', { stream: null });
         this._setState('waiting', `${this.peerID} left; waiting for them to come back…`);
         return;
       case 'resync':
@@ -435,8 +437,8 @@ export class SwitchboardCall extends EventTarget {
     const offer = pc.localDescription;
     if (!offer || offer.type !== 'offer') return;
     this._log('sending our pending offer again');
-    this._send({ type: 'offer', sdp: offer.sdp, sid: this._sid, oid: this._offerId });
-    for (const candidate of this._sentCandidates) this._send({ type: 'candidate', candidate, sid: this._sid });
+    this._send({ type: 'offer', sdp: offer.sdp, sid: this._sid, to: this._remoteSid, oid: this._offerId });
+    for (const candidate of this._sentCandidates) this._send({ type: 'candidate', candidate, sid: this._sid, to: this._remoteSid });
   }
 
   _createPeerConnection(why) {
@@ -458,7 +460,7 @@ export class SwitchboardCall extends EventTarget {
       if (pc !== this._pc || !candidate) return;
       const init = candidate.toJSON();
       this._sentCandidates.push(init);
-      this._send({ type: 'candidate', candidate: init, sid: this._sid });
+      this._send({ type: 'candidate', candidate: init, sid: this._sid, to: this._remoteSid });
     };
     pc.ontrack = ({ track, streams }) => {
       if (pc !== this._pc) return;
@@ -486,7 +488,7 @@ export class SwitchboardCall extends EventTarget {
       if (pc !== this._pc) return;
       if (pc.localDescription?.type !== 'offer') return;
       this._offerId = randomId();
-      this._send({ type: 'offer', sdp: pc.localDescription.sdp, sid: this._sid, oid: this._offerId });
+      this._send({ type: 'offer', sdp: pc.localDescription.sdp, sid: this._sid, to: this._remoteSid, oid: this._offerId });
     } catch (err) {
       this._log('creating an offer failed', err);
     } finally {
@@ -497,6 +499,7 @@ export class SwitchboardCall extends EventTarget {
   async _onDescription(msg) {
     if (typeof msg.sdp !== 'string') return;
     const sid = typeof msg.sid === 'string' ? msg.sid : null;
+    if (this._addressedElsewhere(msg)) return;
     let pc = this._pc;
 
     // A description from a different remote connection (the peer reloaded, or
@@ -544,7 +547,7 @@ export class SwitchboardCall extends EventTarget {
     if (description.type === 'offer') {
       await pc.setLocalDescription();
       if (pc !== this._pc) return;
-      this._send({ type: 'answer', sdp: pc.localDescription.sdp, sid: this._sid, oid: msg.oid ?? null });
+      this._send({ type: 'answer', sdp: pc.localDescription.sdp, sid: this._sid, to: sid, oid: msg.oid ?? null });
     }
     this._armWatchdog();
     this._afterNegotiation(pc);
@@ -562,9 +565,24 @@ export class SwitchboardCall extends EventTarget {
     }
   }
 
+  /**
+   * True if `msg` was meant for an earlier RTCPeerConnection of ours (its `to`
+   * names another sid). Typical after a reload: the peer's old connection
+   * restarts ICE towards the page that is gone; the new page's own offer
+   * reaches the peer and replaces that old connection.
+   */
+  _addressedElsewhere(msg) {
+    const to = typeof msg.to === 'string' ? msg.to : null;
+    if (!to || to === this._sid) return false;
+    this._log('ignoring a', msg.type, 'meant for an earlier connection of ours');
+    return true;
+  }
+
   async _onCandidate(msg) {
     if (!msg.candidate || typeof msg.candidate !== 'object') return;
     const sid = typeof msg.sid === 'string' ? msg.sid : null;
+    const to = typeof msg.to === 'string' ? msg.to : null;
+    if (to && to !== this._sid) return; // for an earlier connection of ours
     const pc = this._pc;
     if (!pc || !pc.remoteDescription || sid !== this._remoteSid) {
       // Arrived before the description it belongs to: keep it for later.

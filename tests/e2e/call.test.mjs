@@ -108,6 +108,7 @@ scenarioTest('A hangs up: B shows ended and neither side reconnects', async (sc)
 
   await a.page.click('#hangup');
   await Promise.all([a.waitForState('ended'), b.waitForState('ended')]);
+  assert.ok(b.received.includes('bye'), 'B received A’s bye through the relay');
   // Both signaling sockets close...
   await Promise.all(
     [...a.sockets, ...b.sockets].map((ws) => (ws.isClosed() ? null : ws.waitForEvent('close', { timeout: 15000 }))),
@@ -130,4 +131,65 @@ scenarioTest('single instance with the in-memory broker: the call connects', asy
   await a.join(inst, idA, idB);
   await b.join(inst, idB, idA);
   await expectCall(a, b);
+});
+
+scenarioTest('B’s instance restarts mid-call: B reconnects and the call carries on', async (sc) => {
+  const [one, two] = await twoInstances(sc);
+  const [idA, idB] = pairIDs('s');
+  const a = await sc.participant('A');
+  const b = await sc.participant('B');
+  await a.join(one, idA, idB);
+  await b.join(two, idB, idA);
+  await expectCall(a, b);
+  const streamSeenByA = await a.remoteStreamId();
+
+  // SIGTERM: instance 2 closes B's socket (1001) and exits; A hears peer-left.
+  const [first] = b.sockets;
+  const closed = first.isClosed() ? null : first.waitForEvent('close', { timeout: 15000 });
+  await sc.restartInstance(two);
+  await closed;
+  // B reconnects to the new instance on the same address, by itself.
+  await b.waitForReceived('welcome', 2);
+  assert.equal(b.sockets.length, 2, 'B opened exactly one new signaling socket');
+  await expectCall(a, b);
+  // Media went peer to peer all along: the same connection carries on.
+  assert.equal(await a.remoteStreamId(), streamSeenByA);
+  const log = await a.stateLog();
+  assert.ok(log.includes('waiting'), `A saw B leave and come back (${log.join(' -> ')})`);
+});
+
+scenarioTest('the landing page makes both call links, and they open the call page', async (sc) => {
+  const inst = await sc.startInstance();
+  const p = await sc.participant('home');
+  await p.page.goto(new URL('/?token=t0k', inst.baseUrl).toString());
+  await p.page.fill('#name_a', 'ann');
+  await p.page.fill('#name_b', 'ann');
+  await p.page.waitForSelector('#names_error:not([hidden])');
+  await p.page.click('#generate');
+  await p.page.waitForSelector('#links:not([hidden])');
+  const [a, b] = await Promise.all([p.page.inputValue('#name_a'), p.page.inputValue('#name_b')]);
+  const [la, lb] = await Promise.all([p.page.inputValue('#link_a'), p.page.inputValue('#link_b')]);
+  const ua = new URL(la);
+  const ub = new URL(lb);
+  assert.equal(ua.pathname, '/call');
+  assert.deepEqual([ua.searchParams.get('userID'), ua.searchParams.get('peerID')], [a, b]);
+  assert.deepEqual([ub.searchParams.get('userID'), ub.searchParams.get('peerID')], [b, a]);
+  assert.equal(ua.searchParams.get('token'), 't0k', 'a token on the landing page is kept in the links');
+  await p.page.goto(la);
+  await p.waitForState('waiting');
+  assert.match(p.sockets[0].url(), /[?&]token=t0k(&|$)/, 'the call page passes the token on to /ws');
+});
+
+scenarioTest('B has no camera or microphone: B reads why, joins anyway and receives A', async (sc) => {
+  const [one, two] = await twoInstances(sc);
+  const [idA, idB] = pairIDs('n');
+  const a = await sc.participant('A');
+  const b = await sc.participant('B', { devices: false });
+  await a.join(one, idA, idB);
+  await b.join(two, idB, idA);
+  await b.page.waitForSelector('#media_warning:not([hidden])');
+  assert.match(await b.page.textContent('#media_warning'), /camera/i);
+  await Promise.all([a.waitForState('connected'), b.waitForState('connected')]);
+  const frames = await b.waitForRemoteFrames();
+  assert.ok(frames.width > 0, 'B sees A');
 });

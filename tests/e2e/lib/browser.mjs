@@ -21,9 +21,12 @@ export const CHROMIUM_FLAGS = [
 
 /**
  * Launches chromium with a fresh, private user-data dir.
+ * @param {object} [opts]
+ * @param {boolean} [opts.fakeDevices] false: leave out --use-fake-device-for-media-stream, so the
+ *   browser has no camera or microphone at all (this machine has none)
  * @returns {Promise<{context: import('playwright-core').BrowserContext, close: () => Promise<void>}>}
  */
-export async function launchChromium({ viewport = { width: 960, height: 640 } } = {}) {
+export async function launchChromium({ viewport = { width: 960, height: 640 }, fakeDevices = true } = {}) {
   if (!fs.existsSync(CHROMIUM)) {
     throw new Error(`${CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)`);
   }
@@ -31,7 +34,7 @@ export async function launchChromium({ viewport = { width: 960, height: 640 } } 
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: CHROMIUM,
     headless: true,
-    args: CHROMIUM_FLAGS,
+    args: fakeDevices ? CHROMIUM_FLAGS : CHROMIUM_FLAGS.filter((f) => f !== '--use-fake-device-for-media-stream'),
     viewport,
     timeout: 60000,
   });
@@ -43,6 +46,15 @@ export async function launchChromium({ viewport = { width: 960, height: 640 } } 
       fs.rmSync(userDataDir, { recursive: true, force: true });
     },
   };
+}
+
+/** Polls `predicate` every 50 ms until it is true; throws `message()` after `timeoutMs`. */
+export async function waitUntil(predicate, timeoutMs, message) {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await predicate())) {
+    if (Date.now() > deadline) throw new Error(message());
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
 }
 
 /** Records every `data-state` the call page's `#status` takes, in `window.__stateLog`. */
@@ -72,9 +84,19 @@ export class Participant {
     this.page = page;
     /** Every WebSocket the page opened to /ws (playwright WebSocket objects). */
     this.sockets = [];
+    /** Types of the JSON frames the page received on them, in order. */
+    this.received = [];
     this.console = [];
     page.on('websocket', (ws) => {
-      if (new URL(ws.url()).pathname === '/ws') this.sockets.push(ws);
+      if (new URL(ws.url()).pathname !== '/ws') return;
+      this.sockets.push(ws);
+      ws.on('framereceived', ({ payload }) => {
+        try {
+          this.received.push(JSON.parse(payload).type);
+        } catch {
+          this.received.push('?');
+        }
+      });
     });
     page.on('console', (m) => this.console.push(`[${m.type()}] ${m.text()}`));
     page.on('pageerror', (e) => this.console.push(`[pageerror] ${e.message}`));
@@ -96,6 +118,12 @@ export class Participant {
     const response = await this.page.goto(url.toString());
     if (!response?.ok()) throw new Error(`${this.label}: GET ${url} -> ${response?.status()}`);
     return this;
+  }
+
+  /** Waits until the page has received `count` frames of `type` in all. */
+  async waitForReceived(type, count, timeoutMs = 45000) {
+    await waitUntil(() => this.received.filter((t) => t === type).length >= count, timeoutMs, () =>
+      `${this.label}: fewer than ${count} "${type}" frames within ${timeoutMs} ms (got: ${this.received.join(', ')})`);
   }
 
   /** `{state, text}` of `#status`. */

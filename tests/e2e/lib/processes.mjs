@@ -166,10 +166,11 @@ export function listeningAddr(line) {
  * @param {object} [opts]
  * @param {string} [opts.name]
  * @param {string} [opts.redisUrl]  SWITCHBOARD_REDIS_URL; without it the in-memory broker is used
+ * @param {string} [opts.listen]    a fixed address instead of a free port (to restart an instance in place)
  * @param {Record<string,string>} [opts.env] extra environment
  * @returns {Promise<{name: string, addr: string, baseUrl: string, child: Child, stop: () => Promise<unknown>}>}
  */
-export async function startSwitchboard({ name = 'switchboard', redisUrl, env = {} } = {}) {
+export async function startSwitchboard({ name = 'switchboard', redisUrl, listen = '127.0.0.1:0', env = {} } = {}) {
   if (!fs.existsSync(SWITCHBOARD_BIN)) {
     throw new Error(`switchboard binary not found at ${SWITCHBOARD_BIN}: run \`cargo build -p switchboard\` or set SWITCHBOARD_BIN`);
   }
@@ -177,7 +178,7 @@ export async function startSwitchboard({ name = 'switchboard', redisUrl, env = {
     ...process.env,
     RUST_LOG: process.env.RUST_LOG || 'info',
     ...env,
-    SWITCHBOARD_LISTEN: '127.0.0.1:0',
+    SWITCHBOARD_LISTEN: listen,
     SWITCHBOARD_LOG_FORMAT: 'json',
   };
   delete childEnv.SWITCHBOARD_REDIS_URL;

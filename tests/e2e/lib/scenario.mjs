@@ -14,7 +14,7 @@ export class Scenario {
     this.redis = null;
     this.instances = [];
     this.participants = [];
-    this.browser = null;
+    this.browsers = new Map(); // 'fake' | 'none' -> launched chromium
     this.cleanups = [];
   }
 
@@ -37,13 +37,32 @@ export class Scenario {
     return inst;
   }
 
-  /** A new participant (tab) in this scenario's chromium, launched on first use. */
-  async participant(label) {
-    if (!this.browser) {
-      this.browser = await launchChromium();
-      this.cleanups.push(() => this.browser.close());
+  /**
+   * Stops `inst` (SIGTERM: the server closes its sockets with 1001) and starts
+   * a new instance on the same address, as a replica restart would.
+   * @returns {Promise<object>} the new instance (also replaces `inst` in `instances`)
+   */
+  async restartInstance(inst, { redisUrl = this.redis?.url, env } = {}) {
+    await inst.stop();
+    const index = this.instances.indexOf(inst);
+    const fresh = await startSwitchboard({ name: `${inst.name}'`, redisUrl, listen: inst.addr, env });
+    this.instances[index] = fresh;
+    this.cleanups.push(() => fresh.stop());
+    return fresh;
+  }
+
+  /**
+   * A new participant (tab) in this scenario's chromium, launched on first use.
+   * `devices: false` puts it in a second chromium that has no camera or microphone.
+   */
+  async participant(label, { devices = true } = {}) {
+    const kind = devices ? 'fake' : 'none';
+    if (!this.browsers.has(kind)) {
+      const browser = await launchChromium({ fakeDevices: devices });
+      this.browsers.set(kind, browser);
+      this.cleanups.push(() => browser.close());
     }
-    const p = await Participant.open(this.browser.context, label);
+    const p = await Participant.open(this.browsers.get(kind).context, label);
     this.participants.push(p);
     return p;
   }
@@ -88,6 +107,10 @@ export function scenarioTest(name, body, { timeout = 180000 } = {}) {
     const scenario = new Scenario(name);
     try {
       await body(scenario, t);
+      for (const p of scenario.participants) {
+        const n = p.console.filter((l) => l.includes('(watchdog)')).length;
+        if (n) t.diagnostic(`${p.label}: the client's stall watchdog had to act ${n} time(s)`);
+      }
     } catch (err) {
       const dir = await scenario.writeArtifacts(err).catch((e) => `(could not write artifacts: ${e})`);
       t.diagnostic(`artifacts: ${dir}`);
