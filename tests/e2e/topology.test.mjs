@@ -513,6 +513,18 @@ scenarioTest('the call page through nginx: restarting each replica in turn keeps
   await Promise.all([a.waitForState('connected'), b.waitForState('connected')]);
   await Promise.all([a.waitForRemoteFrames(), b.waitForRemoteFrames()]);
   const [logA0, logB0] = [await a.stateLog(), await b.stateLog()];
+  // Watch each page's RTCPeerConnection: the media path, apart from signaling.
+  const streams0 = [await a.remoteStreamId(), await b.remoteStreamId()];
+  for (const p of [a, b]) {
+    await p.page.evaluate(() => {
+      const pc = window.switchboardCall._pc;
+      window.__pcWatched = pc;
+      window.__pcLog = [pc.connectionState];
+      pc.addEventListener('connectionstatechange', () => window.__pcLog.push(pc.connectionState));
+    });
+  }
+  const pcReport = (p) =>
+    p.page.evaluate(() => ({ same: window.switchboardCall._pc === window.__pcWatched, log: window.__pcLog }));
 
   /** A frame sent on each page's live signaling socket reaches the other page. */
   const probe = async (n) => {
@@ -579,11 +591,20 @@ scenarioTest('the call page through nginx: restarting each replica in turn keeps
   t.diagnostic(`rolling restart: ${JSON.stringify(measured)}`);
   console.log(`rolling restart through nginx: ${JSON.stringify(measured)}`);
 
-  // The call never left `connected`: no state after the first connect is anything else.
+  // Media: the same RTCPeerConnection stayed `connected` the whole time, and
+  // each side still shows the same remote stream with advancing frames.
+  for (const p of [a, b]) {
+    const pc = await pcReport(p);
+    assert.ok(pc.same, `${p.label} kept its RTCPeerConnection`);
+    assert.deepEqual(pc.log, ['connected'], `${p.label} peer connection states: ${pc.log.join(' -> ')}`);
+  }
+  await Promise.all([a.waitForRemoteFrames(), b.waitForRemoteFrames()]);
+  assert.deepEqual([await a.remoteStreamId(), await b.remoteStreamId()], streams0, 'same remote streams');
+
+  // The call page never left `connected`: no state after the first connect is anything else.
   for (const [p, log0] of [[a, logA0], [b, logB0]]) {
     const log = await p.stateLog();
     assert.equal(log0.at(-1), 'connected');
-    assert.deepEqual(log.slice(log0.length - 1), ['connected'], `${p.label} states: ${log.join(' -> ')}`);
+    assert.deepEqual(log.slice(log0.length - 1), ['connected'], `${p.label} page states: ${log.join(' -> ')}`);
   }
-  await Promise.all([a.waitForRemoteFrames(), b.waitForRemoteFrames()]);
 });
