@@ -334,8 +334,11 @@ export class SwitchboardCall extends EventTarget {
         this.peerOnline = !!msg.peerOnline;
         if (!this.peerOnline) {
           if (!this._pcConnected()) this._setState('waiting', `Waiting for ${this.peerID} to join…`);
-        } else if (!this._pcConnected()) {
-          // If media still flows (only our socket was away) there is nothing to do.
+        } else if (this._pcConnected()) {
+          // Only our socket was away and media still flows: nothing to negotiate
+          // (the peer sees peer-joined and restarts ICE).
+          this._afterNegotiation(this._pc);
+        } else {
           await this._kick('peer is online');
         }
         return;

@@ -177,6 +177,8 @@ export async function startSwitchboard({ name = 'switchboard', redisUrl, listen 
   const childEnv = {
     ...process.env,
     RUST_LOG: process.env.RUST_LOG || 'info',
+    // Stop at once on SIGTERM (close with 1001) unless a test asks for a paced drain.
+    SWITCHBOARD_DRAIN_SECS: '0',
     ...env,
     SWITCHBOARD_LISTEN: listen,
     SWITCHBOARD_LOG_FORMAT: 'json',
@@ -186,7 +188,9 @@ export async function startSwitchboard({ name = 'switchboard', redisUrl, listen 
   const child = new Child(name, SWITCHBOARD_BIN, [], { env: childEnv });
   try {
     const addr = await child.waitForLine(listeningAddr, '`listening` log line', 30000);
-    return { name, addr, baseUrl: `http://${addr}`, child, stop: () => child.stop() };
+    // A paced drain takes up to twice SWITCHBOARD_DRAIN_SECS: allow that before SIGKILL.
+    const graceMs = (2 * Number(childEnv.SWITCHBOARD_DRAIN_SECS) + 10) * 1000;
+    return { name, addr, baseUrl: `http://${addr}`, child, stop: () => child.stop(graceMs) };
   } catch (err) {
     await child.stop(1000);
     throw err;

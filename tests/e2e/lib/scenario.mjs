@@ -32,6 +32,7 @@ export class Scenario {
       redisUrl: this.redis?.url,
       ...opts,
     });
+    inst.env = opts.env;
     this.instances.push(inst);
     this.cleanups.push(() => inst.stop());
     return inst;
@@ -42,7 +43,7 @@ export class Scenario {
    * a new instance on the same address, as a replica restart would.
    * @returns {Promise<object>} the new instance (also replaces `inst` in `instances`)
    */
-  async restartInstance(inst, { redisUrl = this.redis?.url, env } = {}) {
+  async restartInstance(inst, { redisUrl = this.redis?.url, env = inst.env } = {}) {
     await inst.stop();
     const index = this.instances.indexOf(inst);
     const fresh = await startSwitchboard({ name: `${inst.name}'`, redisUrl, listen: inst.addr, env });
