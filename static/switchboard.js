@@ -398,7 +398,8 @@ export class SwitchboardCall extends EventTarget {
    * out: negotiate on a new connection, or restart ICE on an existing one.
    */
   async _kick(why) {
-    this._setState('connecting', `Connecting to ${this.peerID}…`);
+    // While media flows, an ICE restart happens underneath a `connected` call.
+    if (!this._pcConnected()) this._setState('connecting', `Connecting to ${this.peerID}…`);
     this._armWatchdog();
     if (!this._pc) {
       this._startOver(why);
