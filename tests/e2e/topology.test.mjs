@@ -575,7 +575,11 @@ scenarioTest('the call page through nginx: restarting each replica in turn keeps
         unavailableMs: w.at - serverClosedAt,
       };
       assert.ok(p.console.some((l) => l.includes('websocket closed 1012')), `${p.label} saw close 1012`);
-      const now = currentReplica(replicas, user);
+      // The replica logs `session open` just after it sends the welcome: wait for it.
+      const now = await until(() => {
+        const holder = currentReplica(replicas, user);
+        return holder && holder !== r ? holder : undefined;
+      }, `${user} to show up on another replica`, 10000);
       assert.ok(now && now !== r, `${user} moved to another replica`);
     }
     await r.start(); // same port: nginx's upstream comes back
