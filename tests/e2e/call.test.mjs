@@ -3,10 +3,14 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { REPO_ROOT } from './lib/paths.mjs';
+import { ARTIFACTS_DIR, REPO_ROOT } from './lib/paths.mjs';
+import { MIN_GREEN_FRACTION } from './lib/browser.mjs';
 import { pairIDs, scenarioTest } from './lib/scenario.mjs';
 
-/** Waits until both sides are `connected` and each remote video shows advancing frames. */
+/**
+ * Waits until both sides are `connected` and each remote video shows the other's camera:
+ * advancing frames, painted, and not black (see `waitForRemoteFrames`).
+ */
 async function expectCall(a, b) {
   await Promise.all([a.waitForState('connected'), b.waitForState('connected')]);
   const [fa, fb] = await Promise.all([a.waitForRemoteFrames(), b.waitForRemoteFrames()]);
@@ -32,10 +36,15 @@ scenarioTest('A via instance 1 and B via instance 2 connect with video both ways
   assert.equal(a.sockets.length, 1);
   assert.equal(b.sockets.length, 1);
 
-  // The README screenshot: a connected call, taken by this test.
-  const shot = path.join(REPO_ROOT, 'docs', 'img', 'call.png');
+  // The screenshot of a connected call in docs/client.md, taken by this test once both
+  // remote videos show the peer's camera. It goes to artifacts/call.png (gitignored);
+  // UPDATE_DOCS_SCREENSHOT=1 writes docs/img/call.png instead, to refresh the docs.
+  const shot = process.env.UPDATE_DOCS_SCREENSHOT === '1'
+    ? path.join(REPO_ROOT, 'docs', 'img', 'call.png')
+    : path.join(ARTIFACTS_DIR, 'call.png');
   fs.mkdirSync(path.dirname(shot), { recursive: true });
-  await a.page.screenshot({ path: shot });
+  const green = await a.screenshotRemoteGreen(shot);
+  assert.ok(green >= MIN_GREEN_FRACTION, `the screenshot shows B's camera in A's remote video (${(green * 100).toFixed(0)}% green)`);
 });
 
 scenarioTest('A waits alone for several seconds, then B joins and the call connects', async (sc) => {
