@@ -1,0 +1,73 @@
+//! A drained replica's users come back elsewhere; their peers' calls carry on.
+
+use std::time::Duration;
+
+use serde_json::json;
+use switchboard_tests::{http_get, settings, Client, Instance, RedisServer};
+
+fn draining(url: &str) -> switchboard::config::Settings {
+    switchboard::config::Settings {
+        drain: Duration::from_secs(1),
+        presence_ttl: Duration::from_secs(3),
+        ..settings(Some(url))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_relays_until_it_closes_its_sockets() {
+    let redis = RedisServer::start().await;
+    let old =
+        Instance::start(switchboard::config::Settings { drain: Duration::from_secs(3), ..draining(&redis.url()) })
+            .await;
+    let new = Instance::start(draining(&redis.url())).await;
+    let (mut alice, _) = old.join("alice", "bob").await;
+    let (mut bob, _) = new.join("bob", "alice").await;
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    let old_addr = old.addr;
+    let stopping = tokio::spawn(old.stop());
+    // Draining: not ready, but the open socket still relays both ways.
+    switchboard_tests::eventually("readyz 503", || async { http_get(old_addr, "/readyz").await.0 == 503 }).await;
+    alice.send(r#"{"type":"offer","during":"drain"}"#).await;
+    assert_eq!(bob.recv_text().await, r#"{"type":"offer","during":"drain"}"#);
+    bob.send(r#"{"type":"answer","during":"drain"}"#).await;
+    assert_eq!(alice.recv_text().await, r#"{"type":"answer","during":"drain"}"#);
+    assert_eq!(alice.expect_closed().await.code, Some(1012));
+    stopping.await.unwrap();
+}
+
+/// Alice on a replica that then drains away, Bob on one that stays.
+/// Returns once Alice's socket got its 1012 and the old replica stopped.
+async fn drain_alice_away(redis: &RedisServer) -> (Instance, Client, Client) {
+    let old = Instance::start(draining(&redis.url())).await;
+    let new = Instance::start(draining(&redis.url())).await;
+    let (mut alice, _) = old.join("alice", "bob").await;
+    let (bob, _) = new.join("bob", "alice").await;
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    let stopping = tokio::spawn(old.stop());
+    let closed = alice.expect_closed().await;
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(1012), "service restart"));
+    stopping.await.unwrap();
+    (new, alice, bob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_user_reconnects_elsewhere_without_a_peer_left() {
+    let redis = RedisServer::start().await;
+    let (new, _, mut bob) = drain_alice_away(&redis).await;
+
+    // Alice comes back through another replica; Bob hears a join, never a leave.
+    let mut alice = Client::connect(&new.ws_url("alice", "bob")).await.unwrap();
+    let welcome = alice.recv_json().await;
+    assert_eq!(welcome["peerOnline"], true);
+    assert_eq!(bob.recv_json().await, json!({"type": "peer-joined", "peerID": "alice"}));
+    alice.send(r#"{"type":"offer","again":true}"#).await;
+    assert_eq!(bob.recv_text().await, r#"{"type":"offer","again":true}"#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_user_who_never_returns_is_reported_gone_after_the_ttl() {
+    let redis = RedisServer::start().await;
+    let (_new, alice, mut bob) = drain_alice_away(&redis).await;
+    drop(alice);
+    assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
+}
