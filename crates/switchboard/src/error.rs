@@ -34,6 +34,12 @@ pub enum ApiError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// Signed links are on and the token is missing or refused.
+    #[error("unauthorized: {0}")]
+    Unauthorized(#[from] crate::auth::TokenError),
+    /// A browser page from an origin that may not open sockets.
+    #[error("this page's origin may not open sockets here (SWITCHBOARD_ALLOWED_ORIGINS)")]
+    ForbiddenOrigin,
 }
 
 impl ApiError {
@@ -41,6 +47,7 @@ impl ApiError {
     pub fn fault(&self) -> Fault {
         match self {
             ApiError::BadParam { .. } | ApiError::NotUpgrade => Fault::Client,
+            ApiError::Unauthorized(_) | ApiError::ForbiddenOrigin => Fault::Client,
             ApiError::BrokerUnavailable => Fault::Broker,
             ApiError::ShuttingDown => Fault::Server,
         }
@@ -51,6 +58,8 @@ impl ApiError {
             ApiError::BadParam { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
             ApiError::BrokerUnavailable | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::ForbiddenOrigin => StatusCode::FORBIDDEN,
         }
     }
 }

@@ -106,12 +106,13 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
         }
     };
     let peer_online = state.registry.finish_setup(&handle, peer_session);
+    let ice_servers = crate::turn::ice_servers(&state.settings, &user);
     let welcome = ServerEvent::Welcome {
         user_id: user.as_str(),
         peer_id: peer.as_str(),
         polite: pair.is_polite(&user),
         peer_online,
-        ice_servers: &state.settings.ice_servers,
+        ice_servers: &ice_servers,
     }
     .to_bytes();
     let welcomed = async {
@@ -196,6 +197,7 @@ impl Session<'_> {
         };
         let refresh_every = self.state.settings.presence_ttl / 3;
         let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
+        let mut turn_refresh = crate::turn::Refresh::new(&self.state.settings);
         loop {
             let frame = tokio::select! {
                 biased;
@@ -207,6 +209,10 @@ impl Session<'_> {
                 }
                 _ = refresh.tick() => {
                     self.refresh_presence().await;
+                    continue;
+                }
+                () = turn_refresh.due() => {
+                    turn_refresh.push(&self.state.settings, self.handle, self.user);
                     continue;
                 }
                 frame = reader.read_frame(&mut pong) => frame,
