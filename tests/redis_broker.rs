@@ -75,6 +75,11 @@ async fn the_envelope_carries_the_sender_and_the_exact_bytes() {
     let published = stream.next().await.unwrap().get_payload_bytes().to_vec();
     let text = String::from_utf8(published).unwrap();
     let (header, body) = text.split_once('\n').unwrap();
-    assert!(header.starts_with("M alice "), "{header}");
+    assert!(header.starts_with("O alice "), "an offer is flagged for the call-setup metric: {header}");
     assert_eq!(body, frame, "the client's JSON is published as is");
+
+    let other = r#"{"type":"candidate","candidate":{}}"#;
+    alice.send(other).await;
+    let published = String::from_utf8(stream.next().await.unwrap().get_payload_bytes().to_vec()).unwrap();
+    assert_eq!(published.split_once('\n').map(|(h, b)| (&h[..8], b)), Some(("M alice ", other)));
 }

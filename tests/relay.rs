@@ -35,11 +35,13 @@ fn sized_message(seq: usize, size: usize) -> String {
     msg
 }
 
-/// Queues big enough for a burst of 1,000 messages both ways: this test is
-/// about order; overflow has its own test.
+/// Queues and a rate limit big enough for a burst of 1,000 messages both
+/// ways: this test is about order; overflow and rate limits have their own.
 fn roomy(s: &mut switchboard::config::Settings) {
     s.outbox_bytes = 256 << 20;
     s.outbox_messages = 4096;
+    s.rate_per_sec = 1_000_000;
+    s.rate_burst = 1_000_000;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

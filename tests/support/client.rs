@@ -79,6 +79,25 @@ impl Client {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("server sent non-JSON {text:?}: {e}"))
     }
 
+    /// The next text frame as JSON, or how the connection ended.
+    pub async fn try_recv_json(&mut self) -> Result<serde_json::Value, Closed> {
+        loop {
+            let msg = tokio::time::timeout(DEADLINE, self.ws.next()).await.expect("a frame before the deadline");
+            match msg {
+                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).expect("JSON from the server")),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(Closed {
+                        code: frame.as_ref().map(|f| f.code.into()),
+                        reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                    })
+                }
+                Some(Ok(other)) => panic!("unexpected frame {other:?}"),
+                Some(Err(_)) | None => return Err(Closed { code: None, reason: String::new() }),
+            }
+        }
+    }
+
     /// Reads until the connection closes; fails if a text frame arrives first.
     pub async fn expect_closed(&mut self) -> Closed {
         loop {

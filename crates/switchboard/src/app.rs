@@ -1,12 +1,15 @@
 //! The router, shared state, and [`run`], used by `main` and by tests.
 
-use std::future::{Future, IntoFuture};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rand::Rng;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,10 +34,13 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Memory or Redis.
     pub broker: Arc<dyn Broker>,
-    /// Fires when the server starts shutting down.
+    /// Fires when a shutdown is requested (SIGTERM): readiness turns 503 at once.
     pub shutdown: CancellationToken,
+    /// Fires when the server stops taking new connections; new sessions close at once.
+    pub stopping: CancellationToken,
     /// Tracks session tasks so shutdown can wait for them.
     pub sessions: TaskTracker,
+    open_sockets: AtomicUsize,
     accepting: AtomicBool,
 }
 
@@ -45,10 +51,39 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// One of the instance's `SWITCHBOARD_MAX_SOCKETS` slots, given back on drop.
+pub struct SocketPermit(AppState);
+
+impl Drop for SocketPermit {
+    fn drop(&mut self) {
+        self.0.open_sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl AppState {
     /// Whether new sockets are accepted and the broker can deliver.
     pub fn is_ready(&self) -> bool {
         self.accepting.load(Ordering::Relaxed) && !self.shutdown.is_cancelled() && self.broker.is_ready()
+    }
+
+    /// Takes a socket slot, or `None` when the instance is full.
+    pub fn try_open_socket(&self) -> Option<SocketPermit> {
+        let before = self.open_sockets.fetch_add(1, Ordering::Relaxed);
+        let permit = SocketPermit(self.clone());
+        (before < self.settings.max_sockets).then_some(permit)
+    }
+
+    /// How a session that starts now must be closed, if the server is stopping.
+    pub fn stop_reason(&self) -> Option<CloseReason> {
+        self.stopping.is_cancelled().then(|| self.closing_reason())
+    }
+
+    fn closing_reason(&self) -> CloseReason {
+        if self.settings.drain.is_zero() {
+            CloseReason::SHUTDOWN
+        } else {
+            CloseReason::DRAIN
+        }
     }
 }
 
@@ -69,18 +104,23 @@ pub fn router(state: AppState) -> Router {
         .route("/ws", get(routes::ws::upgrade))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
+        .route("/metrics", get(routes::health::metrics))
         .merge(routes::assets::router())
         .with_state(state)
 }
 
-/// Serves on `listener` until `shutdown` resolves, then closes every socket
-/// with 1001 and returns once they are gone (or the grace period ran out).
+/// Serves on `listener` until `shutdown` resolves, then shuts down: at once
+/// (close 1001) when `drain` is zero, otherwise with a paced drain: `/readyz`
+/// answers 503 while serving goes on for `drain`, then sockets close with 1012
+/// at random moments spread over another `drain`. Returns once every socket is
+/// gone or the grace period ran out.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let token = CancellationToken::new();
+    crate::metrics::handle();
+    let requested = CancellationToken::new();
     let background = TaskTracker::new();
     let registry = Arc::new(Registry::new());
     let broker: Arc<dyn Broker> = match &settings.redis_url {
@@ -92,10 +132,12 @@ pub async fn run(
                 presence_ttl: settings.presence_ttl,
                 pool_size: settings.redis_pool_size,
             };
-            Arc::new(
-                RedisBroker::start(options, registry.clone(), token.clone(), &background, Duration::from_secs(5))
-                    .await?,
-            )
+            let stop = CancellationToken::new();
+            let broker =
+                RedisBroker::start(options, registry.clone(), stop.clone(), &background, Duration::from_secs(5));
+            let broker = broker.await?;
+            background.spawn(stop_after(requested.clone(), stop));
+            Arc::new(broker)
         }
     };
     let grace = settings.shutdown_grace;
@@ -103,39 +145,120 @@ pub async fn run(
         settings,
         registry,
         broker,
-        shutdown: token.clone(),
+        shutdown: requested.clone(),
+        stopping: CancellationToken::new(),
         sessions: TaskTracker::new(),
+        open_sockets: AtomicUsize::new(0),
         accepting: AtomicBool::new(true),
     }));
 
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, broker = if state.settings.redis_url.is_some() { "redis" } else { "memory" }, "listening");
+    let broker_kind = if state.settings.redis_url.is_some() { "redis" } else { "memory" };
+    tracing::info!(%addr, broker = broker_kind, "listening");
 
-    let stop = token.clone();
-    let trigger = tokio::spawn(async move {
-        shutdown.await;
-        stop.cancel();
-    });
-    let serve = axum::serve(listener, router(state.clone())).with_graceful_shutdown(token.clone().cancelled_owned());
-    let closer = {
-        let state = state.clone();
+    let trigger = tokio::spawn({
+        let requested = requested.clone();
         async move {
-            token.cancelled().await;
-            state.accepting.store(false, Ordering::Relaxed);
-            tracing::info!(sessions = state.registry.len(), "shutting down: closing sockets");
-            for session in state.registry.all() {
-                session.close(CloseReason::SHUTDOWN);
-            }
+            shutdown.await;
+            requested.cancel();
         }
-    };
-    let (served, ()) = tokio::join!(serve.into_future(), closer);
+    });
+    let server = serve(listener, router(state.clone()), state.settings.handshake_timeout, state.stopping.clone());
+    let (served, ()) = tokio::join!(server, lifecycle(state.clone()));
     state.sessions.close();
     if tokio::time::timeout(grace, state.sessions.wait()).await.is_err() {
         tracing::warn!("shutdown grace period ran out with sockets still open");
     }
+    requested.cancel();
     background.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
     trigger.abort();
     tracing::info!("stopped");
     served.map_err(RunError::Io)
+}
+
+/// Stops the broker's tasks once every session is gone (they need it to say goodbye).
+async fn stop_after(requested: CancellationToken, broker_stop: CancellationToken) {
+    requested.cancelled().await;
+    broker_stop.cancel();
+}
+
+/// Waits for the shutdown request, then drains or closes.
+async fn lifecycle(state: AppState) {
+    state.shutdown.cancelled().await;
+    state.accepting.store(false, Ordering::Relaxed);
+    let drain = state.settings.drain;
+    if drain.is_zero() {
+        state.stopping.cancel();
+        tracing::info!(sessions = state.registry.len(), "shutting down: closing sockets");
+        for session in state.registry.all() {
+            session.close(CloseReason::SHUTDOWN);
+        }
+        return;
+    }
+    tracing::info!(drain_secs = drain.as_secs_f64(), sessions = state.registry.len(), "draining: /readyz is 503");
+    tokio::time::sleep(drain).await;
+    state.stopping.cancel();
+    let mut plan: Vec<_> =
+        state.registry.all().into_iter().map(|s| (drain.mul_f64(rand::rng().random::<f64>()), s)).collect();
+    plan.sort_by_key(|(at, _)| *at);
+    tracing::info!(sessions = plan.len(), "draining: closing sockets with 1012, spread over the drain span");
+    let start = tokio::time::Instant::now();
+    for (at, session) in plan {
+        tokio::time::sleep_until(start + at).await;
+        session.close(CloseReason::DRAIN);
+    }
+    // Sessions that opened while the closes were being planned.
+    for session in state.registry.all() {
+        session.close(CloseReason::DRAIN);
+    }
+}
+
+/// Accepts connections until `stop`, serving HTTP/1.1 with upgrades and a
+/// deadline on the request head (against slowloris), then waits briefly for
+/// in-flight requests. Upgraded sockets are the sessions' business.
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    head_timeout: Duration,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let connections = TaskTracker::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(head_timeout);
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
+    Ok(())
 }

@@ -24,6 +24,14 @@ Environment (defaults in brackets; a TOML file given by --config uses the same n
   SWITCHBOARD_PRESENCE_TTL_SECS   lifetime of a presence key in Redis [15]
   SWITCHBOARD_REDIS_POOL_SIZE     pooled publish connections [16]
   SWITCHBOARD_SHUTDOWN_GRACE_SECS time allowed for sockets to close on shutdown [10]
+  SWITCHBOARD_DRAIN_SECS          on SIGTERM: seconds of 503 on /readyz while serving, then the
+                                  same span over which sockets close with 1012; 0 = close at once with 1001 [5]
+  SWITCHBOARD_MAX_SOCKETS         open WebSockets per instance; more get HTTP 503 [50000]
+  SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS  time allowed to send the HTTP request head [10]
+  SWITCHBOARD_PING_INTERVAL_SECS  server ping interval; 0 disables pings [20]
+  SWITCHBOARD_PONG_TIMEOUT_SECS   a socket silent this long after a ping is closed [20]
+  SWITCHBOARD_RATE_PER_SEC        client messages per second per socket (token bucket refill) [50]
+  SWITCHBOARD_RATE_BURST          token bucket size; more drops than this within 10 s closes with 1008 [200]
   SWITCHBOARD_CONFIG              TOML file to read (same as --config) []
   SWITCHBOARD_AUTH_SECRET         HS256 key (32+ bytes); set = /ws needs a signed token (see `switchboard link`) []
   SWITCHBOARD_ALLOWED_ORIGINS     extra browser origins allowed to open /ws, comma-separated, or * [] = same origin only
@@ -68,6 +76,20 @@ pub struct Settings {
     pub redis_pool_size: usize,
     /// Time allowed for sockets to close on shutdown.
     pub shutdown_grace: Duration,
+    /// Paced drain span on SIGTERM; zero closes at once with 1001.
+    pub drain: Duration,
+    /// Open WebSockets allowed per instance.
+    pub max_sockets: usize,
+    /// Time allowed to send the HTTP request head.
+    pub handshake_timeout: Duration,
+    /// Server ping interval; zero disables pings.
+    pub ping_interval: Duration,
+    /// Silence allowed after a ping before the socket is closed.
+    pub pong_timeout: Duration,
+    /// Client messages per second per socket.
+    pub rate_per_sec: u32,
+    /// Token bucket size, and the drops per 10 s that close a socket.
+    pub rate_burst: u32,
     /// Signed links: `Some` when `SWITCHBOARD_AUTH_SECRET` is set.
     pub auth: Option<crate::auth::LinkSigner>,
     /// Browser origins allowed to open `/ws`.
@@ -95,6 +117,13 @@ struct Raw {
     presence_ttl_secs: u64,
     redis_pool_size: usize,
     shutdown_grace_secs: u64,
+    drain_secs: u64,
+    max_sockets: usize,
+    handshake_timeout_secs: u64,
+    ping_interval_secs: u64,
+    pong_timeout_secs: u64,
+    rate_per_sec: u32,
+    rate_burst: u32,
     auth_secret: Option<String>,
     allowed_origins: String,
     turn_secret: Option<String>,
@@ -136,6 +165,13 @@ impl Settings {
             ("presence_ttl_secs", "15"),
             ("redis_pool_size", "16"),
             ("shutdown_grace_secs", "10"),
+            ("drain_secs", "5"),
+            ("max_sockets", "50000"),
+            ("handshake_timeout_secs", "10"),
+            ("ping_interval_secs", "20"),
+            ("pong_timeout_secs", "20"),
+            ("rate_per_sec", "50"),
+            ("rate_burst", "200"),
             ("allowed_origins", ""),
             ("turn_urls", ""),
             ("turn_ttl_secs", "86400"),
@@ -193,6 +229,18 @@ impl Raw {
         if self.redis_pool_size == 0 {
             return Err(bad("redis_pool_size", "must be at least 1"));
         }
+        if self.max_sockets == 0 {
+            return Err(bad("max_sockets", "must be at least 1"));
+        }
+        if self.handshake_timeout_secs == 0 {
+            return Err(bad("handshake_timeout_secs", "must be at least 1"));
+        }
+        if self.ping_interval_secs > 0 && self.pong_timeout_secs == 0 {
+            return Err(bad("pong_timeout_secs", "must be at least 1 while pings are on"));
+        }
+        if self.rate_per_sec == 0 || self.rate_burst == 0 {
+            return Err(bad("rate_per_sec", "rate and burst must be at least 1"));
+        }
         let auth = match non_empty(self.auth_secret) {
             Some(secret) if secret.len() < crate::auth::MIN_SECRET_BYTES => {
                 return Err(bad("auth_secret", "must be at least 32 bytes, e.g. the output of `openssl rand -hex 32`"))
@@ -235,6 +283,13 @@ impl Raw {
             presence_ttl: Duration::from_secs(self.presence_ttl_secs),
             redis_pool_size: self.redis_pool_size,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            drain: Duration::from_secs(self.drain_secs),
+            max_sockets: self.max_sockets,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            ping_interval: Duration::from_secs(self.ping_interval_secs),
+            pong_timeout: Duration::from_secs(self.pong_timeout_secs),
+            rate_per_sec: self.rate_per_sec,
+            rate_burst: self.rate_burst,
             auth,
             allowed_origins,
             turn,

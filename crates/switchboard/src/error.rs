@@ -34,6 +34,9 @@ pub enum ApiError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The instance holds `SWITCHBOARD_MAX_SOCKETS` sockets already.
+    #[error("this instance is full; retry shortly")]
+    TooManySockets,
     /// Signed links are on and the token is missing or refused.
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] crate::auth::TokenError),
@@ -49,7 +52,20 @@ impl ApiError {
             ApiError::BadParam { .. } | ApiError::NotUpgrade => Fault::Client,
             ApiError::Unauthorized(_) | ApiError::ForbiddenOrigin => Fault::Client,
             ApiError::BrokerUnavailable => Fault::Broker,
-            ApiError::ShuttingDown => Fault::Server,
+            ApiError::ShuttingDown | ApiError::TooManySockets => Fault::Server,
+        }
+    }
+
+    /// The `reason` label of the reject counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::BadParam { .. } => "bad_param",
+            ApiError::NotUpgrade => "not_upgrade",
+            ApiError::BrokerUnavailable => "broker_unavailable",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::TooManySockets => "too_many_sockets",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::ForbiddenOrigin => "forbidden_origin",
         }
     }
 
@@ -57,7 +73,9 @@ impl ApiError {
         match self {
             ApiError::BadParam { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
-            ApiError::BrokerUnavailable | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BrokerUnavailable | ApiError::ShuttingDown | ApiError::TooManySockets => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::ForbiddenOrigin => StatusCode::FORBIDDEN,
         }
@@ -67,6 +85,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        crate::metrics::reject(self.reason());
         match self.fault() {
             Fault::Client => tracing::debug!(error = %self, "request refused"),
             Fault::Broker | Fault::Server => tracing::warn!(error = %self, "request failed"),

@@ -18,6 +18,7 @@
 //! - [`session`]: one socket: setup, the reader loop, the writer task, cleanup.
 //! - [`broker`]: the [`broker::Broker`] trait, the in-memory broker, the Redis broker
 //!   and the envelope that carries the sender's identity next to the client's bytes.
+//! - [`metrics`]: Prometheus series at `/metrics`.
 //! - [`registry`]: which local sessions belong to which pair channel; fans out
 //!   what the broker receives without ever waiting on a socket.
 //! - [`auth`], [`origin`], [`turn`]: signed links, the `Origin` check, and
@@ -29,6 +30,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod origin;
 pub mod pair;
 pub mod protocol;

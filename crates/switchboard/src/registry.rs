@@ -32,7 +32,12 @@ impl Registry {
 
     /// Adds a session under `channel`.
     pub fn insert(&self, channel: &str, session: Arc<SessionHandle>) {
-        self.lock().entry(channel.into()).or_default().push(session);
+        let mut map = self.lock();
+        let list = map.entry(channel.into()).or_default();
+        if list.is_empty() {
+            metrics::gauge!(crate::metrics::names::PAIR_SUBSCRIPTIONS).increment(1.0);
+        }
+        list.push(session);
     }
 
     /// Removes the session `id` from `channel`.
@@ -42,6 +47,7 @@ impl Registry {
             list.retain(|s| s.id != id);
             if list.is_empty() {
                 map.remove(channel);
+                metrics::gauge!(crate::metrics::names::PAIR_SUBSCRIPTIONS).decrement(1.0);
             }
         }
     }

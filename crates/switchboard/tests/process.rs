@@ -18,8 +18,9 @@ fn switchboard() -> Command {
 }
 
 /// Starts the binary on port 0 and returns it with the address it logged.
-fn spawn_on_port_0() -> (Child, String) {
+fn spawn_on_port_0(env: &[(&str, &str)]) -> (Child, String) {
     let mut child = switchboard()
+        .envs(env.iter().copied())
         .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
         .env("SWITCHBOARD_LOG_FORMAT", "json")
         .stdout(Stdio::piped())
@@ -74,16 +75,73 @@ fn help_lists_the_options() {
     }
 }
 
+fn sigterm(child: &Child) {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+async fn http_status(addr: &str, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    raw.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
 #[tokio::test]
-async fn sigterm_closes_sockets_with_1001_and_exits_0() {
-    let (mut child, addr) = spawn_on_port_0();
+async fn paced_drain_turns_unready_keeps_serving_then_closes_with_1012_spread_out() {
+    const SOCKETS: usize = 20;
+    let (mut child, addr) = spawn_on_port_0(&[("SWITCHBOARD_DRAIN_SECS", "2")]);
+    let mut sockets = Vec::new();
+    for i in 0..SOCKETS {
+        let url = format!("ws://{addr}/ws?userID=u{i}&peerID=v{i}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws.next().await.unwrap().unwrap();
+        sockets.push(ws);
+    }
+    assert_eq!(http_status(&addr, "/readyz").await, 200);
+    sigterm(&child);
+    // Readiness drops at once, while the server still serves.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while http_status(&addr, "/readyz").await != 503 {
+        assert!(tokio::time::Instant::now() < deadline, "readyz never turned 503");
+    }
+    assert_eq!(http_status(&addr, "/healthz").await, 200, "still serving during the drain");
+    let (mut peer, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?userID=v0&peerID=u0")).await.unwrap();
+    assert!(peer.next().await.unwrap().unwrap().to_text().unwrap().contains("welcome"));
+
+    let closes = sockets.into_iter().map(|mut ws| async move {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("closed in time") {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    assert_eq!(u16::from(frame.code), 1012);
+                    return std::time::Instant::now();
+                }
+                Some(Ok(Message::Text(_) | Message::Ping(_))) => continue,
+                other => panic!("expected close 1012, got {other:?}"),
+            }
+        }
+    });
+    let closed_at = futures_util::future::join_all(closes).await;
+    // Twenty random moments over 2 s are not all within 200 ms of each other.
+    let first = *closed_at.iter().min().unwrap();
+    let last = *closed_at.iter().max().unwrap();
+    assert!(last - first >= Duration::from_millis(200), "closes came all at once: {:?}", last - first);
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_without_drain_closes_sockets_with_1001_and_exits_0() {
+    let (mut child, addr) = spawn_on_port_0(&[("SWITCHBOARD_DRAIN_SECS", "0")]);
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{addr}/ws?userID=alice&peerID=bob")).await.unwrap();
     let welcome = ws.next().await.unwrap().unwrap();
     assert!(welcome.to_text().unwrap().contains("\"welcome\""));
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    sigterm(&child);
     let close = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("a close frame");
     match close {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),

@@ -1,6 +1,8 @@
 //! The envelope a session publishes on its pair's channel.
 //!
-//! Layout: `{kind} {userID} {session:016x}\n{body}`. The sender's identity
+//! Layout: `{kind} {userID} {session:016x}\n{body}`, where the kind is `M`, or
+//! `O`/`A` for messages whose `type` is `offer`/`answer` (for the call-setup
+//! metric, so receivers need not parse bodies), `J` for join, `L` for leave. The sender's identity
 //! travels in the header; the body is the client's JSON exactly as received,
 //! never parsed into a value or re-encoded.
 
@@ -16,6 +18,10 @@ pub type SessionId = u64;
 pub enum Kind {
     /// A client frame to relay to the other user.
     Message,
+    /// A client frame of `"type":"offer"`, relayed like any message.
+    Offer,
+    /// A client frame of `"type":"answer"`, relayed like any message.
+    Answer,
     /// A session opened (and replaces older sessions of the same user).
     Join,
     /// A session ended.
@@ -23,9 +29,25 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind of a relayed client frame with this `type`.
+    pub fn of_message(frame_type: Option<&str>) -> Self {
+        match frame_type {
+            Some("offer") => Kind::Offer,
+            Some("answer") => Kind::Answer,
+            _ => Kind::Message,
+        }
+    }
+
+    /// Whether this kind relays a client frame.
+    pub fn is_message(self) -> bool {
+        matches!(self, Kind::Message | Kind::Offer | Kind::Answer)
+    }
+
     fn byte(self) -> u8 {
         match self {
             Kind::Message => b'M',
+            Kind::Offer => b'O',
+            Kind::Answer => b'A',
             Kind::Join => b'J',
             Kind::Leave => b'L',
         }
@@ -72,6 +94,8 @@ pub fn decode(raw: &[u8]) -> Option<Envelope<'_>> {
     let mut parts = header.split(|&b| b == b' ');
     let kind = match parts.next()? {
         b"M" => Kind::Message,
+        b"O" => Kind::Offer,
+        b"A" => Kind::Answer,
         b"J" => Kind::Join,
         b"L" => Kind::Leave,
         _ => return None,

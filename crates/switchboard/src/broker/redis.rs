@@ -304,6 +304,7 @@ impl Subscriber {
         }
         if reconnected {
             tracing::info!(channels = self.counts.len(), "redis subscriber: reconnected; sending resync");
+            crate::metrics::broker_reconnect();
             let resync = ServerEvent::Resync.to_bytes();
             self.registry.broadcast(self.counts.keys().map(|c| &**c), &resync);
         } else {

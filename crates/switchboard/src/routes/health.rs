@@ -10,6 +10,11 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics() -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::handle().render())
+}
+
 /// `GET /readyz`: 200 while sockets are accepted and the broker is connected, 503 otherwise.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     if state.is_ready() {

@@ -81,13 +81,14 @@ pub async fn upgrade(
     }
     let identity = authorize(&state.settings, &query)?;
     let upgrade = upgrade.map_err(|_| ApiError::NotUpgrade)?;
-    if state.shutdown.is_cancelled() {
+    if state.stopping.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
     if !state.broker.is_ready() {
         return Err(ApiError::BrokerUnavailable);
     }
+    let permit = state.try_open_socket().ok_or(ApiError::TooManySockets)?;
     let (response, socket) = upgrade.upgrade().map_err(|_| ApiError::NotUpgrade)?;
-    state.sessions.spawn(session::run(state.clone(), socket, identity));
+    state.sessions.spawn(session::run(state.clone(), socket, identity, permit));
     Ok(response.map(Body::new))
 }

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -23,17 +24,35 @@ pub struct CloseReason {
     pub code: u16,
     /// The close reason text.
     pub reason: &'static str,
+    /// The `reason` label of the sessions-closed metric.
+    pub label: &'static str,
 }
 
 impl CloseReason {
     /// A newer session of the same user took over.
-    pub const REPLACED: Self = Self { code: close::REPLACED, reason: "replaced" };
+    pub const REPLACED: Self = Self { code: close::REPLACED, reason: "replaced", label: "replaced" };
     /// The server is shutting down.
-    pub const SHUTDOWN: Self = Self { code: close::GOING_AWAY, reason: "server shutting down" };
+    pub const SHUTDOWN: Self = Self { code: close::GOING_AWAY, reason: "server shutting down", label: "shutdown" };
+    /// The server drains before a restart; reconnect elsewhere.
+    pub const DRAIN: Self = Self { code: close::SERVICE_RESTART, reason: "service restart", label: "drain" };
     /// The socket did not read its queue fast enough.
-    pub const SLOW_CONSUMER: Self = Self { code: close::POLICY, reason: "outbound queue overflow" };
+    pub const SLOW_CONSUMER: Self =
+        Self { code: close::POLICY, reason: "outbound queue overflow", label: "slow_consumer" };
     /// The socket failed; no close frame can be sent.
-    pub const GONE: Self = Self { code: 1006, reason: "connection lost" };
+    pub const GONE: Self = Self { code: 1006, reason: "connection lost", label: "gone" };
+    /// The client sent a binary frame.
+    pub const BINARY: Self =
+        Self { code: close::UNSUPPORTED_DATA, reason: "binary frames are not supported", label: "binary" };
+    /// The client sent a message over the limit.
+    pub const TOO_BIG: Self = Self { code: close::TOO_BIG, reason: "message too big", label: "too_big" };
+    /// The client broke the WebSocket protocol.
+    pub const PROTOCOL: Self = Self { code: 1002, reason: "protocol error", label: "protocol" };
+    /// The client kept sending over its rate limit.
+    pub const FLOOD: Self = Self { code: close::POLICY, reason: "rate limit exceeded", label: "flood" };
+    /// The client answered no ping in time.
+    pub const PING_TIMEOUT: Self = Self { code: close::GOING_AWAY, reason: "ping timeout", label: "ping_timeout" };
+    /// The broker failed while the session opened.
+    pub const BROKER_UNAVAILABLE: Self = Self { code: 1013, reason: "broker unavailable", label: "broker_unavailable" };
 }
 
 /// Shared handle of one live session.
@@ -53,6 +72,10 @@ pub struct SessionHandle {
     /// The peer's live session as far as this session knows (0: none).
     peer_session: AtomicU64,
     close: OnceLock<CloseReason>,
+    /// When the first offer from the peer arrived, for the call-setup metric.
+    first_offer_at: OnceLock<Instant>,
+    /// Whether the call-setup time was already observed.
+    setup_observed: AtomicBool,
     ended: CancellationToken,
 }
 
@@ -70,6 +93,8 @@ impl SessionHandle {
             welcomed: AtomicBool::new(false),
             peer_session: AtomicU64::new(0),
             close: OnceLock::new(),
+            first_offer_at: OnceLock::new(),
+            setup_observed: AtomicBool::new(false),
             ended: CancellationToken::new(),
         };
         (handle, rx)
@@ -133,6 +158,12 @@ impl SessionHandle {
         self.peer_session.load(Ordering::Relaxed) != 0
     }
 
+    /// On this session's first answer after an offer: the time since that offer.
+    pub fn call_setup_time(&self) -> Option<Duration> {
+        let offered = *self.first_offer_at.get()?;
+        (!self.setup_observed.swap(true, Ordering::Relaxed)).then(|| offered.elapsed())
+    }
+
     /// Forgets the known peer session and returns it, if there was one.
     pub fn forget_peer(&self) -> Option<SessionId> {
         Some(self.peer_session.swap(0, Ordering::Relaxed)).filter(|&s| s != 0)
@@ -143,8 +174,12 @@ impl SessionHandle {
     pub fn on_envelope(&self, env: &Envelope<'_>, raw: &Bytes, body_at: usize) {
         let from_me = env.from == self.user.as_str();
         match (env.kind, from_me) {
-            (Kind::Message, false) => self.deliver(raw.slice(body_at..)),
-            (Kind::Message, true) => {}
+            (Kind::Message | Kind::Answer, false) => self.deliver(raw.slice(body_at..)),
+            (Kind::Offer, false) => {
+                let _ = self.first_offer_at.set(Instant::now());
+                self.deliver(raw.slice(body_at..));
+            }
+            (Kind::Message | Kind::Offer | Kind::Answer, true) => {}
             (Kind::Join, true) if env.session == self.id => self.own_join_seen.store(true, Ordering::Relaxed),
             // A later join of the same user, in the channel's single order, replaces this one.
             (Kind::Join, true) if self.own_join_seen.load(Ordering::Relaxed) => self.close(CloseReason::REPLACED),

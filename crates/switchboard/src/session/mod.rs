@@ -8,6 +8,7 @@
 
 pub mod frames;
 pub mod handle;
+pub mod limits;
 pub mod writer;
 
 use std::sync::Arc;
@@ -18,15 +19,22 @@ use fastwebsockets::upgrade::UpgradeFut;
 use fastwebsockets::{Frame, Payload, Role};
 use tokio::io::{AsyncReadExt, BufWriter};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::app::AppState;
+use crate::app::{AppState, SocketPermit};
 use crate::broker::envelope::{self, Kind};
 use crate::protocol::{self, close, ServerEvent};
 use crate::routes::ws::Identity;
 use frames::{Assembler, Incoming};
 use handle::{CloseReason, SessionHandle};
+use limits::{RateLimit, Verdict};
 use writer::Control;
+
+/// Write buffer per socket: small frames are gathered here and flushed once
+/// per batch; frames over fastwebsockets' writev threshold (1 KiB) bypass it.
+/// Kept small because every idle socket holds one.
+const WRITE_BUFFER: usize = 2048;
 
 /// How long a closing socket may take to finish the close handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -41,6 +49,16 @@ enum End {
     Gone,
 }
 
+impl End {
+    fn label(&self) -> &'static str {
+        match self {
+            End::ClientClosed(_) => "client_close",
+            End::Server(reason) => reason.label,
+            End::Gone => "gone",
+        }
+    }
+}
+
 fn random_session_id() -> u64 {
     loop {
         let id = rand::random::<u64>();
@@ -51,10 +69,11 @@ fn random_session_id() -> u64 {
 }
 
 /// Runs a session on an upgraded socket until it ends.
-pub async fn run(state: AppState, socket: UpgradeFut, identity: Identity) {
+pub async fn run(state: AppState, socket: UpgradeFut, identity: Identity, permit: SocketPermit) {
     let id = random_session_id();
     let span = tracing::info_span!("session", user = %identity.user, session = format_args!("{id:x}"));
     run_session(state, socket, identity, id).instrument(span).await;
+    drop(permit);
 }
 
 async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) {
@@ -65,9 +84,13 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
             return;
         }
     };
+    crate::metrics::session_opened();
     let (mut read_io, write_io) = tokio::io::split(ws.into_inner());
-    let (mut reader, mut ws_writer) =
-        fastwebsockets::after_handshake_split(&mut read_io, BufWriter::new(write_io), Role::Server);
+    let (mut reader, mut ws_writer) = fastwebsockets::after_handshake_split(
+        &mut read_io,
+        BufWriter::with_capacity(WRITE_BUFFER, write_io),
+        Role::Server,
+    );
     reader.set_auto_close(false);
     reader.set_auto_pong(true);
     // fastwebsockets refuses frames of `max_message_size` bytes or more.
@@ -100,8 +123,10 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
         Err(e) => {
             tracing::warn!(error = %e, "session refused: broker unavailable");
             state.registry.remove(&channel, id);
-            let _ = ws_writer.write_frame(Frame::close(1013, b"broker unavailable")).await;
+            let reason = CloseReason::BROKER_UNAVAILABLE;
+            let _ = ws_writer.write_frame(Frame::close(reason.code, reason.reason.as_bytes())).await;
             let _ = ws_writer.flush().await;
+            crate::metrics::session_closed(reason.label);
             return;
         }
     };
@@ -117,7 +142,9 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     .to_bytes();
     let welcomed = async {
         ws_writer.write_frame(Frame::text(Payload::Borrowed(&welcome))).await?;
-        ws_writer.flush().await
+        ws_writer.flush().await?;
+        crate::metrics::message_out(welcome.len());
+        Ok::<(), fastwebsockets::WebSocketError>(())
     }
     .await;
     let joined = match welcomed {
@@ -127,6 +154,10 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
         Err(e) => Err(e.to_string()),
     };
     tracing::debug!(peer_online, "session open");
+    // A session that opened while the server began to stop closes at once.
+    if let Some(reason) = state.stop_reason() {
+        handle.close(reason);
+    }
 
     let (control_tx, control_rx) = mpsc::channel(8);
     let writer = tokio::spawn(writer::run(ws_writer, outbox, control_rx, handle.clone()));
@@ -134,7 +165,7 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     let end = match joined {
         Err(e) => {
             tracing::warn!(error = %e, "session setup failed");
-            End::Server(CloseReason { code: 1013, reason: "broker unavailable" })
+            End::Server(CloseReason::BROKER_UNAVAILABLE)
         }
         Ok(()) => {
             let mut session = Session { state: &state, handle: &handle, channel: &channel, user: &user, pair: &pair };
@@ -163,7 +194,8 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     if !replaced {
         let _ = broker.publish(&channel, envelope::encode(Kind::Leave, &user, id, b"")).await;
     }
-    tracing::debug!(replaced, "session closed");
+    crate::metrics::session_closed(end.label());
+    tracing::debug!(reason = end.label(), "session closed");
 
     // Let the close handshake finish: read until the client's FIN, so unread
     // input doesn't turn our close into a reset.
@@ -190,14 +222,22 @@ impl Session<'_> {
         reader: &mut fastwebsockets::WebSocketRead<R>,
         control: &mpsc::Sender<Control>,
     ) -> End {
-        let mut assembler = Assembler::new(self.state.settings.max_message_bytes);
+        let settings = &self.state.settings;
+        let mut assembler = Assembler::new(settings.max_message_bytes);
+        let mut limit = RateLimit::new(settings.rate_per_sec, settings.rate_burst);
         let mut pong = |frame: Frame<'_>| {
             let _ = control.try_send(Control::Pong(frame.payload.to_vec()));
             std::future::ready(Ok::<(), std::convert::Infallible>(()))
         };
-        let refresh_every = self.state.settings.presence_ttl / 3;
-        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
-        let mut turn_refresh = crate::turn::Refresh::new(&self.state.settings);
+        let refresh_every = settings.presence_ttl / 3;
+        let mut refresh = tokio::time::interval_at(Instant::now() + refresh_every, refresh_every);
+        // With pings off, the ticker still exists but never finds the socket silent.
+        let pings_on = !settings.ping_interval.is_zero();
+        let ping_every = if pings_on { settings.ping_interval } else { Duration::from_secs(3600) };
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let mut turn_refresh = crate::turn::Refresh::new(settings);
         loop {
             let frame = tokio::select! {
                 biased;
@@ -211,12 +251,21 @@ impl Session<'_> {
                     self.refresh_presence().await;
                     continue;
                 }
+                _ = ping.tick(), if pings_on => {
+                    if last_heard.elapsed() > settings.ping_interval + settings.pong_timeout {
+                        tracing::debug!("no frame since the last ping's deadline");
+                        return End::Server(CloseReason::PING_TIMEOUT);
+                    }
+                    let _ = control.try_send(Control::Ping);
+                    continue;
+                }
                 () = turn_refresh.due() => {
-                    turn_refresh.push(&self.state.settings, self.handle, self.user);
+                    turn_refresh.push(settings, self.handle, self.user);
                     continue;
                 }
                 frame = reader.read_frame(&mut pong) => frame,
             };
+            last_heard = Instant::now();
             let incoming = match frame {
                 Ok(frame) => assembler.push(frame),
                 Err(e) => match frames::on_error(&e) {
@@ -226,21 +275,24 @@ impl Session<'_> {
             };
             match incoming {
                 None => {}
-                Some(Incoming::Text(payload)) => self.on_text(payload).await,
-                Some(Incoming::Binary) => {
-                    return End::Server(CloseReason {
-                        code: close::UNSUPPORTED_DATA,
-                        reason: "binary frames are not supported",
-                    })
-                }
-                Some(Incoming::TooBig) => {
-                    return End::Server(CloseReason { code: close::TOO_BIG, reason: "message too big" })
-                }
-                Some(Incoming::Protocol) => return End::Server(CloseReason { code: 1002, reason: "protocol error" }),
+                Some(Incoming::Text(payload)) => match limit.check(last_heard) {
+                    Verdict::Pass => self.on_text(payload).await,
+                    Verdict::Drop => {
+                        crate::metrics::reject("rate_limited");
+                        let message = "too many messages; this one was dropped";
+                        self.handle.deliver(ServerEvent::Error { code: "rate_limited", message }.to_bytes());
+                    }
+                    Verdict::Flood => {
+                        crate::metrics::reject("rate_limited");
+                        return End::Server(CloseReason::FLOOD);
+                    }
+                },
+                Some(Incoming::Binary) => return End::Server(CloseReason::BINARY),
+                Some(Incoming::TooBig) => return End::Server(CloseReason::TOO_BIG),
+                Some(Incoming::Protocol) => return End::Server(CloseReason::PROTOCOL),
                 Some(Incoming::Close(code)) => {
-                    return End::ClientClosed(
-                        code.filter(|c| (1000..5000).contains(c) && *c != 1005 && *c != 1006).unwrap_or(close::NORMAL),
-                    )
+                    let valid = code.filter(|c| (1000..5000).contains(c) && *c != 1005 && *c != 1006);
+                    return End::ClientClosed(valid.unwrap_or(close::NORMAL));
                 }
             }
         }
@@ -248,16 +300,33 @@ impl Session<'_> {
 
     /// Checks a client message and publishes it, or answers with an error event.
     async fn on_text(&mut self, payload: Bytes) {
-        if let Err(e) = protocol::check_client_frame(&payload) {
-            let message = e.to_string();
-            self.handle.deliver(ServerEvent::Error { code: e.code(), message: &message }.to_bytes());
-            return;
-        }
-        let env = envelope::encode(Kind::Message, self.user, self.handle.id, &payload);
-        if let Err(e) = self.state.broker.publish(self.channel, env).await {
-            tracing::warn!(error = %e, "publish failed");
-            let message = "the message could not be relayed: the broker is unavailable";
-            self.handle.deliver(ServerEvent::Error { code: "broker_unavailable", message }.to_bytes());
+        crate::metrics::message_in(payload.len());
+        let kind = match protocol::check_client_frame(&payload) {
+            Ok(info) => Kind::of_message(info.kind.as_deref()),
+            Err(e) => {
+                crate::metrics::reject(e.code());
+                let message = e.to_string();
+                self.handle.deliver(ServerEvent::Error { code: e.code(), message: &message }.to_bytes());
+                return;
+            }
+        };
+        let env = envelope::encode(kind, self.user, self.handle.id, &payload);
+        let started = std::time::Instant::now();
+        match self.state.broker.publish(self.channel, env).await {
+            Ok(()) => {
+                crate::metrics::publish_latency(started.elapsed());
+                if kind == Kind::Answer {
+                    if let Some(setup) = self.handle.call_setup_time() {
+                        crate::metrics::call_setup(setup);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "publish failed");
+                crate::metrics::reject("broker_unavailable");
+                let message = "the message could not be relayed: the broker is unavailable";
+                self.handle.deliver(ServerEvent::Error { code: "broker_unavailable", message }.to_bytes());
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, Payload, WebSocketError, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketWrite};
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 
@@ -14,6 +14,8 @@ use super::handle::{CloseReason, SessionHandle};
 pub enum Control {
     /// Answer a ping.
     Pong(Vec<u8>),
+    /// Send a ping.
+    Ping,
     /// Send a close frame and stop.
     Close(u16, &'static str),
 }
@@ -32,6 +34,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 biased;
                 ctrl = control.recv() => match ctrl {
                     Some(Control::Pong(payload)) => ws.write_frame(Frame::pong(Payload::Owned(payload))).await?,
+                    Some(Control::Ping) => ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await?,
                     Some(Control::Close(code, reason)) => {
                         ws.write_frame(Frame::close(code, reason.as_bytes())).await?;
                         ws.flush().await?;
@@ -65,5 +68,6 @@ async fn write_text<W: AsyncWrite + Unpin>(
     let len = frame.len();
     ws.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
     handle.sent(len);
+    crate::metrics::message_out(len);
     Ok(())
 }

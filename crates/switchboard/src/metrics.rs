@@ -1,0 +1,140 @@
+//! Prometheus metrics, rendered at `GET /metrics`.
+//!
+//! The `metrics` facade's recorder is global, so one process has one set of
+//! series, whatever the number of `run` calls in it (tests run several).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Series names.
+pub mod names {
+    /// Gauge: WebSocket sessions open now.
+    pub const OPEN_SOCKETS: &str = "switchboard_open_sockets";
+    /// Counter: sessions opened.
+    pub const SESSIONS_OPENED: &str = "switchboard_sessions_opened_total";
+    /// Counter: sessions closed, by `reason`.
+    pub const SESSIONS_CLOSED: &str = "switchboard_sessions_closed_total";
+    /// Counter: client messages received.
+    pub const MESSAGES_IN: &str = "switchboard_messages_in_total";
+    /// Counter: frames written to sockets.
+    pub const MESSAGES_OUT: &str = "switchboard_messages_out_total";
+    /// Counter: bytes of client messages received.
+    pub const BYTES_IN: &str = "switchboard_bytes_in_total";
+    /// Counter: bytes of frames written to sockets.
+    pub const BYTES_OUT: &str = "switchboard_bytes_out_total";
+    /// Counter: refused upgrades and frames, by `reason`.
+    pub const REJECTS: &str = "switchboard_rejects_total";
+    /// Counter: sessions replaced by a newer one of the same user.
+    pub const REPLACED: &str = "switchboard_sessions_replaced_total";
+    /// Histogram: time to publish one message to the broker.
+    pub const PUBLISH_SECONDS: &str = "switchboard_broker_publish_seconds";
+    /// Counter: broker subscriber reconnections.
+    pub const RECONNECTS: &str = "switchboard_broker_reconnects_total";
+    /// Gauge: pair channels with at least one local session (subscriptions, with Redis).
+    pub const PAIR_SUBSCRIPTIONS: &str = "switchboard_pair_subscriptions";
+    /// Histogram: from a session receiving the first offer to it sending the first answer.
+    pub const CALL_SETUP_SECONDS: &str = "switchboard_call_setup_seconds";
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the recorder once per process and returns its handle.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(names::PUBLISH_SECONDS.into()),
+                &[0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(names::CALL_SETUP_SECONDS.into()),
+                    &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                )
+            })
+            .expect("bucket lists are not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use names::*;
+    describe_gauge!(OPEN_SOCKETS, "WebSocket sessions open now");
+    describe_counter!(SESSIONS_OPENED, "Sessions opened");
+    describe_counter!(SESSIONS_CLOSED, "Sessions closed, by reason");
+    describe_counter!(MESSAGES_IN, "Client messages received");
+    describe_counter!(MESSAGES_OUT, "Frames written to sockets");
+    describe_counter!(BYTES_IN, Unit::Bytes, "Bytes of client messages received");
+    describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes of frames written to sockets");
+    describe_counter!(REJECTS, "Refused upgrades and frames, by reason");
+    describe_counter!(REPLACED, "Sessions replaced by a newer session of the same user");
+    describe_histogram!(PUBLISH_SECONDS, Unit::Seconds, "Time to publish one message to the broker");
+    describe_counter!(RECONNECTS, "Broker subscriber reconnections");
+    describe_gauge!(PAIR_SUBSCRIPTIONS, "Pair channels with at least one local session");
+    describe_histogram!(
+        CALL_SETUP_SECONDS,
+        Unit::Seconds,
+        "From the first offer a session receives to its first answer"
+    );
+}
+
+/// A session opened.
+pub fn session_opened() {
+    counter!(names::SESSIONS_OPENED).increment(1);
+    gauge!(names::OPEN_SOCKETS).increment(1.0);
+}
+
+/// A session closed for `reason`.
+pub fn session_closed(reason: &'static str) {
+    counter!(names::SESSIONS_CLOSED, "reason" => reason).increment(1);
+    gauge!(names::OPEN_SOCKETS).decrement(1.0);
+    if reason == "replaced" {
+        counter!(names::REPLACED).increment(1);
+    }
+}
+
+/// A client message of `bytes` arrived.
+pub fn message_in(bytes: usize) {
+    counter!(names::MESSAGES_IN).increment(1);
+    counter!(names::BYTES_IN).increment(bytes as u64);
+}
+
+/// A frame of `bytes` was written to a socket.
+pub fn message_out(bytes: usize) {
+    counter!(names::MESSAGES_OUT).increment(1);
+    counter!(names::BYTES_OUT).increment(bytes as u64);
+}
+
+/// An upgrade or a frame was refused for `reason`.
+pub fn reject(reason: &'static str) {
+    counter!(names::REJECTS, "reason" => reason).increment(1);
+}
+
+/// A publish took `elapsed`.
+pub fn publish_latency(elapsed: Duration) {
+    histogram!(names::PUBLISH_SECONDS).record(elapsed.as_secs_f64());
+}
+
+/// The broker's subscriber reconnected.
+pub fn broker_reconnect() {
+    counter!(names::RECONNECTS).increment(1);
+}
+
+/// Local pair channels now.
+pub fn pair_subscriptions(n: usize) {
+    gauge!(names::PAIR_SUBSCRIPTIONS).set(n as f64);
+}
+
+/// A call was set up in `elapsed`, offer to answer.
+pub fn call_setup(elapsed: Duration) {
+    histogram!(names::CALL_SETUP_SECONDS).record(elapsed.as_secs_f64());
+}
