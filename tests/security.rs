@@ -7,10 +7,11 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha1::Sha1;
 use switchboard::auth::{LinkSigner, Secret};
+use switchboard::config::Settings;
 use switchboard::origin::AllowedOrigins;
 use switchboard::pair::UserId;
 use switchboard::turn::Turn;
-use switchboard_tests::{settings, Client, Cluster, Instance};
+use switchboard_tests::{Client, Cluster, Instance};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Error as WsError;
@@ -35,8 +36,15 @@ fn token(user: &str, peer: &str) -> String {
     signer(KEY).sign(&id(user), &id(peer), in_an_hour())
 }
 
+/// Test settings, in memory, stopping without the paced drain (these tests are not about shutdown).
+fn settings() -> Settings {
+    let mut s = switchboard_tests::settings(None);
+    s.drain = Duration::ZERO;
+    s
+}
+
 async fn signed_instance() -> Instance {
-    let mut s = settings(None);
+    let mut s = settings();
     s.auth = Some(signer(KEY));
     Instance::start(s).await
 }
@@ -187,7 +195,7 @@ async fn signed_pair_calls_across_replicas_with_identity_from_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_origin_is_403_and_own_pages_and_non_browsers_are_allowed() {
-    let node = Instance::memory().await;
+    let node = Instance::start(settings()).await;
     let query = "userID=alice&peerID=bob";
     for evil in ["https://evil.example", "http://127.0.0.1:1", "null", "http://localhost.evil.example"] {
         let body = refused(&node, query, Some(evil), 403).await;
@@ -206,7 +214,7 @@ async fn forbidden_origin_is_403_and_own_pages_and_non_browsers_are_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listed_origins_are_allowed_and_star_allows_all() {
-    let mut s = settings(None);
+    let mut s = settings();
     s.allowed_origins = AllowedOrigins::parse("https://app.example.com, http://localhost:3000").unwrap();
     let node = Instance::start(s).await;
     for ok in ["https://app.example.com", "http://localhost:3000", "HTTPS://APP.example.com:443"] {
@@ -219,7 +227,7 @@ async fn listed_origins_are_allowed_and_star_allows_all() {
     }
     node.stop().await;
 
-    let mut s = settings(None);
+    let mut s = settings();
     s.allowed_origins = AllowedOrigins::parse("*").unwrap();
     let node = Instance::start(s).await;
     let mut client = open(&node, "userID=alice&peerID=bob", Some("https://anywhere.example")).await.unwrap();
@@ -302,7 +310,7 @@ async fn turn_credentials_are_in_the_welcome_and_pushed_again_before_they_expire
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_turn_the_welcome_has_only_the_configured_servers() {
-    let node = Instance::memory().await;
+    let node = Instance::start(settings()).await;
     let (_alice, welcome) = node.join("alice", "bob").await;
     assert_eq!(welcome["iceServers"], json!([]));
     node.stop().await;
