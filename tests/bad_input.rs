@@ -33,14 +33,6 @@ impl Bystanders {
     }
 }
 
-/// Alice and Bob, with Alice having seen Bob join.
-async fn alice_and_bob(c: &Cluster) -> (Client, Client) {
-    let (mut alice, _) = c.node(0).join("alice", "bob").await;
-    let (bob, _) = c.node(1).join("bob", "alice").await;
-    assert_eq!(alice.recv_json().await["type"], "peer-joined");
-    (alice, bob)
-}
-
 async fn bad_queries_get_400_naming_the_parameter(c: &Cluster) {
     let node: &Instance = c.node(0);
     let long = "x".repeat(65);
@@ -66,7 +58,7 @@ async fn bad_queries_get_400_naming_the_parameter(c: &Cluster) {
 }
 
 async fn invalid_json_gets_an_error_event_and_the_socket_stays_open(c: &Cluster) {
-    let (mut alice, mut bob) = alice_and_bob(c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
     for bad in ["not json", "[1,2]", "\"offer\"", "42", "{\"type\":\"offer\"", "{} {}", "null"] {
         alice.send(bad).await;
         let event = alice.recv_json().await;
@@ -80,7 +72,7 @@ async fn invalid_json_gets_an_error_event_and_the_socket_stays_open(c: &Cluster)
 }
 
 async fn reserved_types_are_refused_not_forwarded(c: &Cluster) {
-    let (mut alice, mut bob) = alice_and_bob(c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
     for t in ["welcome", "peer-joined", "peer-left", "error", "resync", "ice-servers"] {
         alice.send(json!({"type": t, "peerID": "mallory"}).to_string()).await;
         let event = alice.recv_json().await;
@@ -95,7 +87,7 @@ async fn reserved_types_are_refused_not_forwarded(c: &Cluster) {
 
 async fn binary_frame_closes_with_1003(c: &Cluster) {
     let mut others = Bystanders::join(c).await;
-    let (mut alice, mut bob) = alice_and_bob(c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
     alice.send_binary(vec![1, 2, 3]).await;
     assert_eq!(alice.expect_closed().await.code, Some(1003));
     assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
@@ -104,7 +96,7 @@ async fn binary_frame_closes_with_1003(c: &Cluster) {
 
 async fn oversized_frame_closes_with_1009(c: &Cluster) {
     let mut others = Bystanders::join(c).await;
-    let (mut alice, mut bob) = alice_and_bob(c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
     let limit = c.node(0).max_message_bytes();
     let too_big = format!(r#"{{"type":"offer","sdp":"{}"}}"#, "x".repeat(limit));
     alice.send(too_big).await;
@@ -115,7 +107,7 @@ async fn oversized_frame_closes_with_1009(c: &Cluster) {
 
 async fn oversized_fragmented_message_closes_with_1009(c: &Cluster) {
     let mut others = Bystanders::join(c).await;
-    let (mut alice, mut bob) = alice_and_bob(c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
     let limit = c.node(0).max_message_bytes();
     // Every fragment is small; only their sum is over the limit.
     let chunk = vec![b'x'; limit / 4];
@@ -131,7 +123,7 @@ async fn oversized_fragmented_message_closes_with_1009(c: &Cluster) {
 
 async fn huge_declared_length_closes_with_1009_before_any_payload(c: &Cluster) {
     let mut others = Bystanders::join(c).await;
-    let (mut alice, _bob) = alice_and_bob(c).await;
+    let (mut alice, _bob) = c.alice_and_bob().await;
     // A masked text frame header declaring 1 TiB, and no payload at all: the
     // server must refuse on the header instead of allocating or waiting.
     let mut header = vec![0x81, 0xFF];
@@ -143,7 +135,7 @@ async fn huge_declared_length_closes_with_1009_before_any_payload(c: &Cluster) {
 }
 
 async fn fragmented_message_within_the_limit_is_relayed(c: &Cluster) {
-    let (mut alice, mut bob) = alice_and_bob(c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
     alice.send_fragment(br#"{"type":"offer","#, true, false).await;
     alice.send_fragment(br#""sdp":"v=0"#, false, false).await;
     alice.send_fragment(br#""}"#, false, true).await;

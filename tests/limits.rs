@@ -9,17 +9,10 @@ fn strict_rate(s: &mut switchboard::config::Settings) {
     s.rate_burst = 3;
 }
 
-async fn alice_and_bob(c: &Cluster) -> (Client, Client) {
-    let (mut alice, _) = c.node(0).join("alice", "bob").await;
-    let (bob, _) = c.node(1).join("bob", "alice").await;
-    assert_eq!(alice.recv_json().await["type"], "peer-joined");
-    (alice, bob)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_rate_a_message_is_dropped_with_an_error_event() {
     let c = Cluster::redis_with(2, strict_rate).await;
-    let (mut alice, mut bob) = alice_and_bob(&c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
     for n in 0..5 {
         alice.send(json!({"type": "candidate", "n": n}).to_string()).await;
     }
@@ -40,7 +33,7 @@ async fn a_sustained_flood_closes_with_1008_and_spares_the_others() {
         assert_eq!(x.recv_json().await["type"], "peer-joined");
         (x, y)
     };
-    let (mut alice, mut bob) = alice_and_bob(&c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
     for n in 0..50 {
         alice.send(json!({"type": "candidate", "n": n}).to_string()).await;
     }

@@ -5,13 +5,6 @@ use std::time::Duration;
 use serde_json::json;
 use switchboard_tests::{eventually, Client, Cluster};
 
-async fn alice_and_bob(c: &Cluster) -> (Client, Client) {
-    let (mut alice, _) = c.node(0).join("alice", "bob").await;
-    let (bob, _) = c.node(1).join("bob", "alice").await;
-    assert_eq!(alice.recv_json().await["type"], "peer-joined");
-    (alice, bob)
-}
-
 async fn relays_both_ways(alice: &mut Client, bob: &mut Client, tag: &str) {
     alice.send(json!({"type": "offer", "tag": tag}).to_string()).await;
     assert_eq!(bob.recv_json().await, json!({"type": "offer", "tag": tag}));
@@ -22,7 +15,7 @@ async fn relays_both_ways(alice: &mut Client, bob: &mut Client, tag: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_for_five_seconds_then_back() {
     let mut c = Cluster::redis(2).await;
-    let (mut alice, mut bob) = alice_and_bob(&c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
     relays_both_ways(&mut alice, &mut bob, "before").await;
 
     c.redis.as_mut().unwrap().kill();
@@ -54,7 +47,7 @@ async fn redis_down_for_five_seconds_then_back() {
 async fn subscriber_killed_by_redis_resubscribes_and_resyncs() {
     let c = Cluster::redis(2).await;
     let redis = c.redis.as_ref().unwrap();
-    let (mut alice, mut bob) = alice_and_bob(&c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
     relays_both_ways(&mut alice, &mut bob, "before").await;
 
     // What Redis does to a subscriber over its output-buffer limit.

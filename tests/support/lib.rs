@@ -265,3 +265,13 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
 }
+
+impl Cluster {
+    /// Alice on node 0 and Bob on node 1, after Alice has seen Bob join.
+    pub async fn alice_and_bob(&self) -> (Client, Client) {
+        let (mut alice, _) = self.node(0).join("alice", "bob").await;
+        let (bob, _) = self.node(1).join("bob", "alice").await;
+        assert_eq!(alice.recv_json().await["type"], "peer-joined");
+        (alice, bob)
+    }
+}

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 fn switchboard() -> Command {
@@ -92,14 +92,20 @@ async fn http_status(addr: &str, path: &str) -> u16 {
 
 #[tokio::test]
 async fn paced_drain_turns_unready_keeps_serving_then_closes_with_1012_spread_out() {
-    const SOCKETS: usize = 20;
+    const PAIRS: usize = 10;
     let (mut child, addr) = spawn_on_port_0(&[("SWITCHBOARD_DRAIN_SECS", "2")]);
     let mut sockets = Vec::new();
-    for i in 0..SOCKETS {
-        let url = format!("ws://{addr}/ws?userID=u{i}&peerID=v{i}");
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        ws.next().await.unwrap().unwrap();
-        sockets.push(ws);
+    for i in 0..PAIRS {
+        for (user, peer) in [(format!("u{i}"), format!("v{i}")), (format!("v{i}"), format!("u{i}"))] {
+            let url = format!("ws://{addr}/ws?userID={user}&peerID={peer}");
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            assert!(ws.next().await.unwrap().unwrap().to_text().unwrap().contains("welcome"));
+            sockets.push(ws);
+        }
+    }
+    // u_i saw v_i join.
+    for ws in sockets.iter_mut().step_by(2) {
+        assert!(ws.next().await.unwrap().unwrap().to_text().unwrap().contains("peer-joined"));
     }
     assert_eq!(http_status(&addr, "/readyz").await, 200);
     sigterm(&child);
@@ -109,8 +115,12 @@ async fn paced_drain_turns_unready_keeps_serving_then_closes_with_1012_spread_ou
         assert!(tokio::time::Instant::now() < deadline, "readyz never turned 503");
     }
     assert_eq!(http_status(&addr, "/healthz").await, 200, "still serving during the drain");
-    let (mut peer, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?userID=v0&peerID=u0")).await.unwrap();
-    assert!(peer.next().await.unwrap().unwrap().to_text().unwrap().contains("welcome"));
+    sockets[0].send(Message::text(r#"{"type":"offer","during":"drain"}"#)).await.unwrap();
+    let relayed = sockets[1].next().await.unwrap().unwrap();
+    assert_eq!(relayed.to_text().unwrap(), r#"{"type":"offer","during":"drain"}"#, "existing sockets still relay");
+    // New sockets are sent elsewhere.
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?userID=late&peerID=comer")).await;
+    assert!(refused.err().unwrap().to_string().contains("503"));
 
     let closes = sockets.into_iter().map(|mut ws| async move {
         loop {
@@ -119,7 +129,10 @@ async fn paced_drain_turns_unready_keeps_serving_then_closes_with_1012_spread_ou
                     assert_eq!(u16::from(frame.code), 1012);
                     return std::time::Instant::now();
                 }
-                Some(Ok(Message::Text(_) | Message::Ping(_))) => continue,
+                Some(Ok(Message::Text(text))) => {
+                    assert!(!text.contains("peer-left"), "a drain is not the peer leaving: {text}");
+                }
+                Some(Ok(Message::Ping(_))) => continue,
                 other => panic!("expected close 1012, got {other:?}"),
             }
         }

@@ -81,7 +81,9 @@ pub async fn upgrade(
     }
     let identity = authorize(&state.settings, &query)?;
     let upgrade = upgrade.map_err(|_| ApiError::NotUpgrade)?;
-    if state.stopping.is_cancelled() {
+    // From the start of a drain, new sockets go elsewhere: a load balancer
+    // retries another replica on 503 sooner than it notices /readyz.
+    if state.shutdown.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
     if !state.broker.is_ready() {

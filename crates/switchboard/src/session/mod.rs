@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::upgrade::UpgradeFut;
-use fastwebsockets::{Frame, Payload, Role};
+use fastwebsockets::{Frame, OpCode, Payload, Role};
 use tokio::io::{AsyncReadExt, BufWriter};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -172,7 +172,6 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
             session.read_loop(&mut reader, &control_tx).await
         }
     };
-    drop(reader);
 
     // Tell the socket why, then clean up so the peer hears of it at once.
     match end {
@@ -187,24 +186,66 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     drop(control_tx);
     state.registry.remove(&channel, id);
     broker.unsubscribe(&channel);
-    if let Err(e) = broker.release_presence(&pair, &user, id).await {
-        tracing::debug!(error = %e, "presence release failed");
-    }
+    // A drain or shutdown close expects the user back on another replica:
+    // presence is kept (its TTL ends it if they never return) and no leave is
+    // announced, so the peer's call carries on. A replaced session's user is
+    // still here by definition.
+    let returning = matches!(end, End::Server(r) if r == CloseReason::DRAIN || r == CloseReason::SHUTDOWN);
     let replaced = handle.close_reason() == Some(CloseReason::REPLACED);
-    if !replaced {
+    if !returning {
+        if let Err(e) = broker.release_presence(&pair, &user, id).await {
+            tracing::debug!(error = %e, "presence release failed");
+        }
+    }
+    if !replaced && !returning {
         let _ = broker.publish(&channel, envelope::encode(Kind::Leave, &user, id, b"")).await;
     }
     crate::metrics::session_closed(end.label());
     tracing::debug!(reason = end.label(), "session closed");
+    let abort = writer.abort_handle();
+    if !finish_close(end, &mut reader, writer).await {
+        // A frame the reader gave up on may be half read: skip raw bytes until
+        // the client hangs up, so unread input doesn't turn into a reset.
+        drop(reader);
+        let drain = async {
+            let mut scratch = [0u8; 1024];
+            while matches!(read_io.read(&mut scratch).await, Ok(n) if n > 0) {}
+        };
+        let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
+    }
+    abort.abort();
+}
 
-    // Let the close handshake finish: read until the client's FIN, so unread
-    // input doesn't turn our close into a reset.
-    let linger = async {
-        let mut scratch = [0u8; 1024];
-        while matches!(read_io.read(&mut scratch).await, Ok(n) if n > 0) {}
-    };
-    let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
-    writer.abort();
+/// Ends the close handshake where the frame reader is still intact; returns
+/// false when it is not (the caller then drains raw bytes). Browsers wait for
+/// the server to drop TCP after the close frames are exchanged, so the server
+/// drops it as soon as the handshake is done.
+async fn finish_close<R: tokio::io::AsyncRead + Unpin>(
+    end: End,
+    reader: &mut fastwebsockets::WebSocketRead<R>,
+    writer: tokio::task::JoinHandle<()>,
+) -> bool {
+    match end {
+        // The client closed first: once our reply is written, we are done.
+        End::ClientClosed(_) => {
+            let _ = tokio::time::timeout(CLOSE_LINGER, writer).await;
+        }
+        End::Server(reason) if reason == CloseReason::TOO_BIG || reason == CloseReason::PROTOCOL => return false,
+        // We closed first: wait for the client's close reply, then hang up.
+        End::Server(_) => {
+            let mut ignore = |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
+            let reply = async {
+                while let Ok(frame) = reader.read_frame(&mut ignore).await {
+                    if frame.opcode == OpCode::Close {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_LINGER, reply).await;
+        }
+        End::Gone => {}
+    }
+    true
 }
 
 /// The reading side of a live session.

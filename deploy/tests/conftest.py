@@ -1,0 +1,38 @@
+"""Shared facts for the deployment tests."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The Prometheus series the server exposes (issue 4), with their types.
+METRICS = {
+    "switchboard_open_sockets": "gauge",
+    "switchboard_sessions_opened_total": "counter",
+    "switchboard_sessions_closed_total": "counter",
+    "switchboard_messages_in_total": "counter",
+    "switchboard_messages_out_total": "counter",
+    "switchboard_bytes_in_total": "counter",
+    "switchboard_bytes_out_total": "counter",
+    "switchboard_rejects_total": "counter",
+    "switchboard_sessions_replaced_total": "counter",
+    "switchboard_broker_publish_seconds": "histogram",
+    "switchboard_broker_reconnects_total": "counter",
+    "switchboard_pair_subscriptions": "gauge",
+    "switchboard_call_setup_seconds": "histogram",
+}
+
+# Environment keys the server reads (brief + issue 4).
+ENV_KEYS = [
+    "SWITCHBOARD_LISTEN",
+    "SWITCHBOARD_REDIS_URL",
+    "SWITCHBOARD_CHANNEL_PREFIX",
+    "SWITCHBOARD_MAX_MESSAGE_BYTES",
+    "SWITCHBOARD_LOG_FORMAT",
+    "SWITCHBOARD_ICE_SERVERS",
+    "SWITCHBOARD_STATIC_DIR",
+    "SWITCHBOARD_DRAIN_SECS",
+    "RUST_LOG",
+]

@@ -1,0 +1,722 @@
+// switchboard.js: browser client for the switchboard signaling relay.
+//
+// One `SwitchboardCall` is one side of a two-party call. It keeps a WebSocket
+// to `/ws` open (reconnecting with exponential backoff and jitter), runs the
+// "perfect negotiation" pattern on an RTCPeerConnection using the `polite`
+// flag from the server's welcome, trickles ICE candidates, and reports its
+// progress as `statechange` events. The API is documented in docs/client.md.
+//
+// No dependencies, no build step: import it as an ES module.
+
+/** States reported by `statechange` (and mirrored by the call page's `#status[data-state]`). */
+export const STATES = Object.freeze(['idle', 'waiting', 'connecting', 'connected', 'ended', 'failed']);
+
+/** IDs the server accepts: 1 to 64 characters from A-Z a-z 0-9 _ . - */
+export const ID_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
+
+/** Close code the server uses when the same user joined the same pair again elsewhere. */
+export const CLOSE_REPLACED = 4001;
+/** Close code the server uses while draining (service restart): reconnect promptly. */
+export const CLOSE_SERVICE_RESTART = 1012;
+
+const DEFAULT_RECONNECT = Object.freeze({
+  initialDelayMs: 500,
+  maxDelayMs: 15000,
+  factor: 2,
+  // After close 1012 (drain) we reconnect after a short random delay only,
+  // so that many clients of one draining replica do not reconnect at once.
+  drainJitterMs: 250,
+  // If the peer is online but no connection comes up within this long,
+  // restart ICE (then after twice as long, and so on).
+  stallTimeoutMs: 8000,
+});
+
+/** Largest number of remote candidates kept while waiting for a matching description. */
+const MAX_PENDING_CANDIDATES = 256;
+
+/**
+ * Builds the WebSocket URL for `/ws` on the same host as `base` (default: the page),
+ * using `wss:` for `https:` pages and `ws:` otherwise.
+ *
+ * @param {{userID: string, peerID: string, token?: string|null}} ids
+ * @param {string|URL} [base]
+ * @returns {string}
+ */
+export function signalingUrl({ userID, peerID, token }, base = globalThis.location?.href) {
+  const url = new URL('/ws', base);
+  url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+  url.searchParams.set('userID', userID);
+  url.searchParams.set('peerID', peerID);
+  if (token) url.searchParams.set('token', token);
+  url.hash = '';
+  return url.toString();
+}
+
+/**
+ * Asks for camera and microphone, degrading gracefully: if both cannot be had,
+ * it tries the microphone alone, then the camera alone. Never throws.
+ *
+ * @param {MediaStreamConstraints} [constraints]
+ * @returns {Promise<{stream: MediaStream|null, problems: Array<{kind: string, name: string, message: string}>}>}
+ *   `stream` holds whatever could be captured (null if nothing); `problems`
+ *   lists what was missing or denied, for a readable message.
+ */
+export async function getLocalMedia(constraints = { audio: true, video: true }) {
+  const problems = [];
+  const md = globalThis.navigator?.mediaDevices;
+  if (!md || typeof md.getUserMedia !== 'function') {
+    problems.push({ kind: 'camera and microphone', name: 'NotSupportedError', message: 'this browser or page (not a secure context?) cannot capture media' });
+    return { stream: null, problems };
+  }
+  const attempt = async (c) => {
+    try {
+      return { stream: await md.getUserMedia(c) };
+    } catch (err) {
+      return { error: err };
+    }
+  };
+  const both = await attempt(constraints);
+  if (both.stream) return { stream: both.stream, problems };
+  // One of the two may still work on its own (e.g. no camera, or camera in use).
+  const audio = constraints.audio ? await attempt({ audio: constraints.audio }) : {};
+  const video = constraints.video ? await attempt({ video: constraints.video }) : {};
+  if (constraints.audio && !audio.stream) problems.push(describeMediaError('microphone', audio.error ?? both.error));
+  if (constraints.video && !video.stream) problems.push(describeMediaError('camera', video.error ?? both.error));
+  const tracks = [...(audio.stream?.getTracks() ?? []), ...(video.stream?.getTracks() ?? [])];
+  return { stream: tracks.length ? new MediaStream(tracks) : null, problems };
+}
+
+function describeMediaError(kind, err) {
+  const name = err?.name ?? 'Error';
+  let message;
+  switch (name) {
+    case 'NotAllowedError':
+    case 'SecurityError':
+      message = `access to the ${kind} was denied`;
+      break;
+    case 'NotFoundError':
+    case 'OverconstrainedError':
+      message = `no ${kind} was found`;
+      break;
+    case 'NotReadableError':
+    case 'AbortError':
+      message = `the ${kind} is in use or could not be started`;
+      break;
+    default:
+      message = `the ${kind} is unavailable (${err?.message || name})`;
+  }
+  return { kind, name, message };
+}
+
+function randomId() {
+  if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID();
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}
+
+/**
+ * One side of a call between `userID` and `peerID`.
+ *
+ * Events (all `CustomEvent`s; read `event.detail`):
+ * - `statechange`: `{state, reason}`; `state` is one of STATES, `reason` a human-readable sentence.
+ * - `remotestream`: `{stream}`; the peer's MediaStream, or `null` when the peer left.
+ * - `signal`: `{message}`; every JSON message received from the server (welcome, events, relayed frames).
+ * - `servererror`: `{code, message}`; an `error` frame from the server.
+ */
+export class SwitchboardCall extends EventTarget {
+  /**
+   * @param {object} options
+   * @param {string} options.userID  this user's ID
+   * @param {string} options.peerID  the other user's ID
+   * @param {string} [options.token] opaque token passed on to `/ws` as `token`
+   * @param {MediaStream|null} [options.localStream] tracks to send; without it the call only receives
+   * @param {string} [options.url]   WebSocket URL; default: `/ws` on the page's host (see signalingUrl)
+   * @param {object} [options.reconnect] `{initialDelayMs, maxDelayMs, factor, drainJitterMs, stallTimeoutMs}`
+   * @param {(...args: unknown[]) => void} [options.log] debug logger (default: none)
+   */
+  constructor(options) {
+    super();
+    const { userID, peerID, token = null, localStream = null, url, reconnect, log } = options ?? {};
+    if (!ID_PATTERN.test(userID ?? '') || !ID_PATTERN.test(peerID ?? '')) {
+      throw new TypeError('userID and peerID must be 1-64 characters from A-Z a-z 0-9 _ . -');
+    }
+    if (userID === peerID) throw new TypeError('userID and peerID must differ');
+    this.userID = userID;
+    this.peerID = peerID;
+    this.token = token;
+    this.url = url ?? signalingUrl({ userID, peerID, token });
+    this.localStream = localStream;
+    this.reconnectOptions = { ...DEFAULT_RECONNECT, ...(reconnect ?? {}) };
+    this._log = typeof log === 'function' ? log : () => {};
+
+    /** Current state, one of STATES. */
+    this.state = 'idle';
+    /** Human-readable explanation of the current state. */
+    this.reason = '';
+    /** `polite` from the last welcome (null before the first one). */
+    this.polite = null;
+    /** Whether the server last said the peer is connected. */
+    this.peerOnline = false;
+    /** ICE servers from the server (welcome / ice-servers). */
+    this.iceServers = [];
+
+    this._ws = null;
+    this._attempt = 0;
+    this._reconnectTimer = null;
+    this._stopped = false; // hang-up, bye received, replaced, or close(): never reconnect
+
+    this._pc = null;
+    this._sid = null; // random id of our current RTCPeerConnection
+    this._remoteSid = null; // sid of the remote RTCPeerConnection ours is negotiated with
+    this._makingOffer = false;
+    this._ignoreOffer = false;
+    this._offerId = null; // id of our last offer; answers name the offer they answer
+    this._pendingCandidates = []; // [{sid, candidate}]
+    this._sentCandidates = []; // our candidates since our last offer (sent again with it)
+    this._terminal = false; // state is `ended` or a final `failed`
+    this._watchdogTimer = null;
+    this._watchdogTries = 0;
+    this._remoteStream = null;
+    this._inbox = Promise.resolve(); // signaling messages are handled one at a time, in order
+  }
+
+  /** True once the call is over (`ended`, or `failed` for good): it will not reconnect. */
+  get finished() {
+    return this._terminal;
+  }
+
+  /** The current RTCPeerConnection, or null. */
+  get peerConnection() {
+    return this._pc;
+  }
+
+  /** The peer's MediaStream while the peer is present, or null. */
+  get remoteStream() {
+    return this.peerOnline ? this._remoteStream : null;
+  }
+
+  /** Opens the signaling connection. Call once. */
+  start() {
+    if (this._ws || this._stopped) return this;
+    this._setState('connecting', 'Connecting to the signaling server…');
+    this._connect();
+    return this;
+  }
+
+  /**
+   * Hangs up: tells the peer (`{"type":"bye"}`), closes the peer connection and
+   * the WebSocket, and never reconnects. State becomes `ended`.
+   */
+  hangup() {
+    if (this._stopped) return;
+    this._send({ type: 'bye' });
+    this._finish('ended', 'You hung up.');
+  }
+
+  /**
+   * Leaves without hanging up (for example on page unload): closes everything
+   * without telling the peer, so the peer waits for us to come back.
+   */
+  close() {
+    this._stopped = true;
+    clearTimeout(this._reconnectTimer);
+    this._disarmWatchdog();
+    this._closePeerConnection();
+    this._closeSocket(1000, 'client closed');
+  }
+
+  /** Enables or disables the local microphone tracks (no renegotiation). */
+  setMicrophoneEnabled(enabled) {
+    for (const t of this.localStream?.getAudioTracks() ?? []) t.enabled = !!enabled;
+  }
+
+  /** Enables or disables the local camera tracks; a disabled camera sends black frames. */
+  setCameraEnabled(enabled) {
+    for (const t of this.localStream?.getVideoTracks() ?? []) t.enabled = !!enabled;
+  }
+
+  /** Sends any JSON object to the peer through the relay. Returns false if the socket is not open. */
+  send(message) {
+    return this._send(message);
+  }
+
+  // ---------------------------------------------------------------- signaling socket
+
+  _connect() {
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    if (this._stopped) return;
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch (err) {
+      this._log('websocket constructor failed', err);
+      this._finish('failed', `Cannot open the signaling connection: ${err.message}`);
+      return;
+    }
+    this._ws = ws;
+    ws.onmessage = (ev) => {
+      if (ws !== this._ws) return;
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch {
+        this._log('ignoring a non-JSON frame', ev.data);
+        return;
+      }
+      if (!msg || typeof msg !== 'object' || typeof msg.type !== 'string') return;
+      this._log('<-', msg.type, msg.sid ?? '', msg.oid ?? '');
+      this._emit('signal', { message: msg });
+      this._enqueue(() => this._onMessage(msg));
+    };
+    ws.onclose = (ev) => {
+      if (ws !== this._ws) return;
+      this._ws = null;
+      this._onSocketClosed(ev.code, ev.reason);
+    };
+    ws.onerror = () => this._log('websocket error');
+  }
+
+  _onSocketClosed(code, reason) {
+    this._log('websocket closed', code, reason);
+    if (this._stopped) return;
+    if (code === CLOSE_REPLACED) {
+      this._finish('failed', 'This call was opened again somewhere else (another tab or device), so this page stopped.');
+      return;
+    }
+    let delay;
+    const o = this.reconnectOptions;
+    if (code === CLOSE_SERVICE_RESTART) {
+      delay = Math.random() * o.drainJitterMs;
+    } else {
+      // Full jitter over an exponentially growing window: random in [cap/2, cap].
+      const cap = Math.min(o.maxDelayMs, o.initialDelayMs * o.factor ** this._attempt);
+      delay = cap / 2 + Math.random() * (cap / 2);
+      this._attempt += 1;
+    }
+    if (!this._pcConnected()) {
+      const why = code === CLOSE_SERVICE_RESTART ? 'The server is restarting' : 'Lost the signaling connection';
+      this._setState('connecting', `${why}; reconnecting in ${(delay / 1000).toFixed(1)} s…`);
+    }
+    this._reconnectTimer = setTimeout(() => this._connect(), delay);
+  }
+
+  _send(message) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    this._log('->', message.type, message.sid ?? '', message.oid ?? '');
+    ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  _closeSocket(code, reason) {
+    const ws = this._ws;
+    this._ws = null;
+    if (ws && ws.readyState <= WebSocket.OPEN) {
+      try {
+        ws.close(code, reason);
+      } catch {
+        /* already closing */
+      }
+    }
+  }
+
+  _enqueue(task) {
+    this._inbox = this._inbox.then(task).catch((err) => this._log('signaling step failed', err));
+  }
+
+  async _onMessage(msg) {
+    if (this._stopped) return;
+    switch (msg.type) {
+      case 'welcome':
+        this._attempt = 0;
+        this.polite = !!msg.polite;
+        this._applyIceServers(msg.iceServers);
+        this.peerOnline = !!msg.peerOnline;
+        if (!this.peerOnline) {
+          if (!this._pcConnected()) this._setState('waiting', `Waiting for ${this.peerID} to join…`);
+        } else if (this._pcConnected()) {
+          // Only our socket was away and media still flows: nothing to negotiate
+          // (the peer sees peer-joined and restarts ICE).
+          this._afterNegotiation(this._pc);
+        } else {
+          await this._kick('peer is online');
+        }
+        return;
+      case 'peer-joined':
+        this.peerOnline = true;
+        await this._kick('peer joined');
+        return;
+      case 'peer-left':
+        this.peerOnline = false;
+        // Hide the peer's video, but keep the stream: if the peer only lost its
+        // socket, the same connection carries on after an ICE restart.
+        this._emit('remotestream', { stream: null });
+        this._setState('waiting', `${this.peerID} left; waiting for them to come back…`);
+        return;
+      case 'resync':
+        if (this._pc) await this._restartIce('resync');
+        return;
+      case 'ice-servers':
+        this._applyIceServers(msg.iceServers);
+        return;
+      case 'error':
+        this._log('server error', msg.code, msg.message);
+        this._emit('servererror', { code: msg.code, message: msg.message });
+        return;
+      case 'bye':
+        this._finish('ended', `${this.peerID} hung up.`);
+        return;
+      case 'offer':
+      case 'answer':
+        await this._onDescription(msg);
+        return;
+      case 'candidate':
+        await this._onCandidate(msg);
+        return;
+      default:
+        this._log('ignoring message type', msg.type);
+    }
+  }
+
+  _applyIceServers(servers) {
+    if (!Array.isArray(servers)) return;
+    this.iceServers = servers;
+    if (this._pc) {
+      try {
+        this._pc.setConfiguration({ ...this._pc.getConfiguration(), iceServers: servers });
+      } catch (err) {
+        this._log('setConfiguration failed', err);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- peer connection
+
+  /**
+   * The peer just became reachable (welcome with peerOnline, or peer-joined).
+   * Anything we sent before may have been lost, so make sure a fresh offer goes
+   * out: negotiate on a new connection, or restart ICE on an existing one.
+   */
+  async _kick(why) {
+    // While media flows, an ICE restart happens underneath a `connected` call.
+    if (!this._pcConnected()) this._setState('connecting', `Connecting to ${this.peerID}…`);
+    this._armWatchdog();
+    if (!this._pc) {
+      this._startOver(why);
+      return;
+    }
+    await this._restartIce(why);
+  }
+
+  /**
+   * Restarts ICE on the current connection. A connection that never finished
+   * an offer/answer exchange is replaced by a fresh one instead: it has
+   * nothing worth keeping, and rolling back its pending offer can leave
+   * Chromium gathering no ICE candidates at all.
+   */
+  async _restartIce(why) {
+    const pc = this._pc;
+    if (!pc || pc.signalingState === 'closed') return;
+    if (!pc.currentRemoteDescription) {
+      if (pc.signalingState === 'have-remote-offer') return; // answering right now
+      this._startOver(why);
+      return;
+    }
+    this._log('restarting ICE:', why);
+    pc.restartIce();
+    // Our last offer may have gone nowhere (the peer was away): send it again,
+    // with its candidates. The ICE restart follows once it is answered.
+    if (pc.signalingState === 'have-local-offer' && !this._makingOffer) this._resendOffer(pc);
+  }
+
+  /** Replaces the connection by a fresh one and offers on it. */
+  _startOver(why) {
+    const pc = this._createPeerConnection(why);
+    // Without local tracks no negotiationneeded fires; an offer still lets us receive.
+    this._negotiate(pc);
+    return pc;
+  }
+
+  _resendOffer(pc) {
+    const offer = pc.localDescription;
+    if (!offer || offer.type !== 'offer') return;
+    this._log('sending our pending offer again');
+    this._send({ type: 'offer', sdp: offer.sdp, sid: this._sid, to: this._remoteSid, oid: this._offerId });
+    for (const candidate of this._sentCandidates) this._send({ type: 'candidate', candidate, sid: this._sid, to: this._remoteSid });
+  }
+
+  _createPeerConnection(why) {
+    this._closePeerConnection();
+    this._sentCandidates = [];
+    this._log('new RTCPeerConnection:', why);
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    this._pc = pc;
+    this._sid = randomId();
+    this._remoteSid = null;
+    this._makingOffer = false;
+    this._ignoreOffer = false;
+
+    const stream = this.localStream;
+    for (const track of stream?.getTracks() ?? []) pc.addTrack(track, stream);
+
+    pc.onnegotiationneeded = () => this._negotiate(pc);
+    pc.onicecandidate = ({ candidate }) => {
+      if (pc !== this._pc || !candidate) return;
+      const init = candidate.toJSON();
+      this._sentCandidates.push(init);
+      this._send({ type: 'candidate', candidate: init, sid: this._sid, to: this._remoteSid });
+    };
+    pc.ontrack = ({ track, streams }) => {
+      if (pc !== this._pc) return;
+      const remote = streams[0] ?? this._remoteStream ?? new MediaStream();
+      if (!remote.getTracks().includes(track)) remote.addTrack(track);
+      this._setRemoteStream(remote);
+    };
+    pc.onconnectionstatechange = () => {
+      if (pc !== this._pc) return;
+      this._onConnectionState(pc);
+    };
+    pc.onicegatheringstatechange = () => this._log('iceGatheringState', pc.iceGatheringState);
+    pc.onsignalingstatechange = () => this._log('signalingState', pc.signalingState);
+    pc.onicecandidateerror = (e) => this._log('icecandidateerror', e.errorCode, e.errorText, e.url);
+    return pc;
+  }
+
+  async _negotiate(pc) {
+    if (pc !== this._pc || this._stopped || this._makingOffer) return;
+    if (!this.peerOnline && !this._remoteSid) return; // nobody to talk to yet; peer-joined will kick
+    try {
+      this._makingOffer = true;
+      this._sentCandidates = [];
+      await pc.setLocalDescription();
+      if (pc !== this._pc) return;
+      if (pc.localDescription?.type !== 'offer') return;
+      this._offerId = randomId();
+      this._send({ type: 'offer', sdp: pc.localDescription.sdp, sid: this._sid, to: this._remoteSid, oid: this._offerId });
+    } catch (err) {
+      this._log('creating an offer failed', err);
+    } finally {
+      if (pc === this._pc) this._makingOffer = false;
+    }
+  }
+
+  async _onDescription(msg) {
+    if (typeof msg.sdp !== 'string') return;
+    const sid = typeof msg.sid === 'string' ? msg.sid : null;
+    if (this._addressedElsewhere(msg)) return;
+    let pc = this._pc;
+
+    // A description from a different remote connection (the peer reloaded, or
+    // is another client instance) cannot be applied to a connection negotiated
+    // with the old one: start over with a fresh RTCPeerConnection.
+    if (pc && this._remoteSid && sid !== this._remoteSid) {
+      this._log('peer has a new connection', this._remoteSid, '->', sid);
+      pc = this._createPeerConnection('peer has a new connection');
+      if (msg.type === 'answer') {
+        // The answer belongs to an offer from our old connection; the new one
+        // makes its own offer, which the peer's connection will pick up.
+        this._negotiate(pc);
+        return;
+      }
+    }
+    if (!pc) pc = this._createPeerConnection('received an offer');
+
+    const description = { type: msg.type, sdp: msg.sdp };
+    if (description.type === 'answer') {
+      // An answer is only good for the offer it answers; an older offer's
+      // answer (ours was rolled back or replaced meanwhile) would mismatch.
+      if (pc.signalingState !== 'have-local-offer' || (msg.oid && msg.oid !== this._offerId)) {
+        this._log('ignoring a stale answer in state', pc.signalingState);
+        return;
+      }
+    }
+    const offerCollision = description.type === 'offer' && (this._makingOffer || pc.signalingState !== 'stable');
+    this._ignoreOffer = !this.polite && offerCollision;
+    if (this._ignoreOffer) {
+      this._log('ignoring a colliding offer (impolite side)');
+      return;
+    }
+    if (pc.connectionState !== 'connected') this._setState('connecting', `Connecting to ${this.peerID}…`);
+    if (offerCollision && !pc.currentRemoteDescription) {
+      // Glare on a connection that never negotiated: take the peer's offer on
+      // a fresh connection rather than rolling ours back (see _restartIce).
+      this._log('glare: answering on a fresh connection');
+      pc = this._createPeerConnection('glare on a new connection');
+    }
+    // Otherwise the polite side rolls back its own offer implicitly here.
+    await pc.setRemoteDescription(description);
+    if (pc !== this._pc) return;
+    this._remoteSid = sid;
+    await this._flushCandidates(pc);
+    if (description.type === 'offer') {
+      await pc.setLocalDescription();
+      if (pc !== this._pc) return;
+      this._send({ type: 'answer', sdp: pc.localDescription.sdp, sid: this._sid, to: sid, oid: msg.oid ?? null });
+    }
+    this._armWatchdog();
+    this._afterNegotiation(pc);
+  }
+
+  /**
+   * A renegotiation (e.g. an ICE restart after the peer's socket came back)
+   * may complete while connectionState stays `connected`, so no
+   * connectionstatechange fires: report `connected` here in that case.
+   */
+  _afterNegotiation(pc) {
+    if (pc === this._pc && pc.signalingState === 'stable' && pc.connectionState === 'connected' && this.peerOnline) {
+      if (this._remoteStream) this._emit('remotestream', { stream: this._remoteStream });
+      this._setState('connected', `In a call with ${this.peerID}.`);
+    }
+  }
+
+  /**
+   * True if `msg` was meant for an earlier RTCPeerConnection of ours (its `to`
+   * names another sid). Typical after a reload: the peer's old connection
+   * restarts ICE towards the page that is gone; the new page's own offer
+   * reaches the peer and replaces that old connection.
+   */
+  _addressedElsewhere(msg) {
+    const to = typeof msg.to === 'string' ? msg.to : null;
+    if (!to || to === this._sid) return false;
+    this._log('ignoring a', msg.type, 'meant for an earlier connection of ours');
+    return true;
+  }
+
+  async _onCandidate(msg) {
+    if (!msg.candidate || typeof msg.candidate !== 'object') return;
+    const sid = typeof msg.sid === 'string' ? msg.sid : null;
+    const to = typeof msg.to === 'string' ? msg.to : null;
+    if (to && to !== this._sid) return; // for an earlier connection of ours
+    const pc = this._pc;
+    if (!pc || !pc.remoteDescription || sid !== this._remoteSid) {
+      // Arrived before the description it belongs to: keep it for later.
+      this._pendingCandidates.push({ sid, candidate: msg.candidate });
+      if (this._pendingCandidates.length > MAX_PENDING_CANDIDATES) this._pendingCandidates.shift();
+      return;
+    }
+    await this._addCandidate(pc, msg.candidate);
+  }
+
+  async _flushCandidates(pc) {
+    const keep = [];
+    const ready = [];
+    for (const item of this._pendingCandidates) {
+      (item.sid === this._remoteSid ? ready : keep).push(item);
+    }
+    this._pendingCandidates = keep;
+    for (const { candidate } of ready) await this._addCandidate(pc, candidate);
+  }
+
+  async _addCandidate(pc, candidate) {
+    try {
+      await pc.addIceCandidate(candidate);
+    } catch (err) {
+      if (!this._ignoreOffer) this._log('addIceCandidate failed', err);
+    }
+  }
+
+  _onConnectionState(pc) {
+    const s = pc.connectionState;
+    this._log('connectionState', s);
+    switch (s) {
+      case 'connected':
+        this._disarmWatchdog();
+        // While the peer is away from signaling (peer-left) we keep showing `waiting`.
+        if (!this.peerOnline) break;
+        if (this._remoteStream) this._emit('remotestream', { stream: this._remoteStream });
+        this._setState('connected', `In a call with ${this.peerID}.`);
+        break;
+      case 'connecting':
+        if (this.state === 'failed') this._setState('connecting', `Reconnecting to ${this.peerID}…`);
+        break;
+      case 'disconnected':
+        this._setState('connecting', `The connection to ${this.peerID} was interrupted; trying to recover…`);
+        this._armWatchdog();
+        break;
+      case 'failed':
+        this._setState('failed', `The connection to ${this.peerID} failed; retrying…`);
+        this._enqueue(() => this._restartIce('connection failed'));
+        this._armWatchdog();
+        break;
+      default:
+        break;
+    }
+  }
+
+  /**
+   * Safety net: if the peer is online but the connection does not come up
+   * within a while (a lost message, a wedged negotiation), restart ICE, and
+   * later start over on a fresh connection. The delay doubles on each try, up
+   * to the reconnect maximum.
+   */
+  _armWatchdog() {
+    if (this._watchdogTimer || this._stopped) return;
+    const o = this.reconnectOptions;
+    const delay = Math.min(o.stallTimeoutMs * 2 ** this._watchdogTries, Math.max(o.maxDelayMs, o.stallTimeoutMs));
+    this._watchdogTimer = setTimeout(() => {
+      this._watchdogTimer = null;
+      if (this._stopped || !this._pc || this._pcConnected() || !this.peerOnline) return;
+      this._watchdogTries += 1;
+      // First an ICE restart; if even that does not help, a fresh connection
+      // (the peer follows, as it sees descriptions from a new connection).
+      if (this._watchdogTries === 1) this._enqueue(() => this._restartIce('no connection yet (watchdog)'));
+      else this._enqueue(async () => this._startOver('still no connection (watchdog)'));
+      this._armWatchdog();
+    }, delay * (0.8 + 0.4 * Math.random()));
+  }
+
+  _disarmWatchdog() {
+    clearTimeout(this._watchdogTimer);
+    this._watchdogTimer = null;
+    this._watchdogTries = 0;
+  }
+
+  _pcConnected() {
+    return this._pc?.connectionState === 'connected';
+  }
+
+  _setRemoteStream(stream) {
+    this._remoteStream = stream;
+    this._emit('remotestream', { stream });
+  }
+
+  _closePeerConnection() {
+    const pc = this._pc;
+    this._pc = null;
+    this._sid = null;
+    this._remoteSid = null;
+    this._makingOffer = false;
+    this._ignoreOffer = false;
+    this._offerId = null;
+    if (pc) {
+      pc.onnegotiationneeded = pc.onicecandidate = pc.ontrack = pc.onconnectionstatechange = null;
+      pc.close();
+    }
+    if (this._remoteStream) this._setRemoteStream(null);
+  }
+
+  // ---------------------------------------------------------------- state
+
+  _finish(state, reason) {
+    if (this._terminal) return;
+    this._stopped = true;
+    clearTimeout(this._reconnectTimer);
+    this._disarmWatchdog();
+    this._closePeerConnection();
+    this._closeSocket(1000, state);
+    this._setState(state, reason);
+    this._terminal = true;
+  }
+
+  _setState(state, reason) {
+    if (this._terminal) return; // `ended` and a final `failed` stay
+    if (this.state === state && this.reason === reason) return;
+    this.state = state;
+    this.reason = reason;
+    this._emit('statechange', { state, reason });
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}
