@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use switchboard_tests::{settings, Client, Instance, RedisServer};
+use switchboard_tests::{http_get, settings, Client, Instance, RedisServer};
 
 fn draining(url: &str) -> switchboard::config::Settings {
     switchboard::config::Settings {
@@ -11,6 +11,28 @@ fn draining(url: &str) -> switchboard::config::Settings {
         presence_ttl: Duration::from_secs(3),
         ..settings(Some(url))
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_relays_until_it_closes_its_sockets() {
+    let redis = RedisServer::start().await;
+    let old =
+        Instance::start(switchboard::config::Settings { drain: Duration::from_secs(3), ..draining(&redis.url()) })
+            .await;
+    let new = Instance::start(draining(&redis.url())).await;
+    let (mut alice, _) = old.join("alice", "bob").await;
+    let (mut bob, _) = new.join("bob", "alice").await;
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    let old_addr = old.addr;
+    let stopping = tokio::spawn(old.stop());
+    // Draining: not ready, but the open socket still relays both ways.
+    switchboard_tests::eventually("readyz 503", || async { http_get(old_addr, "/readyz").await.0 == 503 }).await;
+    alice.send(r#"{"type":"offer","during":"drain"}"#).await;
+    assert_eq!(bob.recv_text().await, r#"{"type":"offer","during":"drain"}"#);
+    bob.send(r#"{"type":"answer","during":"drain"}"#).await;
+    assert_eq!(alice.recv_text().await, r#"{"type":"answer","during":"drain"}"#);
+    assert_eq!(alice.expect_closed().await.code, Some(1012));
+    stopping.await.unwrap();
 }
 
 /// Alice on a replica that then drains away, Bob on one that stays.

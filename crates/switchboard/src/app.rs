@@ -121,6 +121,9 @@ pub async fn run(
 ) -> Result<(), RunError> {
     crate::metrics::handle();
     let requested = CancellationToken::new();
+    // The broker outlives the drain: sessions relay until they close, and
+    // announce their leave on the way out.
+    let broker_stop = CancellationToken::new();
     let background = TaskTracker::new();
     let registry = Arc::new(Registry::new());
     let broker: Arc<dyn Broker> = match &settings.redis_url {
@@ -132,12 +135,9 @@ pub async fn run(
                 presence_ttl: settings.presence_ttl,
                 pool_size: settings.redis_pool_size,
             };
-            let stop = CancellationToken::new();
-            let broker =
-                RedisBroker::start(options, registry.clone(), stop.clone(), &background, Duration::from_secs(5));
-            let broker = broker.await?;
-            background.spawn(stop_after(requested.clone(), stop));
-            Arc::new(broker)
+            let start =
+                RedisBroker::start(options, registry.clone(), broker_stop.clone(), &background, Duration::from_secs(5));
+            Arc::new(start.await?)
         }
     };
     let grace = settings.shutdown_grace;
@@ -169,18 +169,12 @@ pub async fn run(
     if tokio::time::timeout(grace, state.sessions.wait()).await.is_err() {
         tracing::warn!("shutdown grace period ran out with sockets still open");
     }
-    requested.cancel();
+    broker_stop.cancel();
     background.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
     trigger.abort();
     tracing::info!("stopped");
     served.map_err(RunError::Io)
-}
-
-/// Stops the broker's tasks once every session is gone (they need it to say goodbye).
-async fn stop_after(requested: CancellationToken, broker_stop: CancellationToken) {
-    requested.cancelled().await;
-    broker_stop.cancel();
 }
 
 /// Waits for the shutdown request, then drains or closes.

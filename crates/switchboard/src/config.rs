@@ -22,7 +22,7 @@ Environment (defaults in brackets; a TOML file given by --config uses the same n
   SWITCHBOARD_OUTBOX_MESSAGES     per-session outbound queue, in messages [256]
   SWITCHBOARD_OUTBOX_BYTES        per-session outbound queue, in bytes [1048576]
   SWITCHBOARD_PRESENCE_TTL_SECS   lifetime of a presence key in Redis [15]
-  SWITCHBOARD_REDIS_POOL_SIZE     pooled publish connections [16]
+  SWITCHBOARD_REDIS_POOL_SIZE     command lanes to Redis, one pooled connection each [4]
   SWITCHBOARD_SHUTDOWN_GRACE_SECS time allowed for sockets to close on shutdown [10]
   SWITCHBOARD_DRAIN_SECS          on SIGTERM: seconds of 503 on /readyz while serving, then the
                                   same span over which sockets close with 1012; 0 = close at once with 1001 [5]
@@ -163,7 +163,7 @@ impl Settings {
             ("outbox_messages", "256"),
             ("outbox_bytes", "1048576"),
             ("presence_ttl_secs", "15"),
-            ("redis_pool_size", "16"),
+            ("redis_pool_size", "4"),
             ("shutdown_grace_secs", "10"),
             ("drain_secs", "5"),
             ("max_sockets", "50000"),

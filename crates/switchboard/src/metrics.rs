@@ -3,10 +3,12 @@
 //! The `metrics` facade's recorder is global, so one process has one set of
 //! series, whatever the number of `run` calls in it (tests run several).
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Series names.
@@ -40,6 +42,28 @@ pub mod names {
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Handles of the per-message series, registered once: looking a series up by
+/// name costs a hash and a lock on every call. They are first used after
+/// [`handle`] installed the recorder (`app::run` calls it first).
+struct Hot {
+    messages_in: Counter,
+    bytes_in: Counter,
+    messages_out: Counter,
+    bytes_out: Counter,
+    publish_seconds: Histogram,
+}
+
+static HOT: LazyLock<Hot> = LazyLock::new(|| {
+    handle();
+    Hot {
+        messages_in: counter!(names::MESSAGES_IN),
+        bytes_in: counter!(names::BYTES_IN),
+        messages_out: counter!(names::MESSAGES_OUT),
+        bytes_out: counter!(names::BYTES_OUT),
+        publish_seconds: histogram!(names::PUBLISH_SECONDS),
+    }
+});
 
 /// Installs the recorder once per process and returns its handle.
 pub fn handle() -> &'static PrometheusHandle {
@@ -104,14 +128,14 @@ pub fn session_closed(reason: &'static str) {
 
 /// A client message of `bytes` arrived.
 pub fn message_in(bytes: usize) {
-    counter!(names::MESSAGES_IN).increment(1);
-    counter!(names::BYTES_IN).increment(bytes as u64);
+    HOT.messages_in.increment(1);
+    HOT.bytes_in.increment(bytes as u64);
 }
 
 /// A frame of `bytes` was written to a socket.
 pub fn message_out(bytes: usize) {
-    counter!(names::MESSAGES_OUT).increment(1);
-    counter!(names::BYTES_OUT).increment(bytes as u64);
+    HOT.messages_out.increment(1);
+    HOT.bytes_out.increment(bytes as u64);
 }
 
 /// An upgrade or a frame was refused for `reason`.
@@ -121,7 +145,7 @@ pub fn reject(reason: &'static str) {
 
 /// A publish took `elapsed`.
 pub fn publish_latency(elapsed: Duration) {
-    histogram!(names::PUBLISH_SECONDS).record(elapsed.as_secs_f64());
+    HOT.publish_seconds.record(elapsed.as_secs_f64());
 }
 
 /// The broker's subscriber reconnected.

@@ -6,6 +6,7 @@
 //! [`Registry`](crate::registry::Registry), which fans it out to local sessions.
 
 pub mod envelope;
+pub mod lanes;
 pub mod memory;
 pub mod redis;
 
@@ -21,9 +22,12 @@ pub enum BrokerError {
     /// Redis is unreachable or answered with an error.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    /// No connection could be taken from the publish pool.
+    /// No connection could be taken from the pool.
     #[error("redis pool: {0}")]
     Pool(String),
+    /// A command failed, or its connection did.
+    #[error("redis command: {0}")]
+    Command(String),
     /// The subscriber connection is down; messages can't be delivered now.
     #[error("the broker's subscriber connection is down")]
     Disconnected,

@@ -1,5 +1,6 @@
-//! The Redis broker: PUBLISH through a deadpool-redis pool, and one dedicated
-//! subscriber connection per instance.
+//! The Redis broker: commands (PUBLISH, presence scripts) through lanes over a
+//! deadpool-redis pool (see [`super::lanes`]), and one dedicated subscriber
+//! connection per instance.
 //!
 //! The subscriber task owns the set of live channels with a count of local
 //! sessions each. It SUBSCRIBEs on a channel's first session and UNSUBSCRIBEs
@@ -15,13 +16,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use deadpool_redis::{Pool, Runtime};
+use deadpool_redis::Runtime;
 use futures_util::StreamExt;
-use redis::Script;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::lanes::Lanes;
 use super::{Broker, BrokerError, SessionId};
 use crate::pair::{PairId, UserId};
 use crate::protocol::ServerEvent;
@@ -47,13 +48,11 @@ enum Command {
 
 /// Publishes and subscribes through Redis.
 pub struct RedisBroker {
-    pool: Pool,
+    lanes: Lanes,
     commands: mpsc::UnboundedSender<Command>,
     ready: Arc<AtomicBool>,
     prefix: String,
     ttl_secs: u64,
-    refresh: Script,
-    release: Script,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -61,6 +60,11 @@ impl std::fmt::Debug for RedisBroker {
         f.debug_struct("RedisBroker").field("prefix", &self.prefix).finish_non_exhaustive()
     }
 }
+
+/// Sets `KEYS[1]` to `ARGV[1]` for `ARGV[2]` seconds and returns `KEYS[2]`.
+const CLAIM_LUA: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return redis.call('GET', KEYS[2])";
 
 /// Keeps `KEYS[1]` as `ARGV[1]` (unless another session owns it) and returns `KEYS[2]`.
 const REFRESH_LUA: &str = r"
@@ -101,31 +105,34 @@ impl RedisBroker {
         let (first_tx, first_rx) = oneshot::channel();
         let subscriber =
             Subscriber { client, registry, ready: ready.clone(), counts: HashMap::new(), first: Some(first_tx) };
-        tracker.spawn(subscriber.run(rx, shutdown));
+        tracker.spawn(subscriber.run(rx, shutdown.clone()));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
-        Ok(Self {
-            pool,
-            commands,
-            ready,
-            prefix: options.prefix,
-            ttl_secs: options.presence_ttl.as_secs().max(1),
-            refresh: Script::new(REFRESH_LUA),
-            release: Script::new(RELEASE_LUA),
-        })
-    }
-
-    async fn conn(&self) -> Result<deadpool_redis::Connection, BrokerError> {
-        self.pool.get().await.map_err(|e| BrokerError::Pool(e.to_string()))
+        let lanes = Lanes::start(pool, options.pool_size, 1024, tracker, shutdown.clone());
+        Ok(Self { lanes, commands, ready, prefix: options.prefix, ttl_secs: options.presence_ttl.as_secs().max(1) })
     }
 
     fn keys(&self, pair: &PairId, user: &UserId) -> (String, String) {
         (pair.presence_key(&self.prefix, user), pair.presence_key(&self.prefix, pair.other(user)))
     }
+
+    /// Runs a Lua script on the lane of `pair`'s channel.
+    async fn eval(
+        &self,
+        pair: &PairId,
+        script: &str,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<redis::Value, BrokerError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script).arg(keys.len()).arg(keys).arg(args);
+        self.lanes.call(&pair.channel(&self.prefix), cmd).await
+    }
 }
 
-fn parse_session(value: Option<String>) -> Option<SessionId> {
-    value.and_then(|v| u64::from_str_radix(&v, 16).ok()).filter(|&s| s != 0)
+fn parse_session(value: redis::Value) -> Result<Option<SessionId>, BrokerError> {
+    let value: Option<String> = redis::from_redis_value(&value)?;
+    Ok(value.and_then(|v| u64::from_str_radix(&v, 16).ok()).filter(|&s| s != 0))
 }
 
 #[async_trait]
@@ -141,9 +148,9 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError> {
-        let mut conn = self.conn().await?;
-        redis::cmd("PUBLISH").arg(channel).arg(&envelope[..]).query_async::<i64>(&mut conn).await?;
-        Ok(())
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(&envelope[..]);
+        self.lanes.call(channel, cmd).await.map(drop)
     }
 
     async fn claim_presence(
@@ -153,19 +160,8 @@ impl Broker for RedisBroker {
         session: SessionId,
     ) -> Result<Option<SessionId>, BrokerError> {
         let (mine, peer) = self.keys(pair, user);
-        let mut conn = self.conn().await?;
-        let (peer_session,): (Option<String>,) = redis::pipe()
-            .cmd("SET")
-            .arg(&mine)
-            .arg(format!("{session:x}"))
-            .arg("EX")
-            .arg(self.ttl_secs)
-            .ignore()
-            .cmd("GET")
-            .arg(&peer)
-            .query_async(&mut conn)
-            .await?;
-        Ok(parse_session(peer_session))
+        let (session, ttl) = (format!("{session:x}"), self.ttl_secs.to_string());
+        parse_session(self.eval(pair, CLAIM_LUA, &[&mine, &peer], &[&session, &ttl]).await?)
     }
 
     async fn refresh_presence(
@@ -175,20 +171,13 @@ impl Broker for RedisBroker {
         session: SessionId,
     ) -> Result<Option<SessionId>, BrokerError> {
         let (mine, peer) = self.keys(pair, user);
-        let mut conn = self.conn().await?;
-        let mut call = self.refresh.key(mine);
-        call.key(peer).arg(format!("{session:x}")).arg(self.ttl_secs);
-        let peer_session: Option<String> = call.invoke_async(&mut conn).await?;
-        Ok(parse_session(peer_session))
+        let (session, ttl) = (format!("{session:x}"), self.ttl_secs.to_string());
+        parse_session(self.eval(pair, REFRESH_LUA, &[&mine, &peer], &[&session, &ttl]).await?)
     }
 
     async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {
         let key = pair.presence_key(&self.prefix, user);
-        let mut conn = self.conn().await?;
-        let mut call = self.release.key(key);
-        call.arg(format!("{session:x}"));
-        call.invoke_async::<i64>(&mut conn).await?;
-        Ok(())
+        self.eval(pair, RELEASE_LUA, &[&key], &[&format!("{session:x}")]).await.map(drop)
     }
 
     fn is_ready(&self) -> bool {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fastwebsockets::upgrade::UpgradeFut;
 use fastwebsockets::{Frame, OpCode, Payload, Role};
-use tokio::io::{AsyncReadExt, BufWriter};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -30,11 +30,6 @@ use frames::{Assembler, Incoming};
 use handle::{CloseReason, SessionHandle};
 use limits::{RateLimit, Verdict};
 use writer::Control;
-
-/// Write buffer per socket: small frames are gathered here and flushed once
-/// per batch; frames over fastwebsockets' writev threshold (1 KiB) bypass it.
-/// Kept small because every idle socket holds one.
-const WRITE_BUFFER: usize = 2048;
 
 /// How long a closing socket may take to finish the close handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -86,11 +81,7 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     };
     crate::metrics::session_opened();
     let (mut read_io, write_io) = tokio::io::split(ws.into_inner());
-    let (mut reader, mut ws_writer) = fastwebsockets::after_handshake_split(
-        &mut read_io,
-        BufWriter::with_capacity(WRITE_BUFFER, write_io),
-        Role::Server,
-    );
+    let (mut reader, mut ws_writer) = fastwebsockets::after_handshake_split(&mut read_io, write_io, Role::Server);
     reader.set_auto_close(false);
     reader.set_auto_pong(true);
     // fastwebsockets refuses frames of `max_message_size` bytes or more.

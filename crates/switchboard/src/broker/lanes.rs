@@ -1,0 +1,107 @@
+//! Command lanes: a few tasks, each holding one pooled Redis connection for as
+//! long as it works and sending everything queued for it as one pipeline.
+//!
+//! Taking a connection from deadpool-redis for every message costs a recycle
+//! check (`UNWATCH` + `PING`, one more round trip) each time. A lane takes one
+//! connection from the pool and keeps it, goes back to the pool only when the
+//! connection breaks, and batches: one write and one round trip carry every
+//! command that queued up meanwhile. Commands for one channel always use the
+//! same lane, and a lane sends in queue order over one connection, so Redis
+//! sees each session's commands in the order it sent them.
+
+use std::hash::{Hash, Hasher};
+
+use deadpool_redis::Pool;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::BrokerError;
+
+/// Most commands sent as one pipeline.
+const MAX_BATCH: usize = 256;
+
+struct Job {
+    cmd: redis::Cmd,
+    reply: oneshot::Sender<Result<redis::Value, BrokerError>>,
+}
+
+/// The lanes of one instance.
+pub struct Lanes {
+    senders: Vec<mpsc::Sender<Job>>,
+}
+
+impl Lanes {
+    /// Starts `count` lanes on `tracker`, each with a queue of `depth` commands.
+    pub fn start(pool: Pool, count: usize, depth: usize, tracker: &TaskTracker, stop: CancellationToken) -> Self {
+        let senders = (0..count.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(depth.max(1));
+                tracker.spawn(run(pool.clone(), rx, stop.clone()));
+                tx
+            })
+            .collect();
+        Self { senders }
+    }
+
+    /// Sends `cmd` on the lane of `key` and waits for its reply.
+    pub async fn call(&self, key: &str, cmd: redis::Cmd) -> Result<redis::Value, BrokerError> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let lane = &self.senders[(hasher.finish() % self.senders.len() as u64) as usize];
+        let (reply, answer) = oneshot::channel();
+        lane.send(Job { cmd, reply }).await.map_err(|_| BrokerError::Disconnected)?;
+        answer.await.map_err(|_| BrokerError::Disconnected)?
+    }
+}
+
+async fn run(pool: Pool, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
+    let mut conn: Option<deadpool_redis::Connection> = None;
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let received = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = queue.recv_many(&mut batch, MAX_BATCH) => n,
+        };
+        if received == 0 {
+            return;
+        }
+        let connection = match conn.as_mut() {
+            Some(c) => c,
+            None => match pool.get().await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    let why = e.to_string();
+                    for job in batch.drain(..) {
+                        let _ = job.reply.send(Err(BrokerError::Pool(why.clone())));
+                    }
+                    continue;
+                }
+            },
+        };
+        let mut pipe = redis::pipe();
+        for job in &mut batch {
+            pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
+        }
+        match pipe.query_async::<Vec<redis::Value>>(connection).await {
+            Ok(values) => {
+                for (job, value) in batch.drain(..).zip(values) {
+                    let reply = match value {
+                        redis::Value::ServerError(e) => Err(BrokerError::Command(format!("{e:?}"))),
+                        value => Ok(value),
+                    };
+                    let _ = job.reply.send(reply);
+                }
+            }
+            Err(e) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout() {
+                    conn = None;
+                }
+                let why = e.to_string();
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(BrokerError::Command(why.clone())));
+                }
+            }
+        }
+    }
+}
