@@ -250,3 +250,34 @@ def test_nginx_stops_cleanly(topo):
     while ngx.proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ngx.proc.returncode == 0, ngx.output()
+
+
+def test_host_header_keeps_the_port_for_the_origin_check(topo):
+    """switchboard compares a browser's Origin (host:port) with Host; nginx must pass the port on."""
+    ngx, _ = topo
+    with socket.create_connection(("127.0.0.1", ngx.port), timeout=10) as s:
+        s.sendall(f"GET /call HTTP/1.1\r\nHost: 127.0.0.1:{ngx.port}\r\nConnection: close\r\n\r\n".encode())
+        f = s.makefile("rb")
+        status, _ = read_head(f)
+        seen = json.loads(f.read())
+    assert status.split()[1] == "200"
+    assert seen["headers"]["host"] == f"127.0.0.1:{ngx.port}"
+
+
+def test_access_log_never_holds_link_tokens(topo):
+    """Signed links carry a bearer token in the query; the access log shows it redacted."""
+    ngx, _ = topo
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2VjcmV0LXNpZ25hdHVyZQ"
+    status, _, body = http_get(ngx.port, f"/call?userID=a&peerID=b&token={token}&debug=1")
+    assert status == 200
+    assert token in json.loads(body)["request"], "the replica still gets the token"
+    status, _, _ = http_get(ngx.port, f"/call?token={token}")
+    assert status == 200
+    deadline = time.monotonic() + 20
+    while ngx.output().count("[redacted]") < 2:
+        assert time.monotonic() < deadline, f"no access log lines:\n{ngx.output()}"
+        time.sleep(0.05)
+    out = ngx.output()
+    assert token not in out and "c2VjcmV0LXNpZ25hdHVyZQ" not in out, out
+    assert "/call?userID=a&peerID=b&token=[redacted]&debug=1" in out, out
+    assert "/call?token=[redacted] HTTP/1.1" in out, out

@@ -30,6 +30,12 @@ impl Client {
         Ok(Self { ws })
     }
 
+    /// Opens a WebSocket with a prepared request, e.g. one with an `Origin` header.
+    pub async fn connect_request(request: tungstenite::handshake::client::Request) -> Result<Self, tungstenite::Error> {
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Self { ws })
+    }
+
     /// Sends a text frame.
     pub async fn send(&mut self, text: impl Into<String>) {
         self.ws.send(Message::text(text.into())).await.expect("send text");

@@ -32,7 +32,12 @@ Environment (defaults in brackets; a TOML file given by --config uses the same n
   SWITCHBOARD_PONG_TIMEOUT_SECS   a socket silent this long after a ping is closed [20]
   SWITCHBOARD_RATE_PER_SEC        client messages per second per socket (token bucket refill) [50]
   SWITCHBOARD_RATE_BURST          token bucket size; more drops than this within 10 s closes with 1008 [200]
-  SWITCHBOARD_CONFIG              TOML file to read (same as --config) []";
+  SWITCHBOARD_CONFIG              TOML file to read (same as --config) []
+  SWITCHBOARD_AUTH_SECRET         HS256 key (32+ bytes); set = /ws needs a signed token (see `switchboard link`) []
+  SWITCHBOARD_ALLOWED_ORIGINS     extra browser origins allowed to open /ws, comma-separated, or * [] = same origin only
+  SWITCHBOARD_TURN_SECRET         TURN REST shared secret (coturn static-auth-secret); needs TURN_URLS []
+  SWITCHBOARD_TURN_URLS           comma-separated turn:/turns: URLs for the TURN credentials []
+  SWITCHBOARD_TURN_TTL_SECS       lifetime of TURN credentials; fresh ones are pushed at 80% [86400]";
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -85,6 +90,12 @@ pub struct Settings {
     pub rate_per_sec: u32,
     /// Token bucket size, and the drops per 10 s that close a socket.
     pub rate_burst: u32,
+    /// Signed links: `Some` when `SWITCHBOARD_AUTH_SECRET` is set.
+    pub auth: Option<crate::auth::LinkSigner>,
+    /// Browser origins allowed to open `/ws`.
+    pub allowed_origins: crate::origin::AllowedOrigins,
+    /// Ephemeral TURN credentials: `Some` when a TURN secret and URLs are set.
+    pub turn: Option<crate::turn::Turn>,
 }
 
 /// A configuration value that can't be used; the message names the key.
@@ -113,6 +124,11 @@ struct Raw {
     pong_timeout_secs: u64,
     rate_per_sec: u32,
     rate_burst: u32,
+    auth_secret: Option<String>,
+    allowed_origins: String,
+    turn_secret: Option<String>,
+    turn_urls: String,
+    turn_ttl_secs: u64,
 }
 
 fn env_name(key: &str) -> String {
@@ -156,6 +172,9 @@ impl Settings {
             ("pong_timeout_secs", "20"),
             ("rate_per_sec", "50"),
             ("rate_burst", "200"),
+            ("allowed_origins", ""),
+            ("turn_urls", ""),
+            ("turn_ttl_secs", "86400"),
         ] {
             builder = builder.set_default(key, value).map_err(|e| ConfigError(e.to_string()))?;
         }
@@ -222,6 +241,35 @@ impl Raw {
         if self.rate_per_sec == 0 || self.rate_burst == 0 {
             return Err(bad("rate_per_sec", "rate and burst must be at least 1"));
         }
+        let auth = match non_empty(self.auth_secret) {
+            Some(secret) if secret.len() < crate::auth::MIN_SECRET_BYTES => {
+                return Err(bad("auth_secret", "must be at least 32 bytes, e.g. the output of `openssl rand -hex 32`"))
+            }
+            Some(secret) => Some(crate::auth::LinkSigner::new(&crate::auth::Secret::new(&secret))),
+            None => None,
+        };
+        let allowed_origins =
+            crate::origin::AllowedOrigins::parse(&self.allowed_origins).map_err(|why| bad("allowed_origins", why))?;
+        let turn_urls: Vec<String> =
+            self.turn_urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
+        if let Some(url) = turn_urls.iter().find(|u| !crate::turn::valid_url(u)) {
+            return Err(bad("turn_urls", format!("{url:?} is not a turn: or turns: URL")));
+        }
+        if !(2..=30 * 86400).contains(&self.turn_ttl_secs) {
+            return Err(bad("turn_ttl_secs", "must be between 2 and 2592000"));
+        }
+        let turn = match (non_empty(self.turn_secret), turn_urls.is_empty()) {
+            (Some(secret), false) => Some(crate::turn::Turn {
+                secret: crate::auth::Secret::new(&secret),
+                urls: turn_urls,
+                ttl: Duration::from_secs(self.turn_ttl_secs),
+            }),
+            (None, true) => None,
+            (Some(_), true) => {
+                return Err(bad("turn_urls", "must list the TURN servers when SWITCHBOARD_TURN_SECRET is set"))
+            }
+            (None, false) => return Err(bad("turn_secret", "must be set when SWITCHBOARD_TURN_URLS is given")),
+        };
         Ok(Settings {
             listen,
             redis_url,
@@ -242,6 +290,9 @@ impl Raw {
             pong_timeout: Duration::from_secs(self.pong_timeout_secs),
             rate_per_sec: self.rate_per_sec,
             rate_burst: self.rate_burst,
+            auth,
+            allowed_origins,
+            turn,
         })
     }
 }
@@ -265,6 +316,31 @@ mod tests {
         assert_eq!(s.max_message_bytes, 65536);
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.ice_servers.get(), "[]");
+        assert!(s.auth.is_none() && s.turn.is_none());
+        assert_eq!(s.allowed_origins, crate::origin::AllowedOrigins::default());
+    }
+
+    #[test]
+    fn security_settings() {
+        let key = "k".repeat(32);
+        let s = Settings::load_with_env(
+            None,
+            &[
+                ("SWITCHBOARD_AUTH_SECRET", &key),
+                ("SWITCHBOARD_ALLOWED_ORIGINS", "https://app.example.com, http://localhost:3000"),
+                ("SWITCHBOARD_TURN_SECRET", "north"),
+                ("SWITCHBOARD_TURN_URLS", "turn:t.example:3478, turns:t.example:5349"),
+                ("SWITCHBOARD_TURN_TTL_SECS", "600"),
+            ],
+        )
+        .unwrap();
+        assert!(s.auth.is_some());
+        assert_eq!(s.allowed_origins.listed(), ["https://app.example.com", "http://localhost:3000"]);
+        let turn = s.turn.as_ref().unwrap();
+        assert_eq!(turn.urls, ["turn:t.example:3478", "turns:t.example:5349"]);
+        assert_eq!(turn.ttl, Duration::from_secs(600));
+        let printed = format!("{s:?}");
+        assert!(!printed.contains(&key) && !printed.contains("north"), "{printed}");
     }
 
     #[test]
@@ -298,6 +374,12 @@ mod tests {
             ("SWITCHBOARD_LOG_FORMAT", "xml"),
             ("SWITCHBOARD_ICE_SERVERS", "{\"urls\":1}"),
             ("SWITCHBOARD_CHANNEL_PREFIX", "a b"),
+            ("SWITCHBOARD_AUTH_SECRET", "too short"),
+            ("SWITCHBOARD_ALLOWED_ORIGINS", "https://x/path"),
+            ("SWITCHBOARD_TURN_URLS", "stun:x"),
+            ("SWITCHBOARD_TURN_URLS", "turn:x"),
+            ("SWITCHBOARD_TURN_SECRET", "s3cret"),
+            ("SWITCHBOARD_TURN_TTL_SECS", "1"),
         ] {
             let err = Settings::load_with_env(None, &[(key, value)]).unwrap_err().to_string();
             assert!(err.contains(key), "{key}={value}: {err}");

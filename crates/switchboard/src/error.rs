@@ -37,6 +37,12 @@ pub enum ApiError {
     /// The instance holds `SWITCHBOARD_MAX_SOCKETS` sockets already.
     #[error("this instance is full; retry shortly")]
     TooManySockets,
+    /// Signed links are on and the token is missing or refused.
+    #[error("unauthorized: {0}")]
+    Unauthorized(#[from] crate::auth::TokenError),
+    /// A browser page from an origin that may not open sockets.
+    #[error("this page's origin may not open sockets here (SWITCHBOARD_ALLOWED_ORIGINS)")]
+    ForbiddenOrigin,
 }
 
 impl ApiError {
@@ -44,6 +50,7 @@ impl ApiError {
     pub fn fault(&self) -> Fault {
         match self {
             ApiError::BadParam { .. } | ApiError::NotUpgrade => Fault::Client,
+            ApiError::Unauthorized(_) | ApiError::ForbiddenOrigin => Fault::Client,
             ApiError::BrokerUnavailable => Fault::Broker,
             ApiError::ShuttingDown | ApiError::TooManySockets => Fault::Server,
         }
@@ -57,6 +64,8 @@ impl ApiError {
             ApiError::BrokerUnavailable => "broker_unavailable",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::TooManySockets => "too_many_sockets",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::ForbiddenOrigin => "forbidden_origin",
         }
     }
 
@@ -67,6 +76,8 @@ impl ApiError {
             ApiError::BrokerUnavailable | ApiError::ShuttingDown | ApiError::TooManySockets => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::ForbiddenOrigin => StatusCode::FORBIDDEN,
         }
     }
 }

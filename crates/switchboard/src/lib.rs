@@ -21,16 +21,21 @@
 //! - [`metrics`]: Prometheus series at `/metrics`.
 //! - [`registry`]: which local sessions belong to which pair channel; fans out
 //!   what the broker receives without ever waiting on a socket.
+//! - [`auth`], [`origin`], [`turn`]: signed links, the `Origin` check, and
+//!   TURN credentials (see `docs/security.md`).
 
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod origin;
 pub mod pair;
 pub mod protocol;
 pub mod registry;
 pub mod routes;
 pub mod session;
 pub mod telemetry;
+pub mod turn;

@@ -1,9 +1,10 @@
-//! The `switchboard` binary: parse the command line, load settings, serve.
+//! The `switchboard` binary: parse the command line, load settings, serve
+//! (or, with `link`, print signed call links).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use switchboard::cli::Cli;
+use switchboard::cli::{Cli, Command, LinkArgs};
 use switchboard::config::Settings;
 
 #[tokio::main]
@@ -16,6 +17,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Link(args)) = &cli.command {
+        return print_links(&settings, args);
+    }
     switchboard::telemetry::init(settings.log_format);
     let listener = match tokio::net::TcpListener::bind(settings.listen).await {
         Ok(l) => l,
@@ -29,6 +33,27 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("switchboard: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `switchboard link`: one line per user, `ID: URL`.
+fn print_links(settings: &Settings, args: &LinkArgs) -> ExitCode {
+    let Some(signer) = &settings.auth else {
+        eprintln!("switchboard: SWITCHBOARD_AUTH_SECRET is not set, so links can't be signed");
+        return ExitCode::from(2);
+    };
+    let now = std::time::SystemTime::now();
+    match switchboard::auth::call_links(signer, &args.base_url, &args.user, &args.peer, args.ttl, now) {
+        Ok(links) => {
+            for link in links {
+                println!("{}: {}", link.user, link.url);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            ExitCode::from(2)
         }
     }
 }

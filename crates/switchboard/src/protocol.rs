@@ -200,6 +200,12 @@ pub enum ServerEvent<'a> {
     },
     /// Messages may have been lost (the broker reconnected): renegotiate.
     Resync,
+    /// Fresh STUN/TURN servers (new TURN credentials) before the old ones expire.
+    IceServers {
+        /// STUN/TURN servers for `RTCPeerConnection.setConfiguration`.
+        #[serde(rename = "iceServers")]
+        ice_servers: &'a serde_json::value::RawValue,
+    },
 }
 
 impl ServerEvent<'_> {
@@ -253,5 +259,9 @@ mod tests {
         );
         assert_eq!(&ServerEvent::PeerLeft { peer_id: "b" }.to_bytes()[..], br#"{"type":"peer-left","peerID":"b"}"#);
         assert_eq!(&ServerEvent::Resync.to_bytes()[..], br#"{"type":"resync"}"#);
+        assert_eq!(
+            &ServerEvent::IceServers { ice_servers: &ice }.to_bytes()[..],
+            br#"{"type":"ice-servers","iceServers":[]}"#
+        );
     }
 }

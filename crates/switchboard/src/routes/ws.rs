@@ -1,8 +1,12 @@
 //! `GET /ws?userID=..&peerID=..`: query checks, then the WebSocket upgrade.
+//!
+//! Before anything else: the `Origin` check ([`crate::origin`], 403), then,
+//! with signed links on, the token ([`crate::auth`], 401). The query holds a
+//! credential then, so nothing here logs the query or the URI.
 
 use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use fastwebsockets::upgrade::IncomingUpgrade;
 use serde::Deserialize;
@@ -13,12 +17,23 @@ use crate::pair::{PairId, UserId};
 use crate::session;
 
 /// The query of `/ws`.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 pub struct WsQuery {
     #[serde(rename = "userID")]
     user_id: Option<String>,
     #[serde(rename = "peerID")]
     peer_id: Option<String>,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for WsQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsQuery")
+            .field("user_id", &self.user_id)
+            .field("peer_id", &self.peer_id)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Validated identities of a new session.
@@ -43,13 +58,28 @@ pub fn identify(query: &WsQuery) -> Result<Identity, ApiError> {
     Ok(Identity { user, pair })
 }
 
-/// Validates the query and upgrades; the session runs on its own task.
+/// The identity of a request under `settings`: from the signed token when
+/// `SWITCHBOARD_AUTH_SECRET` is set, else from the query.
+pub fn authorize(settings: &crate::config::Settings, query: &WsQuery) -> Result<Identity, ApiError> {
+    match &settings.auth {
+        Some(signer) => {
+            Ok(signer.identify(query.token.as_deref(), query.user_id.as_deref(), query.peer_id.as_deref())?)
+        }
+        None => identify(query),
+    }
+}
+
+/// Validates the origin and the query and upgrades; the session runs on its own task.
 pub async fn upgrade(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Query(query): Query<WsQuery>,
     upgrade: Result<IncomingUpgrade, StatusCode>,
 ) -> Result<Response, ApiError> {
-    let identity = identify(&query)?;
+    if !state.settings.allowed_origins.permits(&headers) {
+        return Err(ApiError::ForbiddenOrigin);
+    }
+    let identity = authorize(&state.settings, &query)?;
     let upgrade = upgrade.map_err(|_| ApiError::NotUpgrade)?;
     // From the start of a drain, new sockets go elsewhere: a load balancer
     // retries another replica on 503 sooner than it notices /readyz.

@@ -122,12 +122,13 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
         }
     };
     let peer_online = state.registry.finish_setup(&handle, peer_session);
+    let ice_servers = crate::turn::ice_servers(&state.settings, &user);
     let welcome = ServerEvent::Welcome {
         user_id: user.as_str(),
         peer_id: peer.as_str(),
         polite: pair.is_polite(&user),
         peer_online,
-        ice_servers: &state.settings.ice_servers,
+        ice_servers: &ice_servers,
     }
     .to_bytes();
     let welcomed = async {
@@ -268,6 +269,7 @@ impl Session<'_> {
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
+        let mut turn_refresh = crate::turn::Refresh::new(settings);
         loop {
             let frame = tokio::select! {
                 biased;
@@ -287,6 +289,10 @@ impl Session<'_> {
                         return End::Server(CloseReason::PING_TIMEOUT);
                     }
                     let _ = control.try_send(Control::Ping);
+                    continue;
+                }
+                () = turn_refresh.due() => {
+                    turn_refresh.push(settings, self.handle, self.user);
                     continue;
                 }
                 frame = reader.read_frame(&mut pong) => frame,

@@ -1,0 +1,304 @@
+//! Signed links: HS256 JWTs that say who may connect to whom.
+//!
+//! When `SWITCHBOARD_AUTH_SECRET` is set, `/ws` needs `token=<JWT>`, signed
+//! with that secret, whose claims are `sub` (the userID), `peer` (the peerID)
+//! and `exp` (expiry, Unix seconds). Identity comes from the token: `userID`
+//! and `peerID` may be left out of the query, and if they are given they must
+//! equal the claims. Anything else is refused with 401 before the upgrade.
+//!
+//! The token is checked once, at the upgrade: a session that is open when its
+//! token expires stays open, but a reconnect after that is refused.
+//!
+//! Tokens are credentials: nothing here logs them or echoes them back, and
+//! [`Secret`] and [`LinkSigner`] never print their key.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::pair::{PairId, UserId};
+use crate::routes::ws::Identity;
+
+/// Shortest accepted `SWITCHBOARD_AUTH_SECRET`, in bytes (RFC 7518 asks HS256
+/// keys to be at least as long as the hash: 256 bits).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A secret from the settings. Its `Debug` output never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: &str) -> Self {
+        Self(Arc::from(value))
+    }
+
+    /// The secret's bytes, for keying a MAC.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The claims of a call token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user this token lets connect.
+    pub sub: String,
+    /// The only peer this user may be paired with.
+    pub peer: String,
+    /// Expiry, in seconds since the Unix epoch.
+    pub exp: u64,
+}
+
+/// Why a token was refused. Each message is fixed text: it never contains the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Auth is on and the query has no `token`.
+    #[error("a signed token is required (query parameter token)")]
+    Missing,
+    /// Not a JWT, or its header or claims can't be read.
+    #[error("the token is malformed")]
+    Malformed,
+    /// Signed with another key or another algorithm than HS256.
+    #[error("the token's signature is not valid")]
+    BadSignature,
+    /// `exp` has passed.
+    #[error("the token has expired")]
+    Expired,
+    /// `nbf` lies in the future.
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// The claims hold IDs that are invalid, or the same user twice.
+    #[error("the token's claims are not a valid pair of IDs")]
+    BadClaims,
+    /// `userID` in the query differs from the token's `sub`.
+    #[error("the token was issued for another userID")]
+    UserMismatch,
+    /// `peerID` in the query differs from the token's `peer`.
+    #[error("the token was issued for another peerID")]
+    PeerMismatch,
+}
+
+/// Signs and verifies call tokens with one HS256 key.
+#[derive(Clone)]
+pub struct LinkSigner {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl fmt::Debug for LinkSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LinkSigner(HS256, <redacted>)")
+    }
+}
+
+/// Seconds since the Unix epoch of `t` (0 before the epoch).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl LinkSigner {
+    /// A signer keyed with `secret`.
+    pub fn new(secret: &Secret) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        // Tokens come from `switchboard link` or the operator's own backend; a
+        // token is checked once, when the socket opens, so no grace period.
+        validation.leeway = 0;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        Self {
+            encoding: EncodingKey::from_secret(secret.expose()),
+            decoding: DecodingKey::from_secret(secret.expose()),
+            validation,
+        }
+    }
+
+    /// A token for `user` to call `peer`, valid until `expires`.
+    pub fn sign(&self, user: &UserId, peer: &UserId, expires: SystemTime) -> String {
+        let claims = Claims { sub: user.to_string(), peer: peer.to_string(), exp: unix_secs(expires) };
+        // HMAC signing of a plain struct cannot fail.
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 signing with an HMAC key does not fail")
+    }
+
+    /// Verifies the signature, algorithm and time claims of `token`.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|data| data.claims).map_err(|e| {
+            match e.kind() {
+                ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm => TokenError::BadSignature,
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                _ => TokenError::Malformed,
+            }
+        })
+    }
+
+    /// The identity of a `/ws` request: from the token, checked against the
+    /// query's `userID` and `peerID` when those are given.
+    pub fn identify(
+        &self,
+        token: Option<&str>,
+        user_id: Option<&str>,
+        peer_id: Option<&str>,
+    ) -> Result<Identity, TokenError> {
+        let token = token.filter(|t| !t.is_empty()).ok_or(TokenError::Missing)?;
+        let claims = self.verify(token)?;
+        if user_id.is_some_and(|u| u != claims.sub) {
+            return Err(TokenError::UserMismatch);
+        }
+        if peer_id.is_some_and(|p| p != claims.peer) {
+            return Err(TokenError::PeerMismatch);
+        }
+        let user = UserId::parse(&claims.sub).map_err(|_| TokenError::BadClaims)?;
+        let peer = UserId::parse(&claims.peer).map_err(|_| TokenError::BadClaims)?;
+        let pair = PairId::new(&user, &peer).map_err(|_| TokenError::BadClaims)?;
+        Ok(Identity { user, pair })
+    }
+}
+
+/// Why `switchboard link` can't make links.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// `--user` or `--peer` is not a valid ID, or they are equal.
+    #[error("{0}")]
+    BadId(String),
+    /// `--base-url` is not an `http(s)://` URL without query or fragment.
+    #[error("--base-url must be an http:// or https:// URL without ? or #, e.g. https://call.example.com")]
+    BadBaseUrl,
+    /// `--ttl` is zero or too large.
+    #[error("--ttl must be more than zero and at most 10 years")]
+    BadTtl,
+}
+
+/// One user's signed call link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallLink {
+    /// Whose link it is.
+    pub user: UserId,
+    /// `{base}/call?userID=..&peerID=..&token=..`.
+    pub url: String,
+}
+
+/// The two signed links of a call between `user` and `peer`, each valid for `ttl` from `now`.
+pub fn call_links(
+    signer: &LinkSigner,
+    base_url: &str,
+    user: &str,
+    peer: &str,
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<[CallLink; 2], LinkError> {
+    let user = UserId::parse(user).map_err(|e| LinkError::BadId(format!("--user: {e}")))?;
+    let peer = UserId::parse(peer).map_err(|e| LinkError::BadId(format!("--peer: {e}")))?;
+    PairId::new(&user, &peer).map_err(|_| LinkError::BadId("--user and --peer must differ".into()))?;
+    let base = base_url.trim_end_matches('/');
+    let scheme_ok = base.starts_with("http://") || base.starts_with("https://");
+    let host_ok = base.split_once("://").is_some_and(|(_, rest)| !rest.is_empty());
+    if !scheme_ok || !host_ok || base.contains(['?', '#']) || base.chars().any(|c| c.is_whitespace()) {
+        return Err(LinkError::BadBaseUrl);
+    }
+    if ttl.is_zero() || ttl > Duration::from_secs(10 * 366 * 86400) {
+        return Err(LinkError::BadTtl);
+    }
+    let expires = now + ttl;
+    // IDs are URL-safe by construction, and a JWT is base64url text and dots.
+    let link = |me: &UserId, other: &UserId| CallLink {
+        user: me.clone(),
+        url: format!("{base}/call?userID={me}&peerID={other}&token={}", signer.sign(me, other, expires)),
+    };
+    Ok([link(&user, &peer), link(&peer, &user)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer(secret: &str) -> LinkSigner {
+        LinkSigner::new(&Secret::new(secret))
+    }
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+    fn id(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_identity_from_the_token() {
+        let s = signer(KEY);
+        let token = s.sign(&id("alice"), &id("bob"), SystemTime::now() + Duration::from_secs(60));
+        let who = s.identify(Some(&token), None, None).unwrap();
+        assert_eq!(who.user.as_str(), "alice");
+        assert_eq!(who.pair.other(&who.user).as_str(), "bob");
+        assert!(s.identify(Some(&token), Some("alice"), Some("bob")).is_ok());
+        assert_eq!(s.identify(Some(&token), Some("bob"), None).unwrap_err(), TokenError::UserMismatch);
+        assert_eq!(s.identify(Some(&token), None, Some("carol")).unwrap_err(), TokenError::PeerMismatch);
+        assert_eq!(s.identify(None, Some("alice"), Some("bob")).unwrap_err(), TokenError::Missing);
+        assert_eq!(s.identify(Some(""), None, None).unwrap_err(), TokenError::Missing);
+    }
+
+    #[test]
+    fn refuses_bad_tokens_with_the_right_reason() {
+        let s = signer(KEY);
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let token = s.sign(&id("alice"), &id("bob"), later);
+        let other = signer("another secret, also 32 bytes long").sign(&id("alice"), &id("bob"), later);
+        assert_eq!(s.verify(&other).unwrap_err(), TokenError::BadSignature);
+        let expired = s.sign(&id("alice"), &id("bob"), SystemTime::now() - Duration::from_secs(5));
+        assert_eq!(s.verify(&expired).unwrap_err(), TokenError::Expired);
+        for junk in ["", "x", "a.b.c", "a.b", &token[..token.len() / 2]] {
+            assert!(matches!(s.verify(junk), Err(TokenError::Malformed | TokenError::BadSignature)), "{junk}");
+        }
+        // Same claims signed with HS512 under the same key: refused, only HS256 counts.
+        let claims = Claims { sub: "alice".into(), peer: "bob".into(), exp: unix_secs(later) };
+        let hs512 =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &EncodingKey::from_secret(KEY.as_bytes()))
+                .unwrap();
+        assert_eq!(s.verify(&hs512).unwrap_err(), TokenError::BadSignature);
+        // A signed token whose claims are not a valid pair.
+        let same = Claims { sub: "alice".into(), peer: "alice".into(), exp: unix_secs(later) };
+        let same = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &same, &s.encoding).unwrap();
+        assert_eq!(s.identify(Some(&same), None, None).unwrap_err(), TokenError::BadClaims);
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let secret = Secret::new(KEY);
+        assert!(!format!("{secret:?}").contains(KEY));
+        assert!(!format!("{:?}", signer(KEY)).contains(KEY));
+    }
+
+    #[test]
+    fn links_for_both_sides() {
+        let s = signer(KEY);
+        let now = SystemTime::now();
+        let [a, b] =
+            call_links(&s, "https://call.example.com/", "alice", "bob", Duration::from_secs(3600), now).unwrap();
+        assert_eq!(a.user.as_str(), "alice");
+        assert!(a.url.starts_with("https://call.example.com/call?userID=alice&peerID=bob&token="), "{}", a.url);
+        assert!(b.url.starts_with("https://call.example.com/call?userID=bob&peerID=alice&token="), "{}", b.url);
+        let token = b.url.rsplit_once("token=").unwrap().1;
+        let claims = s.verify(token).unwrap();
+        assert_eq!((claims.sub.as_str(), claims.peer.as_str()), ("bob", "alice"));
+        assert_eq!(claims.exp, unix_secs(now) + 3600);
+        let hour = Duration::from_secs(3600);
+        for base in ["ftp://x", "call.example.com", "https://", "https://x/?a=1", "https://x/#f", "https://a b"] {
+            assert!(matches!(call_links(&s, base, "alice", "bob", hour, now), Err(LinkError::BadBaseUrl)), "{base}");
+        }
+        assert!(matches!(call_links(&s, "http://x", "alice", "alice", hour, now), Err(LinkError::BadId(_))));
+        assert!(matches!(call_links(&s, "http://x", "a:b", "bob", hour, now), Err(LinkError::BadId(_))));
+        assert!(matches!(call_links(&s, "http://x", "alice", "bob", Duration::ZERO, now), Err(LinkError::BadTtl)));
+    }
+}

@@ -1,0 +1,160 @@
+//! Ephemeral TURN credentials in the coturn REST scheme.
+//!
+//! With `SWITCHBOARD_TURN_SECRET` and `SWITCHBOARD_TURN_URLS` set, every
+//! session's `iceServers` (the welcome's, and later `ice-servers` events) holds,
+//! after the servers of `SWITCHBOARD_ICE_SERVERS`, one more entry:
+//!
+//! ```json
+//! {"urls":["turn:turn.example.com:3478"],"username":"1700000000:alice","credential":"base64(HMAC-SHA1(secret, username))"}
+//! ```
+//!
+//! The username is `expiry-unix-time:userID`; a TURN server configured with the
+//! same secret (coturn: `use-auth-secret`, `static-auth-secret`) accepts it
+//! until that time. Before the credentials expire, at 80% of
+//! `SWITCHBOARD_TURN_TTL_SECS`, the session pushes fresh ones as
+//! `{"type":"ice-servers","iceServers":[...]}`, so long calls can still relay
+//! after an ICE restart.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sha1::Sha1;
+
+use crate::auth::{unix_secs, Secret};
+use crate::config::Settings;
+use crate::pair::UserId;
+use crate::protocol::ServerEvent;
+use crate::session::handle::SessionHandle;
+
+/// TURN settings: the shared secret, the server URLs and the credentials' lifetime.
+#[derive(Debug, Clone)]
+pub struct Turn {
+    /// Secret shared with the TURN server.
+    pub secret: Secret,
+    /// `turn:` / `turns:` URLs.
+    pub urls: Vec<String>,
+    /// How long credentials are valid.
+    pub ttl: Duration,
+}
+
+/// One RTCIceServer with a REST credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TurnServer {
+    /// The TURN URLs.
+    pub urls: Vec<String>,
+    /// `expiry-unix-time:userID`.
+    pub username: String,
+    /// `base64(HMAC-SHA1(secret, username))`.
+    pub credential: String,
+}
+
+/// Checks one entry of `SWITCHBOARD_TURN_URLS`.
+pub fn valid_url(url: &str) -> bool {
+    let rest = url.strip_prefix("turn:").or_else(|| url.strip_prefix("turns:"));
+    rest.is_some_and(|r| !r.is_empty() && !r.chars().any(|c| c.is_whitespace() || c.is_control()))
+}
+
+/// `base64(HMAC-SHA1(secret, username))`.
+pub fn credential(secret: &Secret, username: &str) -> String {
+    let mut mac = Hmac::<Sha1>::new_from_slice(secret.expose()).expect("HMAC takes keys of any length");
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+impl Turn {
+    /// Credentials for `user`, issued at `now`.
+    pub fn server_for(&self, user: &UserId, now: SystemTime) -> TurnServer {
+        let username = format!("{}:{user}", unix_secs(now + self.ttl));
+        TurnServer { urls: self.urls.clone(), credential: credential(&self.secret, &username), username }
+    }
+
+    /// How often a session pushes fresh credentials: at 80% of their lifetime.
+    pub fn refresh_every(&self) -> Duration {
+        (self.ttl * 4 / 5).max(Duration::from_millis(500))
+    }
+}
+
+/// The `iceServers` for `user`: the configured ones, plus fresh TURN credentials if TURN is on.
+pub fn ice_servers(settings: &Settings, user: &UserId) -> Box<RawValue> {
+    let Some(turn) = &settings.turn else {
+        return settings.ice_servers.clone();
+    };
+    // The setting was checked to be a JSON array when it was loaded.
+    let mut servers: Vec<Box<RawValue>> = serde_json::from_str(settings.ice_servers.get()).unwrap_or_default();
+    if let Ok(entry) = serde_json::value::to_raw_value(&turn.server_for(user, SystemTime::now())) {
+        servers.push(entry);
+    }
+    serde_json::value::to_raw_value(&servers).unwrap_or_else(|_| settings.ice_servers.clone())
+}
+
+/// A session's timer for pushing fresh credentials; never fires without TURN.
+#[derive(Debug)]
+pub struct Refresh {
+    timer: Option<tokio::time::Interval>,
+}
+
+impl Refresh {
+    /// A timer for `settings`, first firing one refresh period from now.
+    pub fn new(settings: &Settings) -> Self {
+        let timer = settings.turn.as_ref().map(|turn| {
+            let every = turn.refresh_every();
+            let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            timer
+        });
+        Self { timer }
+    }
+
+    /// Resolves when fresh credentials are due.
+    pub async fn due(&mut self) {
+        match &mut self.timer {
+            Some(timer) => {
+                timer.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Queues `{"type":"ice-servers","iceServers":[...]}` with fresh credentials.
+    pub fn push(&self, settings: &Settings, handle: &SessionHandle, user: &UserId) {
+        let servers = ice_servers(settings, user);
+        handle.deliver(ServerEvent::IceServers { ice_servers: &servers }.to_bytes());
+        tracing::debug!("pushed fresh TURN credentials");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coturn_rest_credential() {
+        // The HMAC-SHA1 example of RFC 2104's Wikipedia page, and a value from Python's hmac module:
+        // base64(hmac.new(b"north", b"1700000000:alice", hashlib.sha1).digest()).
+        assert_eq!(
+            credential(&Secret::new("key"), "The quick brown fox jumps over the lazy dog"),
+            "3nybhbi3iqa8ino29wqQcBydtNk="
+        );
+        let secret = Secret::new("north");
+        assert_eq!(credential(&secret, "1700000000:alice"), "Cd/49soE35ICqcJF/bCTn8Z4OyE=");
+        let turn = Turn { secret, urls: vec!["turn:t.example:3478".into()], ttl: Duration::from_secs(600) };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_699_999_400);
+        let s = turn.server_for(&UserId::parse("alice").unwrap(), now);
+        assert_eq!(s.username, "1700000000:alice");
+        assert_eq!(s.credential, "Cd/49soE35ICqcJF/bCTn8Z4OyE=");
+        assert_eq!(turn.refresh_every(), Duration::from_secs(480));
+    }
+
+    #[test]
+    fn urls() {
+        for ok in ["turn:t.example:3478", "turns:t.example:5349?transport=tcp", "turn:[::1]:3478"] {
+            assert!(valid_url(ok), "{ok}");
+        }
+        for bad in ["", "turn:", "stun:t.example", "https://t.example", "turn:a b", "TURN:x"] {
+            assert!(!valid_url(bad), "{bad}");
+        }
+    }
+}
