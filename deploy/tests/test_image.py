@@ -42,7 +42,7 @@ def test_multi_stage_release_build():
     assert builder[0].value[-2:] == ("AS", "builder")
     assert builder[0].value[0].startswith("rust:")
     run = " ".join(c.value[0] for c in builder if c.cmd == "RUN")
-    assert re.search(r"cargo build --release --locked -p switchboard\b", run)
+    assert re.search(r"cargo build --release -p switchboard\b", run)
     assert re.match(r"debian:.*-slim$", runtime[0].value[0])
     copy = only(runtime, "COPY")
     assert "--from=builder" in copy.flags
@@ -173,7 +173,7 @@ def context_files() -> list[str]:
 
 def test_dockerignore_keeps_sources_and_drops_the_rest():
     files = context_files()
-    assert "Cargo.toml" in files and "Cargo.lock" in files
+    assert "Cargo.toml" in files
     assert any(f.startswith("crates/switchboard/src/") for f in files)
     pats = ignore_patterns()
     for probe in [".git/HEAD", "target/release/switchboard", "crates/switchboard/target/x",
