@@ -116,6 +116,20 @@ impl RedisBroker {
         (pair.presence_key(&self.prefix, user), pair.presence_key(&self.prefix, pair.other(user)))
     }
 
+    /// Runs a presence script on (my key, the peer's key) with (session, TTL)
+    /// and returns the peer's live session.
+    async fn presence(
+        &self,
+        script: &str,
+        pair: &PairId,
+        user: &UserId,
+        session: SessionId,
+    ) -> Result<Option<SessionId>, BrokerError> {
+        let (mine, peer) = self.keys(pair, user);
+        let (session, ttl) = (format!("{session:x}"), self.ttl_secs.to_string());
+        parse_session(self.eval(pair, script, &[&mine, &peer], &[&session, &ttl]).await?)
+    }
+
     /// Runs a Lua script on the lane of `pair`'s channel.
     async fn eval(
         &self,
@@ -159,9 +173,7 @@ impl Broker for RedisBroker {
         user: &UserId,
         session: SessionId,
     ) -> Result<Option<SessionId>, BrokerError> {
-        let (mine, peer) = self.keys(pair, user);
-        let (session, ttl) = (format!("{session:x}"), self.ttl_secs.to_string());
-        parse_session(self.eval(pair, CLAIM_LUA, &[&mine, &peer], &[&session, &ttl]).await?)
+        self.presence(CLAIM_LUA, pair, user, session).await
     }
 
     async fn refresh_presence(
@@ -170,9 +182,7 @@ impl Broker for RedisBroker {
         user: &UserId,
         session: SessionId,
     ) -> Result<Option<SessionId>, BrokerError> {
-        let (mine, peer) = self.keys(pair, user);
-        let (session, ttl) = (format!("{session:x}"), self.ttl_secs.to_string());
-        parse_session(self.eval(pair, REFRESH_LUA, &[&mine, &peer], &[&session, &ttl]).await?)
+        self.presence(REFRESH_LUA, pair, user, session).await
     }
 
     async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {
