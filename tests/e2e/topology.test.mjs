@@ -4,14 +4,12 @@
 // and temp paths come from -p/-g on the command line). Everything goes through
 // the load balancer, as in docker-compose.yml.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import readline from 'node:readline';
 import { REPO_ROOT, SWITCHBOARD_BIN } from './lib/paths.mjs';
-import { freePort, listeningAddr } from './lib/processes.mjs';
+import { Child, freePort, listeningAddr } from './lib/processes.mjs';
 import { pairIDs, scenarioTest } from './lib/scenario.mjs';
 
 const NGINX_CONF = path.join(REPO_ROOT, 'deploy', 'nginx', 'nginx.conf');
@@ -30,60 +28,6 @@ async function until(fn, what, timeoutMs = 20000, everyMs = 50) {
     if (v !== undefined && v !== false) return v;
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${typeof what === 'function' ? what() : what}`);
     await sleep(everyMs);
-  }
-}
-
-/** Every process this file starts, killed if the test process exits early. */
-const children = new Set();
-process.once('exit', () => {
-  for (const c of children) {
-    try {
-      c.kill('SIGKILL');
-    } catch {
-      /* gone */
-    }
-  }
-});
-
-/** A child process with its output lines kept (for proofs and failure reports). */
-class Proc {
-  constructor(name, command, args, options = {}) {
-    this.name = name;
-    this.lines = [];
-    this.proc = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], ...options });
-    children.add(this.proc);
-    this.exited = new Promise((resolve) => {
-      this.proc.once('exit', (code, signal) => {
-        children.delete(this.proc);
-        resolve({ code, signal });
-      });
-      this.proc.once('error', (error) => {
-        children.delete(this.proc);
-        this.lines.push(`[spawn error] ${error.message}`);
-        resolve({ code: null, signal: null, error });
-      });
-    });
-    for (const [stream, tag] of [[this.proc.stdout, ''], [this.proc.stderr, '[stderr] ']]) {
-      if (stream) readline.createInterface({ input: stream }).on('line', (line) => this.lines.push(tag + line));
-    }
-  }
-
-  get running() {
-    return this.proc.exitCode === null && this.proc.signalCode === null && children.has(this.proc);
-  }
-
-  tail(n = 30) {
-    return this.lines.slice(-n).join('\n');
-  }
-
-  /** Sends `signal` and waits for the exit (SIGKILL after `graceMs`). */
-  async stop(signal = 'SIGTERM', graceMs = 15000) {
-    if (!this.running) return this.exited;
-    this.proc.kill(signal);
-    const timer = setTimeout(() => this.proc.kill('SIGKILL'), graceMs);
-    const result = await this.exited;
-    clearTimeout(timer);
-    return result;
   }
 }
 
@@ -153,7 +97,7 @@ class Replica {
       RUST_LOG: REPLICA_LOG,
       ...this.env,
     };
-    const proc = new Proc(`${this.name} run ${this.runs}`, SWITCHBOARD_BIN, [], { env });
+    const proc = new Child(`${this.name} run ${this.runs}`, SWITCHBOARD_BIN, [], { env });
     // Share the line buffer: marker first, then this run's lines as they come.
     this.child.lines.push(`=== ${this.name} run ${this.runs} ===`);
     const mirror = proc.lines;
@@ -195,7 +139,7 @@ class Replica {
   }
 
   stop(signal) {
-    return this.proc ? this.proc.stop(signal) : Promise.resolve({ code: 0 });
+    return this.proc ? this.proc.stop(15000, signal) : Promise.resolve({ code: 0 });
   }
 }
 
@@ -231,7 +175,7 @@ async function startNginx(sc, replicas) {
   // it a file (a socket, as Node's 'pipe' is, cannot be opened that way).
   const accessLog = path.join(prefix, 'access.log');
   const out = fs.openSync(accessLog, 'w');
-  const proc = new Proc('nginx', nginxBinary(), [
+  const proc = new Child('nginx', nginxBinary(), [
     '-p', `${prefix}/`, '-e', 'stderr', '-c', conf, '-g', `daemon off; pid ${prefix}/nginx.pid;`,
   ], { stdio: ['ignore', out, 'pipe'] });
   fs.closeSync(out);
@@ -246,7 +190,7 @@ async function startNginx(sc, replicas) {
   };
   sc.instances.push(lb);
   sc.cleanups.push(async () => {
-    await proc.stop('SIGTERM', 5000);
+    await proc.stop(5000);
     sc.instances.splice(sc.instances.indexOf(lb), 1); // its files go with the prefix
     fs.rmSync(prefix, { recursive: true, force: true });
   });

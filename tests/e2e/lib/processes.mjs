@@ -40,8 +40,8 @@ export async function freePort() {
   return port;
 }
 
-/** A spawned child with its output kept (the last lines) for failure reports. */
-class Child {
+/** A spawned child with its output kept (the last lines) for proofs and failure reports. */
+export class Child {
   constructor(name, command, args, options) {
     this.name = name;
     this.lines = [];
@@ -60,9 +60,10 @@ class Child {
     });
     this.listeners = [];
     for (const [stream, tag] of [[this.proc.stdout, ''], [this.proc.stderr, '[stderr] ']]) {
+      if (!stream) continue; // a caller's `stdio` may leave it out
       readline.createInterface({ input: stream }).on('line', (line) => {
         this.lines.push(tag + line);
-        if (this.lines.length > 2000) this.lines.shift();
+        if (this.lines.length > 20000) this.lines.shift();
         for (const fn of this.listeners) fn(line);
       });
     }
@@ -95,14 +96,18 @@ class Child {
     });
   }
 
+  get running() {
+    return this.proc.exitCode === null && this.proc.signalCode === null && live.has(this.proc);
+  }
+
   tail(n = 40) {
     return this.lines.slice(-n).join('\n');
   }
 
-  /** SIGTERM, then SIGKILL if it has not exited after `graceMs`. */
-  async stop(graceMs = 5000) {
-    if (this.proc.exitCode !== null || this.proc.signalCode !== null || !live.has(this.proc)) return this.exited;
-    this.proc.kill('SIGTERM');
+  /** `signal` (SIGTERM), then SIGKILL if it has not exited after `graceMs`. */
+  async stop(graceMs = 5000, signal = 'SIGTERM') {
+    if (!this.running) return this.exited;
+    this.proc.kill(signal);
     const timer = setTimeout(() => this.proc.kill('SIGKILL'), graceMs);
     const result = await this.exited;
     clearTimeout(timer);
