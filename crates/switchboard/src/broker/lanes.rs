@@ -8,22 +8,51 @@
 //! command that queued up meanwhile. Commands for one channel always use the
 //! same lane, and a lane sends in queue order over one connection, so Redis
 //! sees each session's commands in the order it sent them.
+//!
+//! A command either waits for its reply ([`Lanes::call`]: presence, joins) or
+//! is sent and forgotten ([`Lanes::send`]: relayed messages). A forgotten
+//! command that fails is reported to its origin, so the session reading the
+//! socket never waits for Redis and wakes up once per message, not twice.
 
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
 
 use deadpool_redis::Pool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::BrokerError;
+use super::{BrokerError, RelayFailure};
 
 /// Most commands sent as one pipeline.
 const MAX_BATCH: usize = 256;
 
 struct Job {
     cmd: redis::Cmd,
-    reply: oneshot::Sender<Result<redis::Value, BrokerError>>,
+    reply: Reply,
+}
+
+/// Where a command's outcome goes.
+enum Reply {
+    /// Someone awaits the reply.
+    Wait(oneshot::Sender<Result<redis::Value, BrokerError>>),
+    /// A relayed message: only a failure is told, to the session that sent it.
+    Tell { origin: Arc<dyn RelayFailure>, queued_at: Instant },
+}
+
+impl Reply {
+    fn finish(self, result: Result<redis::Value, BrokerError>) {
+        match self {
+            Reply::Wait(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Tell { origin, queued_at } => match result {
+                Ok(_) => crate::metrics::publish_latency(queued_at.elapsed()),
+                Err(e) => origin.relay_failed(&e),
+            },
+        }
+    }
 }
 
 /// The lanes of one instance.
@@ -44,14 +73,26 @@ impl Lanes {
         Self { senders }
     }
 
-    /// Sends `cmd` on the lane of `key` and waits for its reply.
-    pub async fn call(&self, key: &str, cmd: redis::Cmd) -> Result<redis::Value, BrokerError> {
+    fn lane(&self, key: &str) -> &mpsc::Sender<Job> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut hasher);
-        let lane = &self.senders[(hasher.finish() % self.senders.len() as u64) as usize];
+        &self.senders[(hasher.finish() % self.senders.len() as u64) as usize]
+    }
+
+    /// Sends `cmd` on the lane of `key` and waits for its reply.
+    pub async fn call(&self, key: &str, cmd: redis::Cmd) -> Result<redis::Value, BrokerError> {
         let (reply, answer) = oneshot::channel();
-        lane.send(Job { cmd, reply }).await.map_err(|_| BrokerError::Disconnected)?;
+        self.lane(key).send(Job { cmd, reply: Reply::Wait(reply) }).await.map_err(|_| BrokerError::Disconnected)?;
         answer.await.map_err(|_| BrokerError::Disconnected)?
+    }
+
+    /// Queues `cmd` on the lane of `key` without waiting for its reply; waits
+    /// only while the lane's queue is full. A failure is told to `origin`.
+    pub async fn send(&self, key: &str, cmd: redis::Cmd, origin: Arc<dyn RelayFailure>) {
+        let job = Job { cmd, reply: Reply::Tell { origin, queued_at: Instant::now() } };
+        if let Err(mpsc::error::SendError(job)) = self.lane(key).send(job).await {
+            job.reply.finish(Err(BrokerError::Disconnected));
+        }
     }
 }
 
@@ -73,7 +114,7 @@ async fn run(pool: Pool, mut queue: mpsc::Receiver<Job>, stop: CancellationToken
                 Err(e) => {
                     let why = e.to_string();
                     for job in batch.drain(..) {
-                        let _ = job.reply.send(Err(BrokerError::Pool(why.clone())));
+                        job.reply.finish(Err(BrokerError::Pool(why.clone())));
                     }
                     continue;
                 }
@@ -90,7 +131,7 @@ async fn run(pool: Pool, mut queue: mpsc::Receiver<Job>, stop: CancellationToken
                         redis::Value::ServerError(e) => Err(BrokerError::Command(format!("{e:?}"))),
                         value => Ok(value),
                     };
-                    let _ = job.reply.send(reply);
+                    job.reply.finish(reply);
                 }
             }
             Err(e) => {
@@ -99,7 +140,7 @@ async fn run(pool: Pool, mut queue: mpsc::Receiver<Job>, stop: CancellationToken
                 }
                 let why = e.to_string();
                 for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(BrokerError::Command(why.clone())));
+                    job.reply.finish(Err(BrokerError::Command(why.clone())));
                 }
             }
         }

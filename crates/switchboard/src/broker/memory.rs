@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Broker, BrokerError, SessionId};
+use super::{Broker, BrokerError, RelayFailure, SessionId};
 use crate::pair::{PairId, UserId};
 use crate::registry::Registry;
 
@@ -44,6 +44,10 @@ impl Broker for MemoryBroker {
     async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError> {
         self.registry.dispatch(channel, &envelope);
         Ok(())
+    }
+
+    async fn relay(&self, channel: &str, envelope: Bytes, _origin: Arc<dyn RelayFailure>) {
+        self.registry.dispatch(channel, &envelope);
     }
 
     async fn claim_presence(

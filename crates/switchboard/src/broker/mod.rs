@@ -10,6 +10,8 @@ pub mod lanes;
 pub mod memory;
 pub mod redis;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 
@@ -33,6 +35,12 @@ pub enum BrokerError {
     Disconnected,
 }
 
+/// Told when a message handed to [`Broker::relay`] could not be published.
+pub trait RelayFailure: Send + Sync + 'static {
+    /// The broker could not publish a relayed message; the client should hear of it.
+    fn relay_failed(&self, error: &BrokerError);
+}
+
 /// The operations a session needs from a broker.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
@@ -46,6 +54,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Publishes an envelope on `channel`. One session's publishes are
     /// awaited one after another, so they arrive in order.
     async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError>;
+
+    /// Queues a client's message on `channel` without waiting for Redis to
+    /// confirm it: a session's relayed messages are published in the order it
+    /// queued them, after anything it published before. Waits only while the
+    /// broker's queue is full, which slows the sending socket down. A failure
+    /// is reported to `origin` once the broker knows of it.
+    async fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>);
 
     /// Records `session` as `user`'s live session in `pair` and returns the
     /// peer's live session, if any.

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::lanes::Lanes;
-use super::{Broker, BrokerError, SessionId};
+use super::{Broker, BrokerError, RelayFailure, SessionId};
 use crate::pair::{PairId, UserId};
 use crate::protocol::ServerEvent;
 use crate::registry::Registry;
@@ -165,6 +165,12 @@ impl Broker for RedisBroker {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(channel).arg(&envelope[..]);
         self.lanes.call(channel, cmd).await.map(drop)
+    }
+
+    async fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(&envelope[..]);
+        self.lanes.send(channel, cmd, origin).await;
     }
 
     async fn claim_presence(

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::envelope::{Envelope, Kind};
-use crate::broker::SessionId;
+use crate::broker::{BrokerError, RelayFailure, SessionId};
 use crate::pair::UserId;
 use crate::protocol::{close, ServerEvent};
 
@@ -201,5 +201,14 @@ impl SessionHandle {
                 }
             }
         }
+    }
+}
+
+impl RelayFailure for SessionHandle {
+    fn relay_failed(&self, error: &BrokerError) {
+        tracing::warn!(error = %error, session = self.id, "publish failed");
+        crate::metrics::reject("broker_unavailable");
+        let message = "the message could not be relayed: the broker is unavailable";
+        self.deliver(ServerEvent::Error { code: "broker_unavailable", message }.to_bytes());
     }
 }

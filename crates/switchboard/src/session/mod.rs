@@ -3,7 +3,8 @@
 //! Setup runs in a fixed order so that nothing is missed: register locally,
 //! subscribe to the pair's channel, claim presence, write the welcome, then
 //! announce the join. After that the reader loop (this task) reads whole
-//! messages and publishes them one at a time, which keeps the session's order,
+//! messages and queues them on the broker in order without waiting for Redis
+//! to confirm each (a failure comes back as a `broker_unavailable` event),
 //! while a writer task drains the outbox that the registry fills.
 
 pub mod frames;
@@ -242,7 +243,7 @@ async fn finish_close<R: tokio::io::AsyncRead + Unpin>(
 /// The reading side of a live session.
 struct Session<'a> {
     state: &'a AppState,
-    handle: &'a SessionHandle,
+    handle: &'a Arc<SessionHandle>,
     channel: &'a str,
     user: &'a crate::pair::UserId,
     pair: &'a crate::pair::PairId,
@@ -343,23 +344,13 @@ impl Session<'_> {
             }
         };
         let env = envelope::encode(kind, self.user, self.handle.id, &payload);
-        let started = std::time::Instant::now();
-        match self.state.broker.publish(self.channel, env).await {
-            Ok(()) => {
-                crate::metrics::publish_latency(started.elapsed());
-                if kind == Kind::Answer {
-                    if let Some(setup) = self.handle.call_setup_time() {
-                        crate::metrics::call_setup(setup);
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "publish failed");
-                crate::metrics::reject("broker_unavailable");
-                let message = "the message could not be relayed: the broker is unavailable";
-                self.handle.deliver(ServerEvent::Error { code: "broker_unavailable", message }.to_bytes());
+        if kind == Kind::Answer {
+            if let Some(setup) = self.handle.call_setup_time() {
+                crate::metrics::call_setup(setup);
             }
         }
+        // Not awaited past the queue: a failure comes back as `broker_unavailable`.
+        self.state.broker.relay(self.channel, env, self.handle.clone()).await;
     }
 
     /// Keeps this session's presence alive; a peer whose presence expired
