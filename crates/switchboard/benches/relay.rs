@@ -81,9 +81,9 @@ fn dispatch(c: &mut Criterion) {
     let bob = UserId::parse("bob-5678").expect("valid id");
     let channel = "switchboard:pair:alice-1234:bob-5678";
     let registry = Registry::new();
-    let (sender, _sender_rx) = SessionHandle::new(1, alice.clone(), 256, 1 << 20);
-    let (receiver, mut receiver_rx) = SessionHandle::new(2, bob, 256, 1 << 20);
-    let receiver = Arc::new(receiver);
+    let sender = SessionHandle::new(1, alice.clone(), 256, 1 << 20);
+    let receiver = Arc::new(SessionHandle::new(2, bob, 256, 1 << 20));
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
     registry.insert(channel, Arc::new(sender));
     registry.insert(channel, receiver.clone());
     let mut g = c.benchmark_group("registry_dispatch");
@@ -93,7 +93,8 @@ fn dispatch(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::from_parameter(name), &raw, |b, raw| {
             b.iter(|| {
                 let n = registry.dispatch(channel, black_box(raw));
-                let frame = receiver_rx.try_recv().expect("delivered to the other user");
+                let work = runtime.block_on(receiver.take_work());
+                let frame = work.frames.front().expect("delivered to the other user");
                 receiver.sent(frame.len());
                 n
             })

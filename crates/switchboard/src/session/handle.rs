@@ -1,15 +1,22 @@
 //! The part of a session that other tasks touch: its outbox and its close signal.
 //!
-//! The registry delivers into the outbox with `try_send` and never waits, so the
-//! broker's read loop can't be slowed by a socket. A session whose queue is full,
-//! in messages or in bytes, is closed with 1008 instead of being waited on.
+//! The registry delivers into the outbox without waiting, so the broker's read
+//! loop can't be slowed by a socket. A session whose queue is full, in messages
+//! or in bytes, is closed with 1008 instead of being waited on.
+//!
+//! The outbox is a `VecDeque` behind a std `Mutex` (never held across an
+//! `.await`) plus a `Notify` for the writer, not a channel: an idle session
+//! holds no queue memory at all, where a tokio channel keeps a block of 32
+//! slots allocated for its whole life. Control frames (pong, ping, close) live
+//! beside the queue and are written ahead of it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::envelope::{Envelope, Kind};
@@ -55,6 +62,35 @@ impl CloseReason {
     pub const BROKER_UNAVAILABLE: Self = Self { code: 1013, reason: "broker unavailable", label: "broker_unavailable" };
 }
 
+/// What the writer has to do next, taken in one go by [`SessionHandle::take_work`].
+#[derive(Debug, Default)]
+pub struct Work {
+    /// A ping's payload to answer (only the latest one is answered, as RFC 6455 allows).
+    pub pong: Option<Vec<u8>>,
+    /// Send a ping.
+    pub ping: bool,
+    /// Send this close frame, then stop.
+    pub close: Option<(u16, &'static str)>,
+    /// The reader is done and wants no close frame sent: stop.
+    pub stop: bool,
+    /// Text frames, oldest first.
+    pub frames: VecDeque<Bytes>,
+}
+
+impl Work {
+    /// Whether there is nothing to do yet.
+    pub fn is_empty(&self) -> bool {
+        self.pong.is_none() && !self.ping && self.close.is_none() && !self.stop && self.frames.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Outbox {
+    work: Work,
+    /// Bytes queued and not yet written by the writer.
+    bytes: usize,
+}
+
 /// Shared handle of one live session.
 #[derive(Debug)]
 pub struct SessionHandle {
@@ -62,8 +98,10 @@ pub struct SessionHandle {
     pub id: SessionId,
     /// The session's user.
     pub user: UserId,
-    outbox: mpsc::Sender<Bytes>,
-    queued_bytes: AtomicUsize,
+    outbox: Mutex<Outbox>,
+    /// Wakes the writer when `outbox` gains work.
+    wake: Notify,
+    max_queued_messages: usize,
     max_queued_bytes: usize,
     own_join_seen: AtomicBool,
     /// Set once the welcome's `peerOnline` is decided; peer joins seen before
@@ -80,14 +118,14 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// Creates a handle and the receiving end of its outbox.
-    pub fn new(id: SessionId, user: UserId, max_messages: usize, max_bytes: usize) -> (Self, mpsc::Receiver<Bytes>) {
-        let (outbox, rx) = mpsc::channel(max_messages.max(1));
-        let handle = Self {
+    /// Creates a handle whose outbox holds at most `max_messages` frames and `max_bytes` bytes.
+    pub fn new(id: SessionId, user: UserId, max_messages: usize, max_bytes: usize) -> Self {
+        Self {
             id,
             user,
-            outbox,
-            queued_bytes: AtomicUsize::new(0),
+            outbox: Mutex::default(),
+            wake: Notify::new(),
+            max_queued_messages: max_messages.max(1),
             max_queued_bytes: max_bytes,
             own_join_seen: AtomicBool::new(false),
             welcomed: AtomicBool::new(false),
@@ -96,8 +134,18 @@ impl SessionHandle {
             first_offer_at: OnceLock::new(),
             setup_observed: AtomicBool::new(false),
             ended: CancellationToken::new(),
-        };
-        (handle, rx)
+        }
+    }
+
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        // Every critical section is a few field updates; a panic can't leave it half done.
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the writer's work and wakes it.
+    fn order(&self, change: impl FnOnce(&mut Work)) {
+        change(&mut self.outbox().work);
+        self.wake.notify_one();
     }
 
     /// Queues a text frame for the socket without waiting. Closes the session
@@ -107,28 +155,66 @@ impl SessionHandle {
             // Closing: a gap followed by later frames would be worse than nothing.
             return;
         }
-        let len = frame.len();
-        let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
-        if queued > self.max_queued_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.close(CloseReason::SLOW_CONSUMER);
-            return;
-        }
-        match self.outbox.try_send(frame) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                self.close(CloseReason::SLOW_CONSUMER);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        {
+            let mut outbox = self.outbox();
+            let len = frame.len();
+            let full =
+                outbox.work.frames.len() >= self.max_queued_messages || outbox.bytes + len > self.max_queued_bytes;
+            if !full {
+                outbox.bytes += len;
+                outbox.work.frames.push_back(frame);
+                drop(outbox);
+                self.wake.notify_one();
+                return;
             }
         }
+        self.close(CloseReason::SLOW_CONSUMER);
     }
 
     /// Tells the handle that the writer put `len` queued bytes on the socket.
     pub fn sent(&self, len: usize) {
-        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        let mut outbox = self.outbox();
+        outbox.bytes = outbox.bytes.saturating_sub(len);
+    }
+
+    /// Asks the writer to answer a ping with `payload`.
+    pub fn pong(&self, payload: Vec<u8>) {
+        self.order(|w| w.pong = Some(payload));
+    }
+
+    /// Asks the writer to send a ping.
+    pub fn ping(&self) {
+        self.order(|w| w.ping = true);
+    }
+
+    /// Asks the writer to send a close frame and stop.
+    pub fn send_close(&self, code: u16, reason: &'static str) {
+        self.order(|w| w.close = Some((code, reason)));
+    }
+
+    /// Asks the writer to stop without a close frame.
+    pub fn stop_writer(&self) {
+        self.order(|w| w.stop = true);
+    }
+
+    /// Takes everything the writer has to do, waiting until there is something.
+    /// The queue's memory goes with it, so an idle session keeps none.
+    pub async fn take_work(&self) -> Work {
+        loop {
+            {
+                let mut outbox = self.outbox();
+                if !outbox.work.is_empty() {
+                    let stop = outbox.work.stop;
+                    let mut work = std::mem::take(&mut outbox.work);
+                    // A stop stays set: nothing after it is ever written.
+                    outbox.work.stop = stop;
+                    work.stop = stop;
+                    return work;
+                }
+            }
+            // `notify_one` stores a permit when nobody waits, so no wake-up is lost here.
+            self.wake.notified().await;
+        }
     }
 
     /// Asks the session to close; the first reason given wins.
@@ -210,5 +296,66 @@ impl RelayFailure for SessionHandle {
         crate::metrics::reject("broker_unavailable");
         let message = "the message could not be relayed: the broker is unavailable";
         self.deliver(ServerEvent::Error { code: "broker_unavailable", message }.to_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(max_messages: usize, max_bytes: usize) -> SessionHandle {
+        SessionHandle::new(7, UserId::parse("alice").expect("valid"), max_messages, max_bytes)
+    }
+
+    fn take(h: &SessionHandle) -> Work {
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(h.take_work())
+    }
+
+    #[test]
+    fn frames_come_out_in_order_and_the_idle_queue_keeps_no_memory() {
+        let h = handle(16, 1 << 20);
+        for i in 0..5u8 {
+            h.deliver(Bytes::from(vec![i; 10]));
+        }
+        let work = take(&h);
+        let firsts: Vec<u8> = work.frames.iter().map(|f| f[0]).collect();
+        assert_eq!(firsts, [0, 1, 2, 3, 4]);
+        assert_eq!(h.outbox().work.frames.capacity(), 0, "the queue's allocation left with the work");
+        assert_eq!(h.outbox().bytes, 50, "bytes count until written");
+        for frame in &work.frames {
+            h.sent(frame.len());
+        }
+        assert_eq!(h.outbox().bytes, 0);
+    }
+
+    #[test]
+    fn a_full_queue_closes_the_session_as_a_slow_consumer() {
+        let by_count = handle(2, 1 << 20);
+        for _ in 0..3 {
+            by_count.deliver(Bytes::from_static(b"x"));
+        }
+        assert_eq!(by_count.close_reason(), Some(CloseReason::SLOW_CONSUMER));
+
+        let by_bytes = handle(100, 10);
+        by_bytes.deliver(Bytes::from_static(b"123456"));
+        assert_eq!(by_bytes.close_reason(), None);
+        by_bytes.deliver(Bytes::from_static(b"123456"));
+        assert_eq!(by_bytes.close_reason(), Some(CloseReason::SLOW_CONSUMER));
+    }
+
+    #[test]
+    fn control_orders_wake_the_writer_and_a_stop_stays_set() {
+        let h = handle(16, 1 << 20);
+        h.pong(b"a".to_vec());
+        h.pong(b"b".to_vec());
+        h.ping();
+        let work = take(&h);
+        assert_eq!(work.pong.as_deref(), Some(&b"b"[..]), "the latest ping is answered");
+        assert!(work.ping && work.close.is_none() && !work.stop);
+        h.send_close(1000, "bye");
+        assert_eq!(take(&h).close, Some((1000, "bye")));
+        h.stop_writer();
+        assert!(take(&h).stop);
+        assert!(take(&h).stop, "nothing is written after a stop");
     }
 }

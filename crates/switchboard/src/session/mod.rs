@@ -19,7 +19,6 @@ use bytes::Bytes;
 use fastwebsockets::upgrade::UpgradeFut;
 use fastwebsockets::{Frame, OpCode, Payload, Role};
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -30,7 +29,6 @@ use crate::routes::ws::Identity;
 use frames::{Assembler, Incoming};
 use handle::{CloseReason, SessionHandle};
 use limits::{RateLimit, Verdict};
-use writer::Control;
 
 /// How long a closing socket may take to finish the close handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -91,9 +89,8 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     let Identity { user, pair } = identity;
     let peer = pair.other(&user).clone();
     let channel = pair.channel(&state.settings.channel_prefix);
-    let (handle, outbox) =
-        SessionHandle::new(id, user.clone(), state.settings.outbox_messages, state.settings.outbox_bytes);
-    let handle = Arc::new(handle);
+    let handle =
+        Arc::new(SessionHandle::new(id, user.clone(), state.settings.outbox_messages, state.settings.outbox_bytes));
 
     // Register and subscribe before anything can be announced.
     state.registry.insert(&channel, handle.clone());
@@ -151,8 +148,7 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
         handle.close(reason);
     }
 
-    let (control_tx, control_rx) = mpsc::channel(8);
-    let writer = tokio::spawn(writer::run(ws_writer, outbox, control_rx, handle.clone()));
+    let writer = tokio::spawn(writer::run(ws_writer, handle.clone()));
 
     let end = match joined {
         Err(e) => {
@@ -161,21 +157,16 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
         }
         Ok(()) => {
             let mut session = Session { state: &state, handle: &handle, channel: &channel, user: &user, pair: &pair };
-            session.read_loop(&mut reader, &control_tx).await
+            session.read_loop(&mut reader).await
         }
     };
 
     // Tell the socket why, then clean up so the peer hears of it at once.
     match end {
-        End::ClientClosed(code) => {
-            let _ = control_tx.try_send(Control::Close(code, ""));
-        }
-        End::Server(reason) => {
-            let _ = control_tx.try_send(Control::Close(reason.code, reason.reason));
-        }
-        End::Gone => {}
+        End::ClientClosed(code) => handle.send_close(code, ""),
+        End::Server(reason) => handle.send_close(reason.code, reason.reason),
+        End::Gone => handle.stop_writer(),
     }
-    drop(control_tx);
     state.registry.remove(&channel, id);
     broker.unsubscribe(&channel);
     // A drain or shutdown close expects the user back on another replica:
@@ -253,13 +244,13 @@ impl Session<'_> {
     async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         &mut self,
         reader: &mut fastwebsockets::WebSocketRead<R>,
-        control: &mpsc::Sender<Control>,
     ) -> End {
         let settings = &self.state.settings;
         let mut assembler = Assembler::new(settings.max_message_bytes);
         let mut limit = RateLimit::new(settings.rate_per_sec, settings.rate_burst);
+        let handle = self.handle;
         let mut pong = |frame: Frame<'_>| {
-            let _ = control.try_send(Control::Pong(frame.payload.to_vec()));
+            handle.pong(frame.payload.to_vec());
             std::future::ready(Ok::<(), std::convert::Infallible>(()))
         };
         let refresh_every = settings.presence_ttl / 3;
@@ -289,7 +280,7 @@ impl Session<'_> {
                         tracing::debug!("no frame since the last ping's deadline");
                         return End::Server(CloseReason::PING_TIMEOUT);
                     }
-                    let _ = control.try_send(Control::Ping);
+                    self.handle.ping();
                     continue;
                 }
                 () = turn_refresh.due() => {

@@ -1,54 +1,36 @@
-//! The writing half of a socket: drains the outbox and control frames.
+//! The writing half of a socket: drains the session's outbox and control frames.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketWrite};
 use tokio::io::AsyncWrite;
-use tokio::sync::mpsc;
 
 use super::handle::{CloseReason, SessionHandle};
 
-/// Frames the reader asks the writer to send ahead of the outbox.
-#[derive(Debug)]
-pub enum Control {
-    /// Answer a ping.
-    Pong(Vec<u8>),
-    /// Send a ping.
-    Ping,
-    /// Send a close frame and stop.
-    Close(u16, &'static str),
-}
-
-/// Writes queued frames until told to close or the socket fails. Frames that
-/// are already queued are written together and flushed once.
-pub async fn run<W: AsyncWrite + Unpin>(
-    mut ws: WebSocketWrite<W>,
-    mut outbox: mpsc::Receiver<Bytes>,
-    mut control: mpsc::Receiver<Control>,
-    handle: Arc<SessionHandle>,
-) {
+/// Writes queued frames until told to close or stop, or the socket fails.
+/// Control frames go first; frames that are already queued are written
+/// together and flushed once.
+pub async fn run<W: AsyncWrite + Unpin>(mut ws: WebSocketWrite<W>, handle: Arc<SessionHandle>) {
     let result: Result<(), WebSocketError> = async {
         loop {
-            tokio::select! {
-                biased;
-                ctrl = control.recv() => match ctrl {
-                    Some(Control::Pong(payload)) => ws.write_frame(Frame::pong(Payload::Owned(payload))).await?,
-                    Some(Control::Ping) => ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await?,
-                    Some(Control::Close(code, reason)) => {
-                        ws.write_frame(Frame::close(code, reason.as_bytes())).await?;
-                        ws.flush().await?;
-                        return Ok(());
-                    }
-                    None => return Ok(()),
-                },
-                frame = outbox.recv() => {
-                    let Some(frame) = frame else { return Ok(()) };
-                    write_text(&mut ws, &handle, frame).await?;
-                    while let Ok(frame) = outbox.try_recv() {
-                        write_text(&mut ws, &handle, frame).await?;
-                    }
-                }
+            let work = handle.take_work().await;
+            if let Some(payload) = work.pong {
+                ws.write_frame(Frame::pong(Payload::Owned(payload))).await?;
+            }
+            if work.ping {
+                ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await?;
+            }
+            if let Some((code, reason)) = work.close {
+                ws.write_frame(Frame::close(code, reason.as_bytes())).await?;
+                ws.flush().await?;
+                return Ok(());
+            }
+            if work.stop {
+                return Ok(());
+            }
+            for frame in work.frames {
+                write_text(&mut ws, &handle, frame).await?;
             }
             ws.flush().await?;
         }
