@@ -9,6 +9,7 @@
 
 pub mod frames;
 pub mod handle;
+pub mod inbound;
 pub mod limits;
 pub mod writer;
 
@@ -17,8 +18,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::upgrade::UpgradeFut;
-use fastwebsockets::{Frame, OpCode, Payload, Role};
-use tokio::io::AsyncReadExt;
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
+use std::pin::Pin;
+
+use futures_util::{Stream, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -27,6 +33,10 @@ use crate::broker::envelope::{self, Kind};
 use crate::protocol::{self, close, ServerEvent};
 use crate::routes::ws::Identity;
 use frames::{Assembler, Incoming};
+use inbound::Inbound;
+
+/// One frame read from a socket, or why none could be.
+type FrameResult = Result<Frame<'static>, WebSocketError>;
 use handle::{CloseReason, SessionHandle};
 use limits::{RateLimit, Verdict};
 
@@ -78,13 +88,20 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
             return;
         }
     };
+    // The upgraded connection is our own `TcpStream` (see `app::serve`): taking
+    // it back gives owned halves without a lock, and lets the reading side wait
+    // for bytes without holding a buffer (see `inbound`).
+    let parts = match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return;
+        }
+    };
     crate::metrics::session_opened();
-    let (mut read_io, write_io) = tokio::io::split(ws.into_inner());
-    let (mut reader, mut ws_writer) = fastwebsockets::after_handshake_split(&mut read_io, write_io, Role::Server);
-    reader.set_auto_close(false);
-    reader.set_auto_pong(true);
-    // fastwebsockets refuses frames of `max_message_size` bytes or more.
-    reader.set_max_message_size(state.settings.max_message_bytes + 1);
+    let (read_half, write_half) = parts.io.into_inner().into_split();
+    let read_half = Arc::new(read_half);
+    let (_, mut ws_writer) = fastwebsockets::after_handshake_split(tokio::io::empty(), write_half, Role::Server);
 
     let Identity { user, pair } = identity;
     let peer = pair.other(&user).clone();
@@ -149,6 +166,13 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     }
 
     let writer = tokio::spawn(writer::run(ws_writer, handle.clone()));
+    // fastwebsockets refuses frames of `max_message_size` bytes or more.
+    // Bytes the HTTP server read past the request (a client that didn't wait for
+    // the 101). Copied out: the `Bytes` holds the server's whole read buffer.
+    let leftover = if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
+    drop(parts.read_buf);
+    let inbound = Inbound::new(read_half.clone(), leftover, handle.clone(), state.settings.max_message_bytes + 1);
+    let mut frames = std::pin::pin!(inbound::frames(inbound));
 
     let end = match joined {
         Err(e) => {
@@ -157,7 +181,7 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
         }
         Ok(()) => {
             let mut session = Session { state: &state, handle: &handle, channel: &channel, user: &user, pair: &pair };
-            session.read_loop(&mut reader).await
+            session.read_loop(frames.as_mut()).await
         }
     };
 
@@ -186,13 +210,23 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     crate::metrics::session_closed(end.label());
     tracing::debug!(reason = end.label(), "session closed");
     let abort = writer.abort_handle();
-    if !finish_close(end, &mut reader, writer).await {
+    if !finish_close(end, frames.as_mut(), writer).await {
         // A frame the reader gave up on may be half read: skip raw bytes until
         // the client hangs up, so unread input doesn't turn into a reset.
-        drop(reader);
+        let socket: &TcpStream = (*read_half).as_ref();
         let drain = async {
             let mut scratch = [0u8; 1024];
-            while matches!(read_io.read(&mut scratch).await, Ok(n) if n > 0) {}
+            loop {
+                if socket.readable().await.is_err() {
+                    break;
+                }
+                match socket.try_read(&mut scratch) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
         };
         let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
     }
@@ -203,11 +237,7 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
 /// false when it is not (the caller then drains raw bytes). Browsers wait for
 /// the server to drop TCP after the close frames are exchanged, so the server
 /// drops it as soon as the handshake is done.
-async fn finish_close<R: tokio::io::AsyncRead + Unpin>(
-    end: End,
-    reader: &mut fastwebsockets::WebSocketRead<R>,
-    writer: tokio::task::JoinHandle<()>,
-) -> bool {
+async fn finish_close(end: End, mut frames: Pin<&mut impl Stream<Item = FrameResult>>, writer: JoinHandle<()>) -> bool {
     match end {
         // The client closed first: once our reply is written, we are done.
         End::ClientClosed(_) => {
@@ -216,9 +246,8 @@ async fn finish_close<R: tokio::io::AsyncRead + Unpin>(
         End::Server(reason) if reason == CloseReason::TOO_BIG || reason == CloseReason::PROTOCOL => return false,
         // We closed first: wait for the client's close reply, then hang up.
         End::Server(_) => {
-            let mut ignore = |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
             let reply = async {
-                while let Ok(frame) = reader.read_frame(&mut ignore).await {
+                while let Some(Ok(frame)) = frames.next().await {
                     if frame.opcode == OpCode::Close {
                         break;
                     }
@@ -241,18 +270,10 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut fastwebsockets::WebSocketRead<R>,
-    ) -> End {
+    async fn read_loop(&mut self, mut frames: Pin<&mut impl Stream<Item = FrameResult>>) -> End {
         let settings = &self.state.settings;
         let mut assembler = Assembler::new(settings.max_message_bytes);
         let mut limit = RateLimit::new(settings.rate_per_sec, settings.rate_burst);
-        let handle = self.handle;
-        let mut pong = |frame: Frame<'_>| {
-            handle.pong(frame.payload.to_vec());
-            std::future::ready(Ok::<(), std::convert::Infallible>(()))
-        };
         let refresh_every = settings.presence_ttl / 3;
         let mut refresh = tokio::time::interval_at(Instant::now() + refresh_every, refresh_every);
         // With pings off, the ticker still exists but never finds the socket silent.
@@ -287,7 +308,8 @@ impl Session<'_> {
                     turn_refresh.push(settings, self.handle, self.user);
                     continue;
                 }
-                frame = reader.read_frame(&mut pong) => frame,
+                // Cancel-safe: the stream keeps a read that is under way.
+                frame = frames.next() => frame.unwrap_or(Err(WebSocketError::UnexpectedEOF)),
             };
             last_heard = Instant::now();
             let incoming = match frame {

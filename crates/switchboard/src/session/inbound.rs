@@ -1,0 +1,382 @@
+//! The reading side of a socket, which holds no read buffer while its client is quiet.
+//!
+//! fastwebsockets' reader allocates an 8 KiB buffer when it is made and keeps
+//! it for its life: with a reader per socket, that buffer was most of an idle
+//! connection's memory. [`Inbound`] makes a reader only when bytes arrive, and
+//! drops it again as soon as its buffer is provably empty. That is when every
+//! frame whose bytes the reader took from the socket has come back out of it.
+//!
+//! To know where frames end, the bytes pass through a [`Metered`] reader
+//! that follows the frame headers ([`Boundaries`]) as they go by. While no
+//! reader exists, [`Inbound`] waits with a one-byte peek, which holds no
+//! buffer and leaves the byte in the socket.
+//!
+//! [`Inbound::next_frame`] keeps its place across calls, but a call must not
+//! be dropped half way: fastwebsockets loses a frame's header when its future
+//! is dropped mid-frame. The session polls it through a stream
+//! ([`frames`]) that keeps the pending read alive while timers fire.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use fastwebsockets::{Frame, Payload, Role, WebSocketError, WebSocketRead};
+use futures_util::Stream;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::tcp::OwnedReadHalf;
+
+use super::handle::SessionHandle;
+
+/// Where the frames that passed through a [`Metered`] reader end.
+#[derive(Debug, Default)]
+pub struct Boundaries {
+    /// The current frame's header bytes seen so far.
+    head: [u8; 14],
+    have: usize,
+    /// Payload bytes of the current frame still to come.
+    payload_left: u64,
+    /// Frames whose last byte has gone by.
+    complete: u64,
+}
+
+impl Boundaries {
+    /// Follows `bytes`, the next bytes of the stream.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let n = (bytes.len() as u64).min(self.payload_left);
+                self.payload_left -= n;
+                bytes = &bytes[n as usize..];
+                if self.payload_left == 0 {
+                    self.complete += 1;
+                }
+                continue;
+            }
+            self.head[self.have] = bytes[0];
+            self.have += 1;
+            bytes = &bytes[1..];
+            if let Some((need, len)) = header(&self.head[..self.have]) {
+                if self.have == need {
+                    self.have = 0;
+                    self.payload_left = len;
+                    if len == 0 {
+                        self.complete += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frames whose last byte has gone by.
+    pub fn complete(&self) -> u64 {
+        self.complete
+    }
+
+    /// Whether the bytes so far end exactly where a frame ends.
+    pub fn at_boundary(&self) -> bool {
+        self.have == 0 && self.payload_left == 0
+    }
+}
+
+/// A frame header's length and its payload length, once `head` holds enough
+/// of it to tell. RFC 6455 section 5.2.
+fn header(head: &[u8]) -> Option<(usize, u64)> {
+    let (&second, _) = head.get(1).zip(head.first())?;
+    let masked = second & 0x80 != 0;
+    let code = second & 0x7f;
+    let extended = match code {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let need = 2 + extended + if masked { 4 } else { 0 };
+    if head.len() < need {
+        return None;
+    }
+    let len = match extended {
+        0 => u64::from(code),
+        2 => u64::from(u16::from_be_bytes([head[2], head[3]])),
+        _ => u64::from_be_bytes(head[2..10].try_into().expect("eight bytes")),
+    };
+    Some((need, len))
+}
+
+/// What a [`Metered`] reader has seen, readable while a fastwebsockets reader owns it.
+#[derive(Debug, Default)]
+struct Seen {
+    complete: AtomicU64,
+    at_boundary: AtomicBool,
+}
+
+/// The socket as a fastwebsockets reader sees it: bytes left over from the
+/// HTTP request first, then the socket, all followed by [`Boundaries`].
+struct Metered {
+    socket: Arc<OwnedReadHalf>,
+    leftover: Bytes,
+    boundaries: Boundaries,
+    seen: Arc<Seen>,
+}
+
+impl AsyncRead for Metered {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        if this.leftover.is_empty() {
+            let socket: &tokio::net::TcpStream = (*this.socket).as_ref();
+            loop {
+                ready!(socket.poll_read_ready(cx))?;
+                match socket.try_read_buf(buf) {
+                    Ok(_) => break,
+                    // The readiness was stale; polling again registers for the next one.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+        } else {
+            let n = this.leftover.len().min(buf.remaining());
+            buf.put_slice(&this.leftover[..n]);
+            this.leftover.advance(n);
+        }
+        this.boundaries.feed(&buf.filled()[before..]);
+        this.seen.complete.store(this.boundaries.complete(), Ordering::Relaxed);
+        let clean = this.boundaries.at_boundary() && this.leftover.is_empty();
+        this.seen.at_boundary.store(clean, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Reads a socket's frames, with a fastwebsockets reader only while bytes are in flight.
+pub struct Inbound {
+    socket: Arc<OwnedReadHalf>,
+    leftover: Bytes,
+    reader: Option<WebSocketRead<Metered>>,
+    seen: Arc<Seen>,
+    /// Frames the current reader has handed back, answered pings included.
+    returned: u64,
+    handle: Arc<SessionHandle>,
+    max_message_size: usize,
+}
+
+impl Inbound {
+    /// Reads `socket`, starting with `leftover` (bytes the HTTP server read past
+    /// the upgrade request). Pings are answered through `handle`; frames of
+    /// `max_message_size` bytes or more are refused by fastwebsockets.
+    pub fn new(
+        socket: Arc<OwnedReadHalf>,
+        leftover: Bytes,
+        handle: Arc<SessionHandle>,
+        max_message_size: usize,
+    ) -> Self {
+        Self { socket, leftover, reader: None, seen: Arc::default(), returned: 0, handle, max_message_size }
+    }
+
+    /// Whether a fastwebsockets reader (and its buffer) exists right now.
+    pub fn holds_buffer(&self) -> bool {
+        self.reader.is_some()
+    }
+
+    /// The next frame, pings answered on the way.
+    pub async fn next_frame(&mut self) -> Result<Frame<'static>, WebSocketError> {
+        if self.reader.is_none() {
+            if self.leftover.is_empty() {
+                // `poll_peek` waits in the socket's single reader slot, which
+                // also drops the waker the HTTP connection's task left there
+                // (`peek().await` would queue beside it and keep that task's
+                // memory alive for the socket's life).
+                let socket: &tokio::net::TcpStream = (*self.socket).as_ref();
+                let mut one = [0u8; 1];
+                let peeked = std::future::poll_fn(|cx| socket.poll_peek(cx, &mut ReadBuf::new(&mut one))).await?;
+                if peeked == 0 {
+                    return Err(WebSocketError::UnexpectedEOF);
+                }
+            }
+            let metered = Metered {
+                socket: self.socket.clone(),
+                leftover: std::mem::take(&mut self.leftover),
+                boundaries: Boundaries::default(),
+                seen: self.seen.clone(),
+            };
+            let (mut reader, _) = fastwebsockets::after_handshake_split(metered, tokio::io::sink(), Role::Server);
+            reader.set_auto_close(false);
+            reader.set_auto_pong(true);
+            reader.set_max_message_size(self.max_message_size);
+            self.seen.complete.store(0, Ordering::Relaxed);
+            self.seen.at_boundary.store(true, Ordering::Relaxed);
+            self.returned = 0;
+            self.reader = Some(reader);
+        }
+        let reader = self.reader.as_mut().expect("made above");
+        let handle = &self.handle;
+        let mut pongs = 0;
+        let mut pong = |frame: Frame<'_>| {
+            pongs += 1;
+            handle.pong(frame.payload.to_vec());
+            std::future::ready(Ok::<(), std::convert::Infallible>(()))
+        };
+        let frame = reader.read_frame(&mut pong).await.map(owned);
+        self.returned += 1 + pongs;
+        let drained = self.seen.at_boundary.load(Ordering::Relaxed)
+            && self.seen.complete.load(Ordering::Relaxed) == self.returned;
+        if frame.is_ok() && drained {
+            self.reader = None;
+        }
+        frame
+    }
+}
+
+/// `frame` without a borrow of the reader that made it (its payload is owned already).
+fn owned(frame: Frame<'_>) -> Frame<'static> {
+    let payload = match frame.payload {
+        Payload::Bytes(bytes) => bytes,
+        Payload::Owned(vec) => BytesMut::from(&vec[..]),
+        Payload::Borrowed(slice) => BytesMut::from(slice),
+        Payload::BorrowedMut(slice) => BytesMut::from(&slice[..]),
+    };
+    Frame::new(frame.fin, frame.opcode, None, Payload::Bytes(payload))
+}
+
+/// The frames of `inbound` as a stream. Dropping a `next()` of it (in a
+/// `select!`) doesn't cancel the read underneath.
+pub fn frames(inbound: Inbound) -> impl Stream<Item = Result<Frame<'static>, WebSocketError>> + Send {
+    futures_util::stream::unfold(inbound, |mut inbound| async move {
+        let frame = inbound.next_frame().await;
+        Some((frame, inbound))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(masked: bool, payload_len: usize) -> Vec<u8> {
+        let mut out = vec![0x81];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload_len {
+            0..=125 => out.push(mask_bit | payload_len as u8),
+            126..=65535 => {
+                out.push(mask_bit | 126);
+                out.extend_from_slice(&(payload_len as u16).to_be_bytes());
+            }
+            _ => {
+                out.push(mask_bit | 127);
+                out.extend_from_slice(&(payload_len as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            out.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        out.extend(std::iter::repeat_n(b'x', payload_len));
+        out
+    }
+
+    #[test]
+    fn boundaries_follow_frames_of_every_length_form_split_anywhere() {
+        let sizes = [0, 1, 125, 126, 127, 300, 65535, 65536, 70000];
+        let mut stream = Vec::new();
+        let mut ends = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            stream.extend(frame(i % 2 == 0, size));
+            ends.push(stream.len());
+        }
+        for chunk in [1, 2, 3, 7, 13, 4096, stream.len()] {
+            let mut b = Boundaries::default();
+            let mut fed = 0;
+            for piece in stream.chunks(chunk) {
+                b.feed(piece);
+                fed += piece.len();
+                let done = ends.iter().filter(|&&e| e <= fed).count() as u64;
+                assert_eq!(b.complete(), done, "chunk {chunk}, after {fed} bytes");
+                assert_eq!(b.at_boundary(), ends.contains(&fed), "chunk {chunk}, after {fed} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn a_header_split_before_its_length_is_not_a_boundary() {
+        let mut b = Boundaries::default();
+        b.feed(&[0x81]);
+        assert!(!b.at_boundary());
+        b.feed(&[0x80 | 126, 0x01]);
+        assert!(!b.at_boundary());
+        b.feed(&[0x00, 1, 2, 3, 4]);
+        assert_eq!(b.complete(), 0);
+        b.feed(&[b'y'; 256]);
+        assert_eq!(b.complete(), 1);
+        assert!(b.at_boundary());
+    }
+
+    /// A connected socket pair: our side split as the session splits it, and the client's end.
+    async fn pair() -> (Inbound, tokio::net::TcpStream, Arc<SessionHandle>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (read, _write) = server.into_split();
+        let handle = Arc::new(SessionHandle::new(1, crate::pair::UserId::parse("a").expect("id"), 16, 1 << 20));
+        (Inbound::new(Arc::new(read), Bytes::new(), handle.clone(), 1 << 20), client, handle)
+    }
+
+    #[tokio::test]
+    async fn the_reader_and_its_buffer_exist_only_while_bytes_are_in_flight() {
+        use tokio::io::AsyncWriteExt;
+        let (mut inbound, mut client, handle) = pair().await;
+        assert!(!inbound.holds_buffer(), "no reader before the first byte");
+
+        client.write_all(&frame(true, 300)).await.expect("write");
+        let got = inbound.next_frame().await.expect("a frame");
+        assert_eq!(got.payload.len(), 300);
+        assert!(!inbound.holds_buffer(), "dropped once the frame is out");
+
+        // Two frames and a ping in one write: the reader stays until the last is out.
+        let mut burst = frame(true, 10);
+        burst.extend([0x89, 0x80 | 2, 0, 0, 0, 0, b'h', b'i']);
+        burst.extend(frame(true, 20));
+        client.write_all(&burst).await.expect("write");
+        assert_eq!(inbound.next_frame().await.expect("first").payload.len(), 10);
+        assert!(inbound.holds_buffer(), "the rest is buffered");
+        assert_eq!(inbound.next_frame().await.expect("second").payload.len(), 20);
+        assert!(!inbound.holds_buffer());
+        let work = handle.take_work().await;
+        assert_eq!(work.pong.as_deref(), Some(&b"hi"[..]), "the ping was answered on the way");
+
+        drop(client);
+        assert!(inbound.next_frame().await.is_err(), "end of stream");
+    }
+
+    #[tokio::test]
+    async fn a_read_dropped_half_way_through_a_frame_loses_nothing() {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let (inbound, mut client, _handle) = pair().await;
+        let mut frames = std::pin::pin!(frames(inbound));
+        let whole = frame(true, 70_000);
+        // The header and part of the payload, then a `select!` that gives up.
+        client.write_all(&whole[..20_000]).await.expect("write");
+        let gave_up = tokio::select! {
+            biased;
+            _ = frames.next() => false,
+            _ = tokio::task::yield_now() => true,
+        };
+        assert!(gave_up, "the frame can't be complete yet");
+        client.write_all(&whole[20_000..]).await.expect("write");
+        let got = frames.next().await.expect("a stream never ends").expect("a frame");
+        assert_eq!(got.payload.len(), 70_000);
+        let mask = [1u8, 2, 3, 4];
+        assert!(got.payload.iter().enumerate().all(|(i, &b)| b == b'x' ^ mask[i % 4]), "unmasked intact");
+    }
+
+    #[tokio::test]
+    async fn bytes_read_past_the_upgrade_request_come_first() {
+        use tokio::io::AsyncWriteExt;
+        let (inbound, mut client, handle) = pair().await;
+        let Inbound { socket, .. } = inbound;
+        let early = Bytes::from(frame(true, 5));
+        let mut inbound = Inbound::new(socket, early, handle, 1 << 20);
+        client.write_all(&frame(true, 6)).await.expect("write");
+        assert_eq!(inbound.next_frame().await.expect("early").payload.len(), 5);
+        assert_eq!(inbound.next_frame().await.expect("later").payload.len(), 6);
+        assert!(!inbound.holds_buffer());
+    }
+}
