@@ -140,6 +140,13 @@ pub async fn run(
             Arc::new(start.await?)
         }
     };
+    // Presence upkeep stops with the broker: sessions still open during a drain keep theirs.
+    background.spawn(crate::presence::keep_alive(
+        registry.clone(),
+        broker.clone(),
+        settings.presence_ttl / 3,
+        broker_stop.clone(),
+    ));
     let grace = settings.shutdown_grace;
     let state = AppState(Arc::new(Shared {
         settings,

@@ -21,6 +21,8 @@
 //! - [`metrics`]: Prometheus series at `/metrics`.
 //! - [`registry`]: which local sessions belong to which pair channel; fans out
 //!   what the broker receives without ever waiting on a socket.
+//! - [`presence`]: one task per instance that keeps every local session's
+//!   presence alive and reports peers whose replica died.
 //! - [`auth`], [`origin`], [`turn`]: signed links, the `Origin` check, and
 //!   TURN credentials (see `docs/security.md`).
 
@@ -33,6 +35,7 @@ pub mod error;
 pub mod metrics;
 pub mod origin;
 pub mod pair;
+pub mod presence;
 pub mod protocol;
 pub mod registry;
 pub mod routes;

@@ -60,13 +60,11 @@ impl Broker for MemoryBroker {
         Ok(self.peer_of(pair, user))
     }
 
-    async fn refresh_presence(
+    async fn refresh_presences(
         &self,
-        pair: &PairId,
-        user: &UserId,
-        _session: SessionId,
-    ) -> Result<Option<SessionId>, BrokerError> {
-        Ok(self.peer_of(pair, user))
+        sessions: &[(&PairId, &UserId, SessionId)],
+    ) -> Result<Vec<Option<SessionId>>, BrokerError> {
+        Ok(sessions.iter().map(|(pair, user, _)| self.peer_of(pair, user)).collect())
     }
 
     async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {

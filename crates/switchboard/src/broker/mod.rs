@@ -71,14 +71,14 @@ pub trait Broker: Send + Sync + 'static {
         session: SessionId,
     ) -> Result<Option<SessionId>, BrokerError>;
 
-    /// Keeps `session`'s presence alive and returns the peer's live session, if any.
-    /// Returns `Ok(None)` for the peer when it has none.
-    async fn refresh_presence(
+    /// Keeps the presence of each `(pair, user, session)` alive (re-creating
+    /// it if it expired) and returns each one's peer's live session, if any,
+    /// in the same order. One call covers many sessions: an instance refreshes
+    /// all of its sessions together (see [`crate::presence`]).
+    async fn refresh_presences(
         &self,
-        pair: &PairId,
-        user: &UserId,
-        session: SessionId,
-    ) -> Result<Option<SessionId>, BrokerError>;
+        sessions: &[(&PairId, &UserId, SessionId)],
+    ) -> Result<Vec<Option<SessionId>>, BrokerError>;
 
     /// Removes `user`'s presence in `pair` if it is still `session`'s.
     async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError>;

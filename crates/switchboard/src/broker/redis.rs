@@ -66,13 +66,19 @@ const CLAIM_LUA: &str = r"
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return redis.call('GET', KEYS[2])";
 
-/// Keeps `KEYS[1]` as `ARGV[1]` (unless another session owns it) and returns `KEYS[2]`.
-const REFRESH_LUA: &str = r"
-local mine = redis.call('GET', KEYS[1])
-if mine == false or mine == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+/// For each i: keeps `KEYS[2i-1]` as `ARGV[i+1]` for `ARGV[1]` seconds (unless
+/// another session owns it) and returns `KEYS[2i]`, or `''` when it is gone.
+const REFRESH_MANY_LUA: &str = r"
+local out = {}
+for i = 1, #KEYS / 2 do
+  local me = ARGV[i + 1]
+  local mine = redis.call('GET', KEYS[2 * i - 1])
+  if mine == false or mine == me then
+    redis.call('SET', KEYS[2 * i - 1], me, 'EX', ARGV[1])
+  end
+  out[i] = redis.call('GET', KEYS[2 * i]) or ''
 end
-return redis.call('GET', KEYS[2])";
+return out";
 
 /// Deletes `KEYS[1]` only while it still holds `ARGV[1]`.
 const RELEASE_LUA: &str = r"
@@ -182,13 +188,24 @@ impl Broker for RedisBroker {
         self.presence(CLAIM_LUA, pair, user, session).await
     }
 
-    async fn refresh_presence(
+    async fn refresh_presences(
         &self,
-        pair: &PairId,
-        user: &UserId,
-        session: SessionId,
-    ) -> Result<Option<SessionId>, BrokerError> {
-        self.presence(REFRESH_LUA, pair, user, session).await
+        sessions: &[(&PairId, &UserId, SessionId)],
+    ) -> Result<Vec<Option<SessionId>>, BrokerError> {
+        let Some((first_pair, ..)) = sessions.first() else { return Ok(Vec::new()) };
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(REFRESH_MANY_LUA).arg(sessions.len() * 2);
+        for (pair, user, _) in sessions {
+            let (mine, peer) = self.keys(pair, user);
+            cmd.arg(mine).arg(peer);
+        }
+        cmd.arg(self.ttl_secs);
+        for (_, _, session) in sessions {
+            cmd.arg(format!("{session:x}"));
+        }
+        let peers: Vec<String> =
+            redis::from_redis_value(&self.lanes.call(&first_pair.channel(&self.prefix), cmd).await?)?;
+        Ok(peers.iter().map(|p| u64::from_str_radix(p, 16).ok().filter(|&s| s != 0)).collect())
     }
 
     async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {

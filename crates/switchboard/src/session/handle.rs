@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::envelope::{Envelope, Kind};
 use crate::broker::{BrokerError, RelayFailure, SessionId};
-use crate::pair::UserId;
+use crate::pair::{PairId, UserId};
 use crate::protocol::{close, ServerEvent};
 
 /// Why the server ends a session.
@@ -98,6 +98,11 @@ pub struct SessionHandle {
     pub id: SessionId,
     /// The session's user.
     pub user: UserId,
+    /// The pair the session belongs to.
+    pub pair: PairId,
+    /// Set once the session removed its presence; the instance's presence
+    /// refresh must not bring it back.
+    presence_released: AtomicBool,
     outbox: Mutex<Outbox>,
     /// Wakes the writer when `outbox` gains work.
     wake: Notify,
@@ -119,10 +124,12 @@ pub struct SessionHandle {
 
 impl SessionHandle {
     /// Creates a handle whose outbox holds at most `max_messages` frames and `max_bytes` bytes.
-    pub fn new(id: SessionId, user: UserId, max_messages: usize, max_bytes: usize) -> Self {
+    pub fn new(id: SessionId, user: UserId, pair: PairId, max_messages: usize, max_bytes: usize) -> Self {
         Self {
             id,
             user,
+            pair,
+            presence_released: AtomicBool::new(false),
             outbox: Mutex::default(),
             wake: Notify::new(),
             max_queued_messages: max_messages.max(1),
@@ -255,6 +262,25 @@ impl SessionHandle {
         Some(self.peer_session.swap(0, Ordering::Relaxed)).filter(|&s| s != 0)
     }
 
+    /// The peer's presence expired (its replica died without announcing a
+    /// leave): a peer this session knew of is reported as gone.
+    pub fn peer_presence_gone(&self) {
+        if let Some(gone) = self.forget_peer() {
+            tracing::info!(session = self.id, peer_session = format_args!("{gone:x}"), "peer presence expired");
+            self.deliver(ServerEvent::PeerLeft { peer_id: self.pair.other(&self.user).as_str() }.to_bytes());
+        }
+    }
+
+    /// Records that the session removed its own presence.
+    pub fn mark_presence_released(&self) {
+        self.presence_released.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the session removed its own presence.
+    pub fn presence_released(&self) -> bool {
+        self.presence_released.load(Ordering::Relaxed)
+    }
+
     /// Acts on one envelope from the pair's channel. `raw` holds the whole
     /// envelope so a relayed body is sliced from it, not copied.
     pub fn on_envelope(&self, env: &Envelope<'_>, raw: &Bytes, body_at: usize) {
@@ -304,7 +330,9 @@ mod tests {
     use super::*;
 
     fn handle(max_messages: usize, max_bytes: usize) -> SessionHandle {
-        SessionHandle::new(7, UserId::parse("alice").expect("valid"), max_messages, max_bytes)
+        let (alice, bob) = (UserId::parse("alice").expect("valid"), UserId::parse("bob").expect("valid"));
+        let pair = PairId::new(&alice, &bob).expect("two users");
+        SessionHandle::new(7, alice, pair, max_messages, max_bytes)
     }
 
     fn take(h: &SessionHandle) -> Work {

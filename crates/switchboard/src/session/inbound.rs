@@ -314,7 +314,9 @@ mod tests {
         let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
         let (read, _write) = server.into_split();
-        let handle = Arc::new(SessionHandle::new(1, crate::pair::UserId::parse("a").expect("id"), 16, 1 << 20));
+        let (a, b) = (crate::pair::UserId::parse("a").expect("id"), crate::pair::UserId::parse("b").expect("id"));
+        let pair = crate::pair::PairId::new(&a, &b).expect("two users");
+        let handle = Arc::new(SessionHandle::new(1, a, pair, 16, 1 << 20));
         (Inbound::new(Arc::new(read), Bytes::new(), handle.clone(), 1 << 20), client, handle)
     }
 

@@ -106,8 +106,13 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     let Identity { user, pair } = identity;
     let peer = pair.other(&user).clone();
     let channel = pair.channel(&state.settings.channel_prefix);
-    let handle =
-        Arc::new(SessionHandle::new(id, user.clone(), state.settings.outbox_messages, state.settings.outbox_bytes));
+    let handle = Arc::new(SessionHandle::new(
+        id,
+        user.clone(),
+        pair.clone(),
+        state.settings.outbox_messages,
+        state.settings.outbox_bytes,
+    ));
 
     // Register and subscribe before anything can be announced.
     state.registry.insert(&channel, handle.clone());
@@ -180,7 +185,7 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
             End::Server(CloseReason::BROKER_UNAVAILABLE)
         }
         Ok(()) => {
-            let mut session = Session { state: &state, handle: &handle, channel: &channel, user: &user, pair: &pair };
+            let mut session = Session { state: &state, handle: &handle, channel: &channel, user: &user };
             session.read_loop(frames.as_mut()).await
         }
     };
@@ -200,6 +205,7 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     let returning = matches!(end, End::Server(r) if r == CloseReason::DRAIN || r == CloseReason::SHUTDOWN);
     let replaced = handle.close_reason() == Some(CloseReason::REPLACED);
     if !returning {
+        handle.mark_presence_released();
         if let Err(e) = broker.release_presence(&pair, &user, id).await {
             tracing::debug!(error = %e, "presence release failed");
         }
@@ -266,7 +272,6 @@ struct Session<'a> {
     handle: &'a Arc<SessionHandle>,
     channel: &'a str,
     user: &'a crate::pair::UserId,
-    pair: &'a crate::pair::PairId,
 }
 
 impl Session<'_> {
@@ -274,8 +279,6 @@ impl Session<'_> {
         let settings = &self.state.settings;
         let mut assembler = Assembler::new(settings.max_message_bytes);
         let mut limit = RateLimit::new(settings.rate_per_sec, settings.rate_burst);
-        let refresh_every = settings.presence_ttl / 3;
-        let mut refresh = tokio::time::interval_at(Instant::now() + refresh_every, refresh_every);
         // With pings off, the ticker still exists but never finds the socket silent.
         let pings_on = !settings.ping_interval.is_zero();
         let ping_every = if pings_on { settings.ping_interval } else { Duration::from_secs(3600) };
@@ -291,10 +294,6 @@ impl Session<'_> {
                         Some(CloseReason::GONE) | None => End::Gone,
                         Some(reason) => End::Server(reason),
                     };
-                }
-                _ = refresh.tick() => {
-                    self.refresh_presence().await;
-                    continue;
                 }
                 _ = ping.tick(), if pings_on => {
                     if last_heard.elapsed() > settings.ping_interval + settings.pong_timeout {
@@ -364,21 +363,5 @@ impl Session<'_> {
         }
         // Not awaited past the queue: a failure comes back as `broker_unavailable`.
         self.state.broker.relay(self.channel, env, self.handle.clone()).await;
-    }
-
-    /// Keeps this session's presence alive; a peer whose presence expired
-    /// (its replica died) is reported as gone.
-    async fn refresh_presence(&mut self) {
-        match self.state.broker.refresh_presence(self.pair, self.user, self.handle.id).await {
-            Ok(None) => {
-                if let Some(gone) = self.handle.forget_peer() {
-                    tracing::info!(peer_session = format_args!("{gone:x}"), "peer presence expired");
-                    self.handle
-                        .deliver(ServerEvent::PeerLeft { peer_id: self.pair.other(self.user).as_str() }.to_bytes());
-                }
-            }
-            Ok(Some(_)) => {}
-            Err(e) => tracing::debug!(error = %e, "presence refresh failed"),
-        }
     }
 }
