@@ -86,6 +86,14 @@ impl Registry {
         }
     }
 
+    /// Tells every local session that awaited echoes will never come (the
+    /// subscriber's connection dropped).
+    pub fn forget_echoes(&self) {
+        for session in self.lock().values().flatten() {
+            session.forget_echoes();
+        }
+    }
+
     /// Every local session, for shutdown.
     pub fn all(&self) -> Vec<Arc<SessionHandle>> {
         self.lock().values().flatten().cloned().collect()

@@ -38,7 +38,7 @@ enum Reply {
     /// Someone awaits the reply.
     Wait(oneshot::Sender<Result<redis::Value, BrokerError>>),
     /// A relayed message: only a failure is told, to the session that sent it.
-    Tell { origin: Arc<dyn RelayFailure>, queued_at: Instant },
+    Tell { origin: Arc<dyn RelayFailure>, len: usize, queued_at: Instant },
 }
 
 impl Reply {
@@ -47,9 +47,9 @@ impl Reply {
             Reply::Wait(tx) => {
                 let _ = tx.send(result);
             }
-            Reply::Tell { origin, queued_at } => match result {
+            Reply::Tell { origin, len, queued_at } => match result {
                 Ok(_) => crate::metrics::publish_latency(queued_at.elapsed()),
-                Err(e) => origin.relay_failed(&e),
+                Err(e) => origin.relay_failed(&e, len),
             },
         }
     }
@@ -86,10 +86,11 @@ impl Lanes {
         answer.await.map_err(|_| BrokerError::Disconnected)?
     }
 
-    /// Queues `cmd` on the lane of `key` without waiting for its reply; waits
-    /// only while the lane's queue is full. A failure is told to `origin`.
-    pub async fn send(&self, key: &str, cmd: redis::Cmd, origin: Arc<dyn RelayFailure>) {
-        let job = Job { cmd, reply: Reply::Tell { origin, queued_at: Instant::now() } };
+    /// Queues `cmd` (a relayed envelope of `len` bytes) on the lane of `key`
+    /// without waiting for its reply; waits only while the lane's queue is
+    /// full. A failure is told to `origin`.
+    pub async fn send(&self, key: &str, cmd: redis::Cmd, len: usize, origin: Arc<dyn RelayFailure>) {
+        let job = Job { cmd, reply: Reply::Tell { origin, len, queued_at: Instant::now() } };
         if let Err(mpsc::error::SendError(job)) = self.lane(key).send(job).await {
             job.reply.finish(Err(BrokerError::Disconnected));
         }

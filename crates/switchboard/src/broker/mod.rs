@@ -37,8 +37,9 @@ pub enum BrokerError {
 
 /// Told when a message handed to [`Broker::relay`] could not be published.
 pub trait RelayFailure: Send + Sync + 'static {
-    /// The broker could not publish a relayed message; the client should hear of it.
-    fn relay_failed(&self, error: &BrokerError);
+    /// The broker could not publish a relayed message of `len` envelope bytes;
+    /// the client should hear of it.
+    fn relay_failed(&self, error: &BrokerError, len: usize);
 }
 
 /// The operations a session needs from a broker.

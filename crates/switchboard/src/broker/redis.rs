@@ -176,7 +176,7 @@ impl Broker for RedisBroker {
     async fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(channel).arg(&envelope[..]);
-        self.lanes.send(channel, cmd, origin).await;
+        self.lanes.send(channel, cmd, envelope.len(), origin).await;
     }
 
     async fn claim_presence(
@@ -256,6 +256,8 @@ impl Subscriber {
                 }
             };
             self.ready.store(false, Ordering::Relaxed);
+            // Whatever was published and not yet read is lost with the connection.
+            self.registry.forget_echoes();
             if matches!(ended, Ended::Shutdown) {
                 return;
             }
@@ -327,6 +329,7 @@ impl Subscriber {
         if reconnected {
             tracing::info!(channels = self.counts.len(), "redis subscriber: reconnected; sending resync");
             crate::metrics::broker_reconnect();
+            self.registry.forget_echoes();
             let resync = ServerEvent::Resync.to_bytes();
             self.registry.broadcast(self.counts.keys().map(|c| &**c), &resync);
         } else {

@@ -11,7 +11,7 @@
 //! beside the queue and are written ahead of it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,14 @@ struct Outbox {
     bytes: usize,
 }
 
+/// Most bytes of a session's own envelopes that may be on their way through
+/// Redis and back to this instance's subscriber. Every instance receives its
+/// own publications on the pair's channel; a sender that got ahead of its own
+/// subscriber would grow that subscriber's Redis output buffer until Redis
+/// cuts it (`client-output-buffer-limit pubsub`, 32 MB), losing everything in
+/// flight. Waiting for the echo keeps each sender at the subscriber's pace.
+pub const ECHO_WINDOW: usize = 256 * 1024;
+
 /// Shared handle of one live session.
 #[derive(Debug)]
 pub struct SessionHandle {
@@ -106,6 +114,11 @@ pub struct SessionHandle {
     outbox: Mutex<Outbox>,
     /// Wakes the writer when `outbox` gains work.
     wake: Notify,
+    /// Bytes of this session's envelopes published whose copy has not come
+    /// back on the pair's channel yet (see [`SessionHandle::echo_room`]).
+    unechoed: AtomicUsize,
+    /// Wakes a reader waiting in [`SessionHandle::echo_room`].
+    echo_room: Notify,
     max_queued_messages: usize,
     max_queued_bytes: usize,
     own_join_seen: AtomicBool,
@@ -132,6 +145,8 @@ impl SessionHandle {
             presence_released: AtomicBool::new(false),
             outbox: Mutex::default(),
             wake: Notify::new(),
+            unechoed: AtomicUsize::new(0),
+            echo_room: Notify::new(),
             max_queued_messages: max_messages.max(1),
             max_queued_bytes: max_bytes,
             own_join_seen: AtomicBool::new(false),
@@ -224,6 +239,40 @@ impl SessionHandle {
         }
     }
 
+    /// Waits until this session may publish an envelope of `len` bytes, and
+    /// counts it: at most [`ECHO_WINDOW`] bytes (or one envelope of any size)
+    /// may be waiting for their echo. Returns false, counting nothing, if the
+    /// session closes meanwhile. Called by the session's reader only.
+    pub async fn echo_room(&self, len: usize) -> bool {
+        loop {
+            let room = self.echo_room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let owed = self.unechoed.load(Ordering::Acquire);
+            if owed == 0 || owed + len <= ECHO_WINDOW {
+                self.unechoed.fetch_add(len, Ordering::AcqRel);
+                return true;
+            }
+            tokio::select! {
+                () = room => {}
+                () = self.closing() => return false,
+            }
+        }
+    }
+
+    /// `len` bytes of this session's envelopes came back (or never will).
+    pub fn echoed(&self, len: usize) {
+        let _ = self.unechoed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| Some(owed.saturating_sub(len)));
+        self.echo_room.notify_waiters();
+    }
+
+    /// Forgets every awaited echo: the subscriber lost its connection, and what
+    /// was published meanwhile will never come back.
+    pub fn forget_echoes(&self) {
+        self.unechoed.store(0, Ordering::Release);
+        self.echo_room.notify_waiters();
+    }
+
     /// Asks the session to close; the first reason given wins.
     pub fn close(&self, reason: CloseReason) {
         let _ = self.close.set(reason);
@@ -291,7 +340,11 @@ impl SessionHandle {
                 let _ = self.first_offer_at.set(Instant::now());
                 self.deliver(raw.slice(body_at..));
             }
-            (Kind::Message | Kind::Offer | Kind::Answer, true) => {}
+            (Kind::Message | Kind::Offer | Kind::Answer, true) => {
+                if env.session == self.id {
+                    self.echoed(raw.len());
+                }
+            }
             (Kind::Join, true) if env.session == self.id => self.own_join_seen.store(true, Ordering::Relaxed),
             // A later join of the same user, in the channel's single order, replaces this one.
             (Kind::Join, true) if self.own_join_seen.load(Ordering::Relaxed) => self.close(CloseReason::REPLACED),
@@ -317,7 +370,9 @@ impl SessionHandle {
 }
 
 impl RelayFailure for SessionHandle {
-    fn relay_failed(&self, error: &BrokerError) {
+    fn relay_failed(&self, error: &BrokerError, len: usize) {
+        // It never reached Redis, so its copy will never come back.
+        self.echoed(len);
         tracing::warn!(error = %error, session = self.id, "publish failed");
         crate::metrics::reject("broker_unavailable");
         let message = "the message could not be relayed: the broker is unavailable";
@@ -327,6 +382,8 @@ impl RelayFailure for SessionHandle {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn handle(max_messages: usize, max_bytes: usize) -> SessionHandle {
@@ -385,5 +442,49 @@ mod tests {
         h.stop_writer();
         assert!(take(&h).stop);
         assert!(take(&h).stop, "nothing is written after a stop");
+    }
+
+    #[tokio::test]
+    async fn a_sender_waits_for_its_own_echo_beyond_the_window() {
+        use crate::broker::envelope::{self, decode};
+        let h = Arc::new(handle(16, 1 << 20));
+        let env = envelope::encode(Kind::Message, &h.user, h.id, &vec![b'x'; ECHO_WINDOW / 2 - 64]);
+        assert!(h.echo_room(env.len()).await);
+        assert!(h.echo_room(env.len()).await, "two halves fit");
+        let third = tokio::spawn({
+            let h = h.clone();
+            let len = env.len();
+            async move { h.echo_room(len).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished(), "the window is full");
+        // The first copy comes back on the pair's channel: room again.
+        let parsed = decode(&env).expect("an envelope");
+        h.on_envelope(&parsed, &env, env.len() - parsed.body.len());
+        assert!(third.await.expect("task"), "released by the echo");
+
+        // A closing session stops waiting, and a lost connection forgets the debt.
+        let blocked = tokio::spawn({
+            let h = h.clone();
+            let len = env.len();
+            async move { h.echo_room(len).await }
+        });
+        tokio::task::yield_now().await;
+        h.close(CloseReason::SHUTDOWN);
+        assert!(!blocked.await.expect("task"));
+        h.forget_echoes();
+        assert_eq!(h.unechoed.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn another_sessions_copy_or_a_failed_publish_settle_only_what_they_owe() {
+        let h = handle(16, 1 << 20);
+        h.unechoed.store(100, Ordering::Relaxed);
+        h.relay_failed(&BrokerError::Disconnected, 40);
+        assert_eq!(h.unechoed.load(Ordering::Relaxed), 60);
+        let other = crate::broker::envelope::encode(Kind::Message, &h.user, h.id + 1, b"{}");
+        let parsed = crate::broker::envelope::decode(&other).expect("an envelope");
+        h.on_envelope(&parsed, &other, other.len() - parsed.body.len());
+        assert_eq!(h.unechoed.load(Ordering::Relaxed), 60, "the same user's other session's copy is not ours");
     }
 }

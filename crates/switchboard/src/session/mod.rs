@@ -361,6 +361,10 @@ impl Session<'_> {
                 crate::metrics::call_setup(setup);
             }
         }
+        // Keep pace with this instance's own subscriber (see `ECHO_WINDOW`).
+        if !self.handle.echo_room(env.len()).await {
+            return;
+        }
         // Not awaited past the queue: a failure comes back as `broker_unavailable`.
         self.state.broker.relay(self.channel, env, self.handle.clone()).await;
     }
