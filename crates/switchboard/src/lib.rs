@@ -5,9 +5,9 @@
 //! A peer's signaling follows the file names:
 //!
 //! ```text
-//! socket ─▶ routes::ws ─▶ session ─▶ broker (publish) ─▶ Redis channel {prefix}:pair:{lower}:{higher}
-//!                                                              │
-//! socket ◀─ session::writer ◀─ registry ◀─ broker (subscribe) ◀┘
+//! socket ─▶ routes::ws ─▶ session::inbound ─▶ session ─▶ broker (publish) ─▶ Redis channel {prefix}:pair:{lower}:{higher}
+//!                                                                            │
+//! socket ◀─ session::writer ◀─ session::handle ◀─ registry ◀─ broker (subscribe) ◀┘
 //! ```
 //!
 //! - [`config`]: settings from defaults, a TOML file and `SWITCHBOARD_*` variables.
@@ -15,7 +15,9 @@
 //! - [`routes`]: `/ws` (query checks and the upgrade), health probes, page files.
 //! - [`pair`]: user IDs, pairs, channel and key names.
 //! - [`protocol`]: client frame checks, server events, close codes.
-//! - [`session`]: one socket: setup, the reader loop, the writer task, cleanup.
+//! - [`session`]: one socket: setup, the reader loop (frames from
+//!   `session::inbound`, which holds no buffer while the client is quiet),
+//!   the outbox in `session::handle`, the writer task, cleanup.
 //! - [`broker`]: the [`broker::Broker`] trait, the in-memory broker, the Redis broker
 //!   and the envelope that carries the sender's identity next to the client's bytes.
 //! - [`metrics`]: Prometheus series at `/metrics`.
