@@ -119,6 +119,9 @@ pub struct SessionHandle {
     unechoed: AtomicUsize,
     /// Wakes a reader waiting in [`SessionHandle::echo_room`].
     echo_room: Notify,
+    /// Whether the reader waits in [`SessionHandle::echo_room`]; echoes wake
+    /// it only then, so the common case takes no lock per message.
+    echo_waiting: AtomicBool,
     max_queued_messages: usize,
     max_queued_bytes: usize,
     own_join_seen: AtomicBool,
@@ -147,6 +150,7 @@ impl SessionHandle {
             wake: Notify::new(),
             unechoed: AtomicUsize::new(0),
             echo_room: Notify::new(),
+            echo_waiting: AtomicBool::new(false),
             max_queued_messages: max_messages.max(1),
             max_queued_bytes: max_bytes,
             own_join_seen: AtomicBool::new(false),
@@ -226,11 +230,9 @@ impl SessionHandle {
             {
                 let mut outbox = self.outbox();
                 if !outbox.work.is_empty() {
-                    let stop = outbox.work.stop;
-                    let mut work = std::mem::take(&mut outbox.work);
+                    let work = std::mem::take(&mut outbox.work);
                     // A stop stays set: nothing after it is ever written.
-                    outbox.work.stop = stop;
-                    work.stop = stop;
+                    outbox.work.stop = work.stop;
                     return work;
                 }
             }
@@ -244,32 +246,44 @@ impl SessionHandle {
     /// may be waiting for their echo. Returns false, counting nothing, if the
     /// session closes meanwhile. Called by the session's reader only.
     pub async fn echo_room(&self, len: usize) -> bool {
+        // Only this reader adds and echoes only subtract, so a fit seen is a fit kept.
+        let fits = |owed: usize| owed == 0 || owed + len <= ECHO_WINDOW;
         loop {
+            if fits(self.unechoed.load(Ordering::SeqCst)) {
+                self.unechoed.fetch_add(len, Ordering::SeqCst);
+                return true;
+            }
+            // Full: register, say so, then look again, so an echo that lands
+            // in between still wakes us (all SeqCst: see `echoed`).
             let room = self.echo_room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            let owed = self.unechoed.load(Ordering::Acquire);
-            if owed == 0 || owed + len <= ECHO_WINDOW {
-                self.unechoed.fetch_add(len, Ordering::AcqRel);
-                return true;
-            }
-            tokio::select! {
-                () = room => {}
-                () = self.closing() => return false,
+            self.echo_waiting.store(true, Ordering::SeqCst);
+            let closed = !fits(self.unechoed.load(Ordering::SeqCst))
+                && tokio::select! {
+                    () = room => false,
+                    () = self.closing() => true,
+                };
+            self.echo_waiting.store(false, Ordering::SeqCst);
+            if closed {
+                return false;
             }
         }
     }
 
     /// `len` bytes of this session's envelopes came back (or never will).
     pub fn echoed(&self, len: usize) {
-        let _ = self.unechoed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| Some(owed.saturating_sub(len)));
-        self.echo_room.notify_waiters();
+        let _ = self.unechoed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| Some(owed.saturating_sub(len)));
+        // A reader that flagged itself after this load saw the new count itself.
+        if self.echo_waiting.load(Ordering::SeqCst) {
+            self.echo_room.notify_waiters();
+        }
     }
 
     /// Forgets every awaited echo: the subscriber lost its connection, and what
     /// was published meanwhile will never come back.
     pub fn forget_echoes(&self) {
-        self.unechoed.store(0, Ordering::Release);
+        self.unechoed.store(0, Ordering::SeqCst);
         self.echo_room.notify_waiters();
     }
 

@@ -174,7 +174,8 @@ impl Inbound {
     }
 
     /// Whether a fastwebsockets reader (and its buffer) exists right now.
-    pub fn holds_buffer(&self) -> bool {
+    #[cfg(test)]
+    fn holds_buffer(&self) -> bool {
         self.reader.is_some()
     }
 
