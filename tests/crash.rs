@@ -105,13 +105,13 @@ mod upkeep {
         assert!(registry.finish_setup(&handle, Some(0xb0)));
 
         presence::refresh(&broker, std::slice::from_ref(&handle)).await;
-        let work = handle.take_work().await;
+        let work = handle.next_work().await.expect("work");
         let frames: Vec<&[u8]> = work.frames.iter().map(|f| &f[..]).collect();
         assert_eq!(frames, [&br#"{"type":"peer-left","peerID":"bob"}"#[..]]);
 
         presence::refresh(&broker, std::slice::from_ref(&handle)).await;
         handle.ping();
-        let work = handle.take_work().await;
+        let work = handle.next_work().await.expect("work");
         assert!(work.frames.is_empty(), "told once");
         stop.cancel();
     }

@@ -85,8 +85,9 @@ fn dispatch(c: &mut Criterion) {
     let sender = SessionHandle::new(1, alice.clone(), pair.clone(), 256, 1 << 20);
     let receiver = Arc::new(SessionHandle::new(2, bob, pair, 256, 1 << 20));
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-    registry.insert(channel, Arc::new(sender));
-    registry.insert(channel, receiver.clone());
+    let key: Arc<str> = channel.into();
+    registry.insert(&key, Arc::new(sender));
+    registry.insert(&key, receiver.clone());
     let mut g = c.benchmark_group("registry_dispatch");
     for (name, p) in payloads() {
         let raw: Bytes = envelope::encode(Kind::Message, &alice, 1, &p);
@@ -94,7 +95,7 @@ fn dispatch(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::from_parameter(name), &raw, |b, raw| {
             b.iter(|| {
                 let n = registry.dispatch(channel, black_box(raw));
-                let work = runtime.block_on(receiver.take_work());
+                let work = runtime.block_on(receiver.next_work()).expect("work");
                 let frame = work.frames.front().expect("delivered to the other user");
                 receiver.sent(frame.len());
                 n
@@ -121,5 +122,20 @@ fn server_events(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, frame_check, envelope_codec, dispatch, server_events);
+/// Encoding what a session writes in one go: a batch of queued frames.
+fn write_batch(c: &mut Criterion) {
+    use switchboard::session::handle::Work;
+    use switchboard::session::writer;
+    let mut g = c.benchmark_group("write_batch");
+    for (name, p) in payloads() {
+        let work = Work { pong: None, ping: false, frames: std::iter::repeat_n(Bytes::from(p.clone()), 8).collect() };
+        g.throughput(Throughput::Bytes(8 * p.len() as u64));
+        g.bench_with_input(BenchmarkId::new("8_frames", name), &work, |b, work| {
+            b.iter(|| writer::batch(black_box(work)).bytes.len())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, frame_check, envelope_codec, dispatch, server_events, write_batch);
 criterion_main!(benches);

@@ -147,6 +147,15 @@ pub async fn run(
         settings.presence_ttl / 3,
         broker_stop.clone(),
     ));
+    // Pings stop with the broker too: a draining socket is still looked after.
+    if !settings.ping_interval.is_zero() {
+        background.spawn(crate::heartbeat::run(
+            registry.clone(),
+            settings.ping_interval,
+            settings.pong_timeout,
+            broker_stop.clone(),
+        ));
+    }
     let grace = settings.shutdown_grace;
     let state = AppState(Arc::new(Shared {
         settings,

@@ -15,9 +15,10 @@
 //! - [`routes`]: `/ws` (query checks and the upgrade), health probes, page files.
 //! - [`pair`]: user IDs, pairs, channel and key names.
 //! - [`protocol`]: client frame checks, server events, close codes.
-//! - [`session`]: one socket: setup, the reader loop (frames from
-//!   `session::inbound`, which holds no buffer while the client is quiet),
-//!   the outbox in `session::handle`, the writer task, cleanup.
+//! - [`session`]: one socket in one task: setup, then a loop that reads
+//!   frames (from `session::inbound`, which holds no buffer while the client
+//!   is quiet) and writes what the outbox in `session::handle` collected (as
+//!   one batch per write, encoded by `session::writer`), then cleanup.
 //! - [`broker`]: the [`broker::Broker`] trait, the in-memory broker, the Redis broker
 //!   and the envelope that carries the sender's identity next to the client's bytes.
 //! - [`metrics`]: Prometheus series at `/metrics`.
@@ -25,6 +26,8 @@
 //!   what the broker receives without ever waiting on a socket.
 //! - [`presence`]: one task per instance that keeps every local session's
 //!   presence alive and reports peers whose replica died.
+//! - [`heartbeat`]: one task per instance that pings silent sockets and closes
+//!   those that stay silent.
 //! - [`auth`], [`origin`], [`turn`]: signed links, the `Origin` check, and
 //!   TURN credentials (see `docs/security.md`).
 
@@ -34,6 +37,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod heartbeat;
 pub mod metrics;
 pub mod origin;
 pub mod pair;

@@ -138,6 +138,12 @@ pub fn message_out(bytes: usize) {
     HOT.bytes_out.increment(bytes as u64);
 }
 
+/// `count` text frames of `bytes` bytes in all went to one socket.
+pub fn messages_out(count: usize, bytes: usize) {
+    HOT.messages_out.increment(count as u64);
+    HOT.bytes_out.increment(bytes as u64);
+}
+
 /// An upgrade or a frame was refused for `reason`.
 pub fn reject(reason: &'static str) {
     counter!(names::REJECTS, "reason" => reason).increment(1);

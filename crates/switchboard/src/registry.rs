@@ -15,7 +15,8 @@ use crate::session::handle::SessionHandle;
 /// Local sessions by pair channel.
 #[derive(Debug, Default)]
 pub struct Registry {
-    channels: Mutex<HashMap<Box<str>, Vec<Arc<SessionHandle>>>>,
+    /// Keyed by the same `Arc<str>` the sessions hold, so a channel's name is stored once.
+    channels: Mutex<HashMap<Arc<str>, Vec<Arc<SessionHandle>>>>,
 }
 
 impl Registry {
@@ -24,16 +25,16 @@ impl Registry {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Box<str>, Vec<Arc<SessionHandle>>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Vec<Arc<SessionHandle>>>> {
         // A panic while holding the lock leaves the map consistent: every
         // critical section is a single insert, remove or loop of try_sends.
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Adds a session under `channel`.
-    pub fn insert(&self, channel: &str, session: Arc<SessionHandle>) {
+    pub fn insert(&self, channel: &Arc<str>, session: Arc<SessionHandle>) {
         let mut map = self.lock();
-        let list = map.entry(channel.into()).or_default();
+        let list = map.entry(channel.clone()).or_default();
         if list.is_empty() {
             metrics::gauge!(crate::metrics::names::PAIR_SUBSCRIPTIONS).increment(1.0);
         }

@@ -1,23 +1,24 @@
-//! The part of a session that other tasks touch: its outbox and its close signal.
+//! The part of a session that other tasks touch: its outbox, its close signal
+//! and its heartbeat clock.
 //!
 //! The registry delivers into the outbox without waiting, so the broker's read
 //! loop can't be slowed by a socket. A session whose queue is full, in messages
 //! or in bytes, is closed with 1008 instead of being waited on.
 //!
 //! The outbox is a `VecDeque` behind a std `Mutex` (never held across an
-//! `.await`) plus a `Notify` for the writer, not a channel: an idle session
-//! holds no queue memory at all, where a tokio channel keeps a block of 32
-//! slots allocated for its whole life. Control frames (pong, ping, close) live
-//! beside the queue and are written ahead of it.
+//! `.await`) plus one `Notify` that wakes the session's task, not a channel:
+//! an idle session holds no queue memory at all, where a tokio channel keeps a
+//! block of 32 slots allocated for its whole life. Control frames (pong, ping)
+//! live beside the queue and are written ahead of it. A close request wakes
+//! the same `Notify`, so the session waits on one thing for both.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::broker::envelope::{Envelope, Kind};
 use crate::broker::{BrokerError, RelayFailure, SessionId};
@@ -60,19 +61,40 @@ impl CloseReason {
     pub const PING_TIMEOUT: Self = Self { code: close::GOING_AWAY, reason: "ping timeout", label: "ping_timeout" };
     /// The broker failed while the session opened.
     pub const BROKER_UNAVAILABLE: Self = Self { code: 1013, reason: "broker unavailable", label: "broker_unavailable" };
+
+    /// Every reason, so that a handle stores one as a small index.
+    const ALL: [Self; 11] = [
+        Self::REPLACED,
+        Self::SHUTDOWN,
+        Self::DRAIN,
+        Self::SLOW_CONSUMER,
+        Self::GONE,
+        Self::BINARY,
+        Self::TOO_BIG,
+        Self::PROTOCOL,
+        Self::FLOOD,
+        Self::PING_TIMEOUT,
+        Self::BROKER_UNAVAILABLE,
+    ];
+
+    /// One more than this reason's place in [`CloseReason::ALL`] (0 stands for none).
+    fn index(self) -> u8 {
+        let at = Self::ALL.iter().position(|r| *r == self).expect("every reason is listed");
+        u8::try_from(at + 1).expect("a few reasons")
+    }
+
+    fn from_index(index: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(index).checked_sub(1)?).copied()
+    }
 }
 
 /// What the writer has to do next, taken in one go by [`SessionHandle::take_work`].
 #[derive(Debug, Default)]
 pub struct Work {
     /// A ping's payload to answer (only the latest one is answered, as RFC 6455 allows).
-    pub pong: Option<Vec<u8>>,
+    pub pong: Option<Box<[u8]>>,
     /// Send a ping.
     pub ping: bool,
-    /// Send this close frame, then stop.
-    pub close: Option<(u16, &'static str)>,
-    /// The reader is done and wants no close frame sent: stop.
-    pub stop: bool,
     /// Text frames, oldest first.
     pub frames: VecDeque<Bytes>,
 }
@@ -80,15 +102,22 @@ pub struct Work {
 impl Work {
     /// Whether there is nothing to do yet.
     pub fn is_empty(&self) -> bool {
-        self.pong.is_none() && !self.ping && self.close.is_none() && !self.stop && self.frames.is_empty()
+        self.pong.is_none() && !self.ping && self.frames.is_empty()
     }
 }
 
 #[derive(Debug, Default)]
 struct Outbox {
     work: Work,
-    /// Bytes queued and not yet written by the writer.
+    /// Bytes queued and not yet written to the socket.
     bytes: usize,
+}
+
+/// Milliseconds on the process's monotonic clock, for the heartbeat fields.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<tokio::time::Instant> = OnceLock::new();
+    let start = *START.get_or_init(tokio::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Most bytes of a session's own envelopes that may be on their way through
@@ -112,30 +141,33 @@ pub struct SessionHandle {
     /// refresh must not bring it back.
     presence_released: AtomicBool,
     outbox: Mutex<Outbox>,
-    /// Wakes the writer when `outbox` gains work.
+    /// Wakes the session's task when `outbox` gains work or a close is asked for.
     wake: Notify,
+    /// When a frame last came from the client ([`now_ms`]).
+    heard_at: AtomicU64,
+    /// When the heartbeat last pinged this socket ([`now_ms`]).
+    pinged_at: AtomicU64,
     /// Bytes of this session's envelopes published whose copy has not come
     /// back on the pair's channel yet (see [`SessionHandle::echo_room`]).
     unechoed: AtomicUsize,
-    /// Wakes a reader waiting in [`SessionHandle::echo_room`].
-    echo_room: Notify,
     /// Whether the reader waits in [`SessionHandle::echo_room`]; echoes wake
     /// it only then, so the common case takes no lock per message.
     echo_waiting: AtomicBool,
-    max_queued_messages: usize,
-    max_queued_bytes: usize,
+    max_queued_messages: u32,
+    max_queued_bytes: u32,
     own_join_seen: AtomicBool,
     /// Set once the welcome's `peerOnline` is decided; peer joins seen before
     /// that are folded into it rather than announced.
     welcomed: AtomicBool,
     /// The peer's live session as far as this session knows (0: none).
     peer_session: AtomicU64,
-    close: OnceLock<CloseReason>,
-    /// When the first offer from the peer arrived, for the call-setup metric.
-    first_offer_at: OnceLock<Instant>,
+    /// The close reason's [`CloseReason::index`]; 0 while none was given.
+    close: AtomicU8,
+    /// When the first offer from the peer arrived ([`now_ms`] plus one; 0:
+    /// none yet), for the call-setup metric.
+    first_offer_at: AtomicU64,
     /// Whether the call-setup time was already observed.
     setup_observed: AtomicBool,
-    ended: CancellationToken,
 }
 
 impl SessionHandle {
@@ -148,18 +180,18 @@ impl SessionHandle {
             presence_released: AtomicBool::new(false),
             outbox: Mutex::default(),
             wake: Notify::new(),
+            heard_at: AtomicU64::new(now_ms()),
+            pinged_at: AtomicU64::new(0),
             unechoed: AtomicUsize::new(0),
-            echo_room: Notify::new(),
             echo_waiting: AtomicBool::new(false),
-            max_queued_messages: max_messages.max(1),
-            max_queued_bytes: max_bytes,
+            max_queued_messages: u32::try_from(max_messages.max(1)).unwrap_or(u32::MAX),
+            max_queued_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
             own_join_seen: AtomicBool::new(false),
             welcomed: AtomicBool::new(false),
             peer_session: AtomicU64::new(0),
-            close: OnceLock::new(),
-            first_offer_at: OnceLock::new(),
+            close: AtomicU8::new(0),
+            first_offer_at: AtomicU64::new(0),
             setup_observed: AtomicBool::new(false),
-            ended: CancellationToken::new(),
         }
     }
 
@@ -168,7 +200,7 @@ impl SessionHandle {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Changes the writer's work and wakes it.
+    /// Changes the session's pending work and wakes its task.
     fn order(&self, change: impl FnOnce(&mut Work)) {
         change(&mut self.outbox().work);
         self.wake.notify_one();
@@ -177,15 +209,15 @@ impl SessionHandle {
     /// Queues a text frame for the socket without waiting. Closes the session
     /// with 1008 when its queue is full.
     pub fn deliver(&self, frame: Bytes) {
-        if self.ended.is_cancelled() {
+        if self.is_closing() {
             // Closing: a gap followed by later frames would be worse than nothing.
             return;
         }
         {
             let mut outbox = self.outbox();
             let len = frame.len();
-            let full =
-                outbox.work.frames.len() >= self.max_queued_messages || outbox.bytes + len > self.max_queued_bytes;
+            let full = outbox.work.frames.len() >= self.max_queued_messages as usize
+                || outbox.bytes + len > self.max_queued_bytes as usize;
             if !full {
                 outbox.bytes += len;
                 outbox.work.frames.push_back(frame);
@@ -197,46 +229,57 @@ impl SessionHandle {
         self.close(CloseReason::SLOW_CONSUMER);
     }
 
-    /// Tells the handle that the writer put `len` queued bytes on the socket.
+    /// Tells the handle that `len` queued bytes went onto the socket.
     pub fn sent(&self, len: usize) {
         let mut outbox = self.outbox();
         outbox.bytes = outbox.bytes.saturating_sub(len);
     }
 
-    /// Asks the writer to answer a ping with `payload`.
-    pub fn pong(&self, payload: Vec<u8>) {
+    /// Asks the session to answer a ping with `payload`.
+    pub fn pong(&self, payload: Box<[u8]>) {
         self.order(|w| w.pong = Some(payload));
     }
 
-    /// Asks the writer to send a ping.
+    /// Asks the session to send a ping, and notes when.
     pub fn ping(&self) {
+        self.pinged_at.store(now_ms(), Ordering::Relaxed);
         self.order(|w| w.ping = true);
     }
 
-    /// Asks the writer to send a close frame and stop.
-    pub fn send_close(&self, code: u16, reason: &'static str) {
-        self.order(|w| w.close = Some((code, reason)));
+    /// Notes that a frame came from the client.
+    pub fn heard(&self) {
+        self.heard_at.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// Asks the writer to stop without a close frame.
-    pub fn stop_writer(&self) {
-        self.order(|w| w.stop = true);
+    /// When a frame last came from the client, and when the heartbeat last
+    /// pinged ([`now_ms`]; 0 for never pinged).
+    pub fn heartbeat(&self) -> (u64, u64) {
+        (self.heard_at.load(Ordering::Relaxed), self.pinged_at.load(Ordering::Relaxed))
     }
 
-    /// Takes everything the writer has to do, waiting until there is something.
-    /// The queue's memory goes with it, so an idle session keeps none.
-    pub async fn take_work(&self) -> Work {
+    /// Takes everything there is to write, waiting until there is something.
+    /// The queue's memory goes with it, so an idle session keeps none. Returns
+    /// `None` once a close was asked for: nothing queued is written after that.
+    pub async fn next_work(&self) -> Option<Work> {
         loop {
+            if self.is_closing() {
+                return None;
+            }
             {
                 let mut outbox = self.outbox();
                 if !outbox.work.is_empty() {
-                    let work = std::mem::take(&mut outbox.work);
-                    // A stop stays set: nothing after it is ever written.
-                    outbox.work.stop = work.stop;
-                    return work;
+                    return Some(std::mem::take(&mut outbox.work));
                 }
             }
             // `notify_one` stores a permit when nobody waits, so no wake-up is lost here.
+            self.wake.notified().await;
+        }
+    }
+
+    /// Resolves once a close was asked for. It may take wake-ups meant for
+    /// [`SessionHandle::next_work`], which looks at the outbox before it waits.
+    pub async fn closed(&self) {
+        while !self.is_closing() {
             self.wake.notified().await;
         }
     }
@@ -246,29 +289,38 @@ impl SessionHandle {
     /// may be waiting for their echo. Returns false, counting nothing, if the
     /// session closes meanwhile. Called by the session's reader only.
     pub async fn echo_room(&self, len: usize) -> bool {
-        // Only this reader adds and echoes only subtract, so a fit seen is a fit kept.
         let fits = |owed: usize| owed == 0 || owed + len <= ECHO_WINDOW;
         loop {
-            if fits(self.unechoed.load(Ordering::SeqCst)) {
-                self.unechoed.fetch_add(len, Ordering::SeqCst);
+            if self.try_echo_room(len) {
                 return true;
             }
             // Full: register, say so, then look again, so an echo that lands
             // in between still wakes us (all SeqCst: see `echoed`).
-            let room = self.echo_room.notified();
+            let room = self.wake.notified();
             tokio::pin!(room);
             room.as_mut().enable();
             self.echo_waiting.store(true, Ordering::SeqCst);
-            let closed = !fits(self.unechoed.load(Ordering::SeqCst))
-                && tokio::select! {
-                    () = room => false,
-                    () = self.closing() => true,
-                };
+            // `close` wakes this waiter too, after setting its reason.
+            if !fits(self.unechoed.load(Ordering::SeqCst)) && !self.is_closing() {
+                room.await;
+            }
             self.echo_waiting.store(false, Ordering::SeqCst);
-            if closed {
+            if self.is_closing() {
                 return false;
             }
         }
+    }
+
+    /// [`SessionHandle::echo_room`] without the wait: counts `len` and
+    /// returns true if it fits now.
+    pub fn try_echo_room(&self, len: usize) -> bool {
+        // Only the session adds and echoes only subtract, so a fit seen is a fit kept.
+        let owed = self.unechoed.load(Ordering::SeqCst);
+        let fits = owed == 0 || owed + len <= ECHO_WINDOW;
+        if fits {
+            self.unechoed.fetch_add(len, Ordering::SeqCst);
+        }
+        fits
     }
 
     /// `len` bytes of this session's envelopes came back (or never will).
@@ -276,7 +328,7 @@ impl SessionHandle {
         let _ = self.unechoed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| Some(owed.saturating_sub(len)));
         // A reader that flagged itself after this load saw the new count itself.
         if self.echo_waiting.load(Ordering::SeqCst) {
-            self.echo_room.notify_waiters();
+            self.wake.notify_waiters();
         }
     }
 
@@ -284,23 +336,26 @@ impl SessionHandle {
     /// was published meanwhile will never come back.
     pub fn forget_echoes(&self) {
         self.unechoed.store(0, Ordering::SeqCst);
-        self.echo_room.notify_waiters();
+        self.wake.notify_waiters();
     }
 
     /// Asks the session to close; the first reason given wins.
     pub fn close(&self, reason: CloseReason) {
-        let _ = self.close.set(reason);
-        self.ended.cancel();
+        let _ = self.close.compare_exchange(0, reason.index(), Ordering::AcqRel, Ordering::Acquire);
+        // Wake whoever waits now (for work, or in `echo_room`), and leave a
+        // permit for a wait about to begin.
+        self.wake.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    /// Whether a close was asked for.
+    pub fn is_closing(&self) -> bool {
+        self.close.load(Ordering::Acquire) != 0
     }
 
     /// The reason given to [`SessionHandle::close`], if any.
     pub fn close_reason(&self) -> Option<CloseReason> {
-        self.close.get().copied()
-    }
-
-    /// Resolves when someone asked the session to close.
-    pub fn closing(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.ended.cancelled()
+        CloseReason::from_index(self.close.load(Ordering::Acquire))
     }
 
     /// Merges the peer's session learned from presence with any join already
@@ -316,8 +371,9 @@ impl SessionHandle {
 
     /// On this session's first answer after an offer: the time since that offer.
     pub fn call_setup_time(&self) -> Option<Duration> {
-        let offered = *self.first_offer_at.get()?;
-        (!self.setup_observed.swap(true, Ordering::Relaxed)).then(|| offered.elapsed())
+        let offered = self.first_offer_at.load(Ordering::Relaxed).checked_sub(1)?;
+        let elapsed = Duration::from_millis(now_ms().saturating_sub(offered));
+        (!self.setup_observed.swap(true, Ordering::Relaxed)).then_some(elapsed)
     }
 
     /// Forgets the known peer session and returns it, if there was one.
@@ -351,7 +407,7 @@ impl SessionHandle {
         match (env.kind, from_me) {
             (Kind::Message | Kind::Answer, false) => self.deliver(raw.slice(body_at..)),
             (Kind::Offer, false) => {
-                let _ = self.first_offer_at.set(Instant::now());
+                let _ = self.first_offer_at.compare_exchange(0, now_ms() + 1, Ordering::Relaxed, Ordering::Relaxed);
                 self.deliver(raw.slice(body_at..));
             }
             (Kind::Message | Kind::Offer | Kind::Answer, true) => {
@@ -406,8 +462,8 @@ mod tests {
         SessionHandle::new(7, alice, pair, max_messages, max_bytes)
     }
 
-    fn take(h: &SessionHandle) -> Work {
-        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(h.take_work())
+    fn take(h: &SessionHandle) -> Option<Work> {
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(h.next_work())
     }
 
     #[test]
@@ -416,7 +472,7 @@ mod tests {
         for i in 0..5u8 {
             h.deliver(Bytes::from(vec![i; 10]));
         }
-        let work = take(&h);
+        let work = take(&h).expect("work");
         let firsts: Vec<u8> = work.frames.iter().map(|f| f[0]).collect();
         assert_eq!(firsts, [0, 1, 2, 3, 4]);
         assert_eq!(h.outbox().work.frames.capacity(), 0, "the queue's allocation left with the work");
@@ -443,19 +499,41 @@ mod tests {
     }
 
     #[test]
-    fn control_orders_wake_the_writer_and_a_stop_stays_set() {
+    fn control_orders_wake_the_session_and_a_close_ends_all_writing() {
         let h = handle(16, 1 << 20);
-        h.pong(b"a".to_vec());
-        h.pong(b"b".to_vec());
+        h.pong(Box::from(&b"a"[..]));
+        h.pong(Box::from(&b"b"[..]));
         h.ping();
-        let work = take(&h);
+        let work = take(&h).expect("work");
         assert_eq!(work.pong.as_deref(), Some(&b"b"[..]), "the latest ping is answered");
-        assert!(work.ping && work.close.is_none() && !work.stop);
-        h.send_close(1000, "bye");
-        assert_eq!(take(&h).close, Some((1000, "bye")));
-        h.stop_writer();
-        assert!(take(&h).stop);
-        assert!(take(&h).stop, "nothing is written after a stop");
+        assert!(work.ping && work.frames.is_empty());
+        assert_ne!(h.heartbeat().1, 0, "the ping's time is noted");
+        h.deliver(Bytes::from_static(b"queued"));
+        h.close(CloseReason::REPLACED);
+        assert!(take(&h).is_none(), "nothing queued is written after a close");
+        h.deliver(Bytes::from_static(b"late"));
+        assert!(h.outbox().work.frames.len() <= 1, "nothing is queued after a close");
+        assert_eq!(h.close_reason(), Some(CloseReason::REPLACED));
+        h.close(CloseReason::SHUTDOWN);
+        assert_eq!(h.close_reason(), Some(CloseReason::REPLACED), "the first reason wins");
+    }
+
+    #[tokio::test]
+    async fn a_close_wakes_a_session_that_waits_for_work() {
+        let h = Arc::new(handle(16, 1 << 20));
+        let waiting = tokio::spawn({
+            let h = h.clone();
+            async move { h.next_work().await.is_none() }
+        });
+        let closed = tokio::spawn({
+            let h = h.clone();
+            async move { h.closed().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished() && !closed.is_finished());
+        h.close(CloseReason::SHUTDOWN);
+        assert!(waiting.await.expect("task"), "woken, with nothing to write");
+        closed.await.expect("task");
     }
 
     #[tokio::test]

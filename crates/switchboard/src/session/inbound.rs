@@ -13,8 +13,9 @@
 //!
 //! [`Inbound::next_frame`] keeps its place across calls, but a call must not
 //! be dropped half way: fastwebsockets loses a frame's header when its future
-//! is dropped mid-frame. The session polls it through a stream
-//! ([`frames`]) that keeps the pending read alive while timers fire.
+//! is dropped mid-frame. The session reads through [`Frames`], which keeps a
+//! read under way alive while other work runs, and boxes it so that a quiet
+//! session's task stays small.
 
 use std::io;
 use std::pin::Pin;
@@ -24,7 +25,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use fastwebsockets::{Frame, Payload, Role, WebSocketError, WebSocketRead};
-use futures_util::Stream;
+use std::future::Future;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
 
@@ -152,7 +153,8 @@ impl AsyncRead for Metered {
 pub struct Inbound {
     socket: Arc<OwnedReadHalf>,
     leftover: Bytes,
-    reader: Option<WebSocketRead<Metered>>,
+    /// Boxed: it exists only while bytes are in flight.
+    reader: Option<Box<WebSocketRead<Metered>>>,
     seen: Arc<Seen>,
     /// Frames the current reader has handed back, answered pings included.
     returned: u64,
@@ -179,21 +181,32 @@ impl Inbound {
         self.reader.is_some()
     }
 
+    /// Polls until bytes are waiting (true) or the client hung up (false).
+    /// While no reader exists, this is a one-byte peek: `poll_peek` waits in
+    /// the socket's single reader slot, which also drops the waker the HTTP
+    /// connection's task left there (`peek().await` would queue beside it and
+    /// keep that task's memory alive for the socket's life).
+    fn poll_arrival(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.reader.is_some() || !self.leftover.is_empty() {
+            return Poll::Ready(Ok(true));
+        }
+        let socket: &tokio::net::TcpStream = (*self.socket).as_ref();
+        let mut one = [0u8; 1];
+        let peeked = ready!(socket.poll_peek(cx, &mut ReadBuf::new(&mut one)))?;
+        Poll::Ready(Ok(peeked > 0))
+    }
+
     /// The next frame, pings answered on the way.
     pub async fn next_frame(&mut self) -> Result<Frame<'static>, WebSocketError> {
+        if !std::future::poll_fn(|cx| self.poll_arrival(cx)).await? {
+            return Err(WebSocketError::UnexpectedEOF);
+        }
+        self.read_frame().await
+    }
+
+    /// Reads a frame once bytes are known to be waiting.
+    async fn read_frame(&mut self) -> Result<Frame<'static>, WebSocketError> {
         if self.reader.is_none() {
-            if self.leftover.is_empty() {
-                // `poll_peek` waits in the socket's single reader slot, which
-                // also drops the waker the HTTP connection's task left there
-                // (`peek().await` would queue beside it and keep that task's
-                // memory alive for the socket's life).
-                let socket: &tokio::net::TcpStream = (*self.socket).as_ref();
-                let mut one = [0u8; 1];
-                let peeked = std::future::poll_fn(|cx| socket.poll_peek(cx, &mut ReadBuf::new(&mut one))).await?;
-                if peeked == 0 {
-                    return Err(WebSocketError::UnexpectedEOF);
-                }
-            }
             let metered = Metered {
                 socket: self.socket.clone(),
                 leftover: std::mem::take(&mut self.leftover),
@@ -207,14 +220,14 @@ impl Inbound {
             self.seen.complete.store(0, Ordering::Relaxed);
             self.seen.at_boundary.store(true, Ordering::Relaxed);
             self.returned = 0;
-            self.reader = Some(reader);
+            self.reader = Some(Box::new(reader));
         }
         let reader = self.reader.as_mut().expect("made above");
         let handle = &self.handle;
         let mut pongs = 0;
         let mut pong = |frame: Frame<'_>| {
             pongs += 1;
-            handle.pong(frame.payload.to_vec());
+            handle.pong(Box::from(&frame.payload[..]));
             std::future::ready(Ok::<(), std::convert::Infallible>(()))
         };
         let frame = reader.read_frame(&mut pong).await.map(owned);
@@ -239,13 +252,72 @@ fn owned(frame: Frame<'_>) -> Frame<'static> {
     Frame::new(frame.fin, frame.opcode, None, Payload::Bytes(payload))
 }
 
-/// The frames of `inbound` as a stream. Dropping a `next()` of it (in a
-/// `select!`) doesn't cancel the read underneath.
-pub fn frames(inbound: Inbound) -> impl Stream<Item = Result<Frame<'static>, WebSocketError>> + Send {
-    futures_util::stream::unfold(inbound, |mut inbound| async move {
-        let frame = inbound.next_frame().await;
-        Some((frame, inbound))
-    })
+/// A frame read from a socket, or why none could be.
+pub type FrameResult = Result<Frame<'static>, WebSocketError>;
+
+/// A read under way: it owns the [`Inbound`] and gives it back with the frame.
+type Reading = Pin<Box<dyn Future<Output = (FrameResult, Inbound)> + Send>>;
+
+/// The frames of an [`Inbound`], read so that a quiet socket costs little.
+///
+/// While the client is quiet, this holds the [`Inbound`] and a peek waits in
+/// the socket. Once bytes arrive, the read (fastwebsockets' reader and its
+/// future) moves into a box that lives only until the frame is out, so the
+/// session's task doesn't carry a read's state while it waits.
+///
+/// [`Frames::next`] is cancel-safe: dropping it (in a `select!`) keeps the
+/// read under way, and the next call picks it up.
+pub struct Frames {
+    state: State,
+}
+
+enum State {
+    Quiet(Inbound),
+    Reading(Reading),
+    /// Only while switching between the two.
+    Moving,
+}
+
+impl Frames {
+    /// Reads the frames of `inbound`.
+    pub fn new(inbound: Inbound) -> Self {
+        Self { state: State::Quiet(inbound) }
+    }
+
+    /// The next frame. Cancel-safe.
+    pub async fn next(&mut self) -> FrameResult {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<FrameResult> {
+        loop {
+            match &mut self.state {
+                State::Quiet(inbound) => {
+                    if !ready!(inbound.poll_arrival(cx))? {
+                        return Poll::Ready(Err(WebSocketError::UnexpectedEOF));
+                    }
+                    let State::Quiet(mut inbound) = std::mem::replace(&mut self.state, State::Moving) else {
+                        unreachable!("matched above")
+                    };
+                    self.state = State::Reading(Box::pin(async move {
+                        let frame = inbound.read_frame().await;
+                        (frame, inbound)
+                    }));
+                }
+                State::Reading(read) => {
+                    let (frame, inbound) = ready!(read.as_mut().poll(cx));
+                    self.state = State::Quiet(inbound);
+                    return Poll::Ready(frame);
+                }
+                State::Moving => unreachable!("never left between polls"),
+            }
+        }
+    }
+
+    /// Whether a read is under way (its bytes partly taken from the socket).
+    pub fn mid_read(&self) -> bool {
+        matches!(self.state, State::Reading(_))
+    }
 }
 
 #[cfg(test)]
@@ -341,7 +413,7 @@ mod tests {
         assert!(inbound.holds_buffer(), "the rest is buffered");
         assert_eq!(inbound.next_frame().await.expect("second").payload.len(), 20);
         assert!(!inbound.holds_buffer());
-        let work = handle.take_work().await;
+        let work = handle.next_work().await.expect("work");
         assert_eq!(work.pong.as_deref(), Some(&b"hi"[..]), "the ping was answered on the way");
 
         drop(client);
@@ -350,10 +422,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_dropped_half_way_through_a_frame_loses_nothing() {
-        use futures_util::StreamExt;
         use tokio::io::AsyncWriteExt;
         let (inbound, mut client, _handle) = pair().await;
-        let mut frames = std::pin::pin!(frames(inbound));
+        let mut frames = Frames::new(inbound);
         let whole = frame(true, 70_000);
         // The header and part of the payload, then a `select!` that gives up.
         client.write_all(&whole[..20_000]).await.expect("write");
@@ -363,8 +434,10 @@ mod tests {
             _ = tokio::task::yield_now() => true,
         };
         assert!(gave_up, "the frame can't be complete yet");
+        assert!(frames.mid_read(), "the read is kept");
         client.write_all(&whole[20_000..]).await.expect("write");
-        let got = frames.next().await.expect("a stream never ends").expect("a frame");
+        let got = frames.next().await.expect("a frame");
+        assert!(!frames.mid_read());
         assert_eq!(got.payload.len(), 70_000);
         let mask = [1u8, 2, 3, 4];
         assert!(got.payload.iter().enumerate().all(|(i, &b)| b == b'x' ^ mask[i % 4]), "unmasked intact");

@@ -1,11 +1,19 @@
-//! One WebSocket session, from upgrade to cleanup.
+//! One WebSocket session, from upgrade to cleanup, in one task.
 //!
 //! Setup runs in a fixed order so that nothing is missed: register locally,
 //! subscribe to the pair's channel, claim presence, write the welcome, then
-//! announce the join. After that the reader loop (this task) reads whole
-//! messages and queues them on the broker in order without waiting for Redis
-//! to confirm each (a failure comes back as a `broker_unavailable` event),
-//! while a writer task drains the outbox that the registry fills.
+//! announce the join. After that the session waits on two things: its
+//! client's next frame, and its handle's outbox (what the registry delivered,
+//! pongs and pings) or a close request. A client message is checked and queued
+//! on the broker in order, without waiting for Redis to confirm it (a failure
+//! comes back as a `broker_unavailable` event). Queued frames go out in one
+//! write per batch.
+//!
+//! A quiet session's task holds only [`Live`] and its wait: setup and cleanup
+//! await large futures (Redis calls, the close handshake), so they run boxed
+//! and take that memory only while they run; a read under way is boxed too
+//! (see [`inbound::Frames`]). Pings come from the instance's heartbeat, not
+//! from a timer per socket.
 
 pub mod frames;
 pub mod handle;
@@ -18,32 +26,26 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::upgrade::UpgradeFut;
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
-use std::pin::Pin;
-
-use futures_util::{Stream, StreamExt};
+use fastwebsockets::OpCode;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::app::{AppState, SocketPermit};
 use crate::broker::envelope::{self, Kind};
 use crate::protocol::{self, close, ServerEvent};
 use crate::routes::ws::Identity;
 use frames::{Assembler, Incoming};
-use inbound::Inbound;
-
-/// One frame read from a socket, or why none could be.
-type FrameResult = Result<Frame<'static>, WebSocketError>;
-use handle::{CloseReason, SessionHandle};
+use handle::{CloseReason, SessionHandle, Work};
+use inbound::{FrameResult, Frames, Inbound};
 use limits::{RateLimit, Verdict};
 
 /// How long a closing socket may take to finish the close handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-/// How a session's reader loop ended.
+/// How a session's loop ended.
 enum End {
     /// The client closed; answer with this code.
     ClientClosed(u16),
@@ -63,6 +65,16 @@ impl End {
     }
 }
 
+/// A session ID as logs show it.
+#[derive(Clone, Copy)]
+struct Sid(u64);
+
+impl std::fmt::Display for Sid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
 fn random_session_id() -> u64 {
     loop {
         let id = rand::random::<u64>();
@@ -75,17 +87,25 @@ fn random_session_id() -> u64 {
 /// Runs a session on an upgraded socket until it ends.
 pub async fn run(state: AppState, socket: UpgradeFut, identity: Identity, permit: SocketPermit) {
     let id = random_session_id();
-    let span = tracing::info_span!("session", user = %identity.user, session = format_args!("{id:x}"));
-    run_session(state, socket, identity, id).instrument(span).await;
+    let Some(mut live) = Box::pin(open(state, socket, identity, id)).await else {
+        drop(permit);
+        return;
+    };
+    let end = if live.joined { live.serve().await } else { End::Server(CloseReason::BROKER_UNAVAILABLE) };
+    Box::pin(live.finish(end)).await;
     drop(permit);
 }
 
-async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) {
+/// Takes the socket back from hyper, sets the session up and welcomes the
+/// client. Boxed, the live session takes no room twice in the task's future.
+async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) -> Option<Box<Live>> {
+    let Identity { user, pair } = identity;
+    let sid = Sid(id);
     let ws = match socket.await {
         Ok(ws) => ws,
         Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
+            tracing::debug!(error = %e, user = %user, session = %sid, "upgrade failed");
+            return None;
         }
     };
     // The upgraded connection is our own `TcpStream` (see `app::serve`): taking
@@ -95,31 +115,23 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
         Ok(parts) => parts,
         Err(_) => {
             tracing::error!("upgraded connection is not a TCP stream");
-            return;
+            return None;
         }
     };
     crate::metrics::session_opened();
-    let (read_half, write_half) = parts.io.into_inner().into_split();
-    let read_half = Arc::new(read_half);
-    let (_, mut ws_writer) = fastwebsockets::after_handshake_split(tokio::io::empty(), write_half, Role::Server);
+    let (read_half, mut write_half) = parts.io.into_inner().into_split();
 
-    let Identity { user, pair } = identity;
-    let peer = pair.other(&user).clone();
-    let channel = pair.channel(&state.settings.channel_prefix);
-    let handle = Arc::new(SessionHandle::new(
-        id,
-        user.clone(),
-        pair.clone(),
-        state.settings.outbox_messages,
-        state.settings.outbox_bytes,
-    ));
+    let channel: Arc<str> = pair.channel(&state.settings.channel_prefix).into();
+    let handle =
+        Arc::new(SessionHandle::new(id, user, pair, state.settings.outbox_messages, state.settings.outbox_bytes));
+    let (user, pair) = (&handle.user, &handle.pair);
 
     // Register and subscribe before anything can be announced.
     state.registry.insert(&channel, handle.clone());
     let broker = &state.broker;
     let setup = async {
         broker.subscribe(&channel).await?;
-        let peer_session = match broker.claim_presence(&pair, &user, id).await {
+        let peer_session = match broker.claim_presence(pair, user, id).await {
             Ok(p) => p,
             Err(e) => {
                 broker.unsubscribe(&channel);
@@ -132,187 +144,123 @@ async fn run_session(state: AppState, socket: UpgradeFut, identity: Identity, id
     let peer_session = match setup {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(error = %e, "session refused: broker unavailable");
+            tracing::warn!(error = %e, user = %user, session = %sid, "session refused: broker unavailable");
             state.registry.remove(&channel, id);
             let reason = CloseReason::BROKER_UNAVAILABLE;
-            let _ = ws_writer.write_frame(Frame::close(reason.code, reason.reason.as_bytes())).await;
-            let _ = ws_writer.flush().await;
+            let _ = write_half.write_all(&writer::close(reason.code, reason.reason)).await;
             crate::metrics::session_closed(reason.label);
-            return;
+            return None;
         }
     };
     let peer_online = state.registry.finish_setup(&handle, peer_session);
-    let ice_servers = crate::turn::ice_servers(&state.settings, &user);
-    let welcome = ServerEvent::Welcome {
-        user_id: user.as_str(),
-        peer_id: peer.as_str(),
-        polite: pair.is_polite(&user),
-        peer_online,
-        ice_servers: &ice_servers,
-    }
-    .to_bytes();
-    let welcomed = async {
-        ws_writer.write_frame(Frame::text(Payload::Borrowed(&welcome))).await?;
-        ws_writer.flush().await?;
-        crate::metrics::message_out(welcome.len());
-        Ok::<(), fastwebsockets::WebSocketError>(())
-    }
-    .await;
-    let joined = match welcomed {
+    let welcome = {
+        let ice_servers = crate::turn::ice_servers(&state.settings, user);
+        ServerEvent::Welcome {
+            user_id: user.as_str(),
+            peer_id: pair.other(user).as_str(),
+            polite: pair.is_polite(user),
+            peer_online,
+            ice_servers: &ice_servers,
+        }
+        .to_bytes()
+    };
+    let joined = match write_half.write_all(&writer::text(&welcome)).await {
         Ok(()) => {
-            broker.publish(&channel, envelope::encode(Kind::Join, &user, id, b"")).await.map_err(|e| e.to_string())
+            crate::metrics::message_out(welcome.len());
+            broker.publish(&channel, envelope::encode(Kind::Join, user, id, b"")).await.map_err(|e| e.to_string())
         }
         Err(e) => Err(e.to_string()),
     };
-    tracing::debug!(peer_online, "session open");
+    if let Err(e) = &joined {
+        tracing::warn!(error = %e, user = %user, session = %sid, "session setup failed");
+    }
+    tracing::debug!(peer_online, user = %user, session = %sid, "session open");
     // A session that opened while the server began to stop closes at once.
     if let Some(reason) = state.stop_reason() {
         handle.close(reason);
     }
 
-    let writer = tokio::spawn(writer::run(ws_writer, handle.clone()));
-    // fastwebsockets refuses frames of `max_message_size` bytes or more.
     // Bytes the HTTP server read past the request (a client that didn't wait for
     // the 101). Copied out: the `Bytes` holds the server's whole read buffer.
     let leftover = if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
     drop(parts.read_buf);
+    let read_half = Arc::new(read_half);
+    // fastwebsockets refuses frames of `max_message_size` bytes or more.
     let inbound = Inbound::new(read_half.clone(), leftover, handle.clone(), state.settings.max_message_bytes + 1);
-    let mut frames = std::pin::pin!(inbound::frames(inbound));
-
-    let end = match joined {
-        Err(e) => {
-            tracing::warn!(error = %e, "session setup failed");
-            End::Server(CloseReason::BROKER_UNAVAILABLE)
-        }
-        Ok(()) => {
-            let mut session = Session { state: &state, handle: &handle, channel: &channel, user: &user };
-            session.read_loop(frames.as_mut()).await
-        }
+    let live = Live {
+        frames: Frames::new(inbound),
+        read_half,
+        write_half,
+        joined: joined.is_ok(),
+        assembler: Assembler::new(state.settings.max_message_bytes),
+        limit: RateLimit::new(state.settings.rate_per_sec, state.settings.rate_burst),
+        turn_refresh: crate::turn::Refresh::new(&state.settings),
+        broken: false,
+        channel,
+        handle,
+        state,
     };
-
-    // Tell the socket why, then clean up so the peer hears of it at once.
-    match end {
-        End::ClientClosed(code) => handle.send_close(code, ""),
-        End::Server(reason) => handle.send_close(reason.code, reason.reason),
-        End::Gone => handle.stop_writer(),
-    }
-    state.registry.remove(&channel, id);
-    broker.unsubscribe(&channel);
-    // A drain or shutdown close expects the user back on another replica:
-    // presence is kept (its TTL ends it if they never return) and no leave is
-    // announced, so the peer's call carries on. A replaced session's user is
-    // still here by definition.
-    let returning = matches!(end, End::Server(r) if r == CloseReason::DRAIN || r == CloseReason::SHUTDOWN);
-    let replaced = handle.close_reason() == Some(CloseReason::REPLACED);
-    if !returning {
-        handle.mark_presence_released();
-        if let Err(e) = broker.release_presence(&pair, &user, id).await {
-            tracing::debug!(error = %e, "presence release failed");
-        }
-    }
-    if !replaced && !returning {
-        let _ = broker.publish(&channel, envelope::encode(Kind::Leave, &user, id, b"")).await;
-    }
-    crate::metrics::session_closed(end.label());
-    tracing::debug!(reason = end.label(), "session closed");
-    let abort = writer.abort_handle();
-    if !finish_close(end, frames.as_mut(), writer).await {
-        // A frame the reader gave up on may be half read: skip raw bytes until
-        // the client hangs up, so unread input doesn't turn into a reset.
-        let socket: &TcpStream = (*read_half).as_ref();
-        let drain = async {
-            let mut scratch = [0u8; 1024];
-            loop {
-                if socket.readable().await.is_err() {
-                    break;
-                }
-                match socket.try_read(&mut scratch) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break,
-                }
-            }
-        };
-        let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
-    }
-    abort.abort();
+    Some(Box::new(live))
 }
 
-/// Ends the close handshake where the frame reader is still intact; returns
-/// false when it is not (the caller then drains raw bytes). Browsers wait for
-/// the server to drop TCP after the close frames are exchanged, so the server
-/// drops it as soon as the handshake is done.
-async fn finish_close(end: End, mut frames: Pin<&mut impl Stream<Item = FrameResult>>, writer: JoinHandle<()>) -> bool {
-    match end {
-        // The client closed first: once our reply is written, we are done.
-        End::ClientClosed(_) => {
-            let _ = tokio::time::timeout(CLOSE_LINGER, writer).await;
-        }
-        End::Server(reason) if reason == CloseReason::TOO_BIG || reason == CloseReason::PROTOCOL => return false,
-        // We closed first: wait for the client's close reply, then hang up.
-        End::Server(_) => {
-            let reply = async {
-                while let Some(Ok(frame)) = frames.next().await {
-                    if frame.opcode == OpCode::Close {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(CLOSE_LINGER, reply).await;
-        }
-        End::Gone => {}
-    }
-    true
+/// What a session between setup and cleanup holds.
+struct Live {
+    state: AppState,
+    handle: Arc<SessionHandle>,
+    /// The pair's channel; the registry's key is this same string.
+    channel: Arc<str>,
+    frames: Frames,
+    /// The socket's reading half, shared with `frames`, for the last bytes at close.
+    read_half: Arc<OwnedReadHalf>,
+    write_half: OwnedWriteHalf,
+    /// Whether the join was announced; if not, the session closes at once.
+    joined: bool,
+    /// Joins fragments into messages.
+    assembler: Assembler,
+    /// The client's message rate.
+    limit: RateLimit,
+    /// When TURN credentials are due again.
+    turn_refresh: crate::turn::Refresh,
+    /// A write was cut off half way through a frame: no close frame can follow.
+    broken: bool,
 }
 
-/// The reading side of a live session.
-struct Session<'a> {
-    state: &'a AppState,
-    handle: &'a Arc<SessionHandle>,
-    channel: &'a str,
-    user: &'a crate::pair::UserId,
+/// What woke the session.
+enum Event {
+    Work(Option<Work>),
+    Turn,
+    Frame(FrameResult),
 }
 
-impl Session<'_> {
-    async fn read_loop(&mut self, mut frames: Pin<&mut impl Stream<Item = FrameResult>>) -> End {
-        let settings = &self.state.settings;
-        let mut assembler = Assembler::new(settings.max_message_bytes);
-        let mut limit = RateLimit::new(settings.rate_per_sec, settings.rate_burst);
-        // With pings off, the ticker still exists but never finds the socket silent.
-        let pings_on = !settings.ping_interval.is_zero();
-        let ping_every = if pings_on { settings.ping_interval } else { Duration::from_secs(3600) };
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
-        let mut turn_refresh = crate::turn::Refresh::new(settings);
+impl Live {
+    /// Relays until the session ends, and tells how.
+    async fn serve(&mut self) -> End {
         loop {
-            let frame = tokio::select! {
+            let event = tokio::select! {
                 biased;
-                _ = self.handle.closing() => {
-                    return match self.handle.close_reason() {
-                        Some(CloseReason::GONE) | None => End::Gone,
-                        Some(reason) => End::Server(reason),
-                    };
-                }
-                _ = ping.tick(), if pings_on => {
-                    if last_heard.elapsed() > settings.ping_interval + settings.pong_timeout {
-                        tracing::debug!("no frame since the last ping's deadline");
-                        return End::Server(CloseReason::PING_TIMEOUT);
-                    }
-                    self.handle.ping();
-                    continue;
-                }
-                () = turn_refresh.due() => {
-                    turn_refresh.push(settings, self.handle, self.user);
-                    continue;
-                }
-                // Cancel-safe: the stream keeps a read that is under way.
-                frame = frames.next() => frame.unwrap_or(Err(WebSocketError::UnexpectedEOF)),
+                work = self.handle.next_work() => Event::Work(work),
+                () = self.turn_refresh.due() => Event::Turn,
+                // Cancel-safe: `Frames` keeps a read that is under way.
+                frame = self.frames.next() => Event::Frame(frame),
             };
-            last_heard = Instant::now();
+            let frame = match event {
+                Event::Work(Some(work)) => {
+                    // Boxed: a quiet session's task carries no write state.
+                    if let Err(end) = Box::pin(self.write(work)).await {
+                        return end;
+                    }
+                    continue;
+                }
+                Event::Work(None) => return self.closed_end(),
+                Event::Turn => {
+                    self.turn_refresh.push(&self.state.settings, &self.handle, &self.handle.user);
+                    continue;
+                }
+                Event::Frame(frame) => frame,
+            };
+            self.handle.heard();
             let incoming = match frame {
-                Ok(frame) => assembler.push(frame),
+                Ok(frame) => self.assembler.push(frame),
                 Err(e) => match frames::on_error(&e) {
                     Some(incoming) => Some(incoming),
                     None => return End::Gone,
@@ -320,8 +268,9 @@ impl Session<'_> {
             };
             match incoming {
                 None => {}
-                Some(Incoming::Text(payload)) => match limit.check(last_heard) {
-                    Verdict::Pass => self.on_text(payload).await,
+                // Boxed, like a write: a quiet session's task carries no message state.
+                Some(Incoming::Text(payload)) => match self.limit.check(Instant::now()) {
+                    Verdict::Pass => Box::pin(self.on_text(payload)).await,
                     Verdict::Drop => {
                         crate::metrics::reject("rate_limited");
                         let message = "too many messages; this one was dropped";
@@ -343,6 +292,44 @@ impl Session<'_> {
         }
     }
 
+    /// How the session ends when its handle was asked to close.
+    fn closed_end(&self) -> End {
+        match self.handle.close_reason() {
+            Some(CloseReason::GONE) | None => End::Gone,
+            Some(reason) => End::Server(reason),
+        }
+    }
+
+    /// Writes a batch of queued frames in one go. A close asked for meanwhile
+    /// (a slow consumer's, say) stops a write the socket doesn't take.
+    async fn write(&mut self, work: Work) -> Result<(), End> {
+        let batch = writer::batch(&work);
+        drop(work);
+        let mut written = 0;
+        while written < batch.bytes.len() {
+            let step = tokio::select! {
+                biased;
+                n = self.write_half.write(&batch.bytes[written..]) => Some(n),
+                () = self.handle.closed() => None,
+            };
+            match step {
+                Some(Ok(0)) => return Err(End::Gone),
+                Some(Ok(n)) => written += n,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, session = %Sid(self.handle.id), "socket write failed");
+                    return Err(End::Gone);
+                }
+                None => {
+                    self.broken = written > 0;
+                    return Err(self.closed_end());
+                }
+            }
+        }
+        self.handle.sent(batch.text_bytes);
+        crate::metrics::messages_out(batch.texts, batch.text_bytes);
+        Ok(())
+    }
+
     /// Checks a client message and publishes it, or answers with an error event.
     async fn on_text(&mut self, payload: Bytes) {
         crate::metrics::message_in(payload.len());
@@ -355,17 +342,103 @@ impl Session<'_> {
                 return;
             }
         };
-        let env = envelope::encode(kind, self.user, self.handle.id, &payload);
+        let handle = &self.handle;
+        let env = envelope::encode(kind, &handle.user, handle.id, &payload);
         if kind == Kind::Answer {
-            if let Some(setup) = self.handle.call_setup_time() {
+            if let Some(setup) = handle.call_setup_time() {
                 crate::metrics::call_setup(setup);
             }
         }
-        // Keep pace with this instance's own subscriber (see `ECHO_WINDOW`).
-        if !self.handle.echo_room(env.len()).await {
+        // Keep pace with this instance's own subscriber (see `ECHO_WINDOW`);
+        // the wait is rare, so its state is boxed rather than carried.
+        if !handle.try_echo_room(env.len()) && !Box::pin(handle.echo_room(env.len())).await {
             return;
         }
         // Not awaited past the queue: a failure comes back as `broker_unavailable`.
-        self.state.broker.relay(self.channel, env, self.handle.clone()).await;
+        self.state.broker.relay(&self.channel, env, self.handle.clone()).await;
+    }
+
+    /// Says goodbye: the close frame goes out while the pair's channel hears
+    /// of it, then the close handshake ends as the protocol wants.
+    async fn finish(mut self: Box<Self>, end: End) {
+        let frame = match &end {
+            _ if self.broken => None,
+            End::ClientClosed(code) => Some(writer::close(*code, "")),
+            End::Server(reason) => Some(writer::close(reason.code, reason.reason)),
+            End::Gone => None,
+        };
+        let write_half = &mut self.write_half;
+        let say_bye = async {
+            if let Some(frame) = frame {
+                let _ = tokio::time::timeout(CLOSE_LINGER, write_half.write_all(&frame)).await;
+            }
+        };
+        tokio::join!(say_bye, clean_up(&self.state, &self.handle, &self.channel, &end));
+        match end {
+            // The client closed first and has our reply: done.
+            End::ClientClosed(_) | End::Gone => {}
+            // The frame reader may have given up half way through a frame:
+            // skip raw bytes until the client hangs up, so unread input
+            // doesn't turn into a reset.
+            _ if self.broken => {}
+            End::Server(reason) if reason == CloseReason::TOO_BIG || reason == CloseReason::PROTOCOL => {
+                let _ = tokio::time::timeout(CLOSE_LINGER, drain(&self.read_half)).await;
+            }
+            // We closed first: wait for the client's close reply, then hang
+            // up (browsers wait for the server to drop TCP).
+            End::Server(_) => {
+                let frames = &mut self.frames;
+                let reply = async {
+                    while let Ok(frame) = frames.next().await {
+                        if frame.opcode == OpCode::Close {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(CLOSE_LINGER, reply).await;
+            }
+        }
+    }
+}
+
+/// Takes the session out of the registry, the channel and presence, and
+/// tells the peer, unless the user is expected back.
+async fn clean_up(state: &AppState, handle: &SessionHandle, channel: &str, end: &End) {
+    let broker = &state.broker;
+    state.registry.remove(channel, handle.id);
+    broker.unsubscribe(channel);
+    // A drain or shutdown close expects the user back on another replica:
+    // presence is kept (its TTL ends it if they never return) and no leave is
+    // announced, so the peer's call carries on. A replaced session's user is
+    // still here by definition.
+    let returning = matches!(end, End::Server(r) if *r == CloseReason::DRAIN || *r == CloseReason::SHUTDOWN);
+    let replaced = handle.close_reason() == Some(CloseReason::REPLACED);
+    if !returning {
+        handle.mark_presence_released();
+        if let Err(e) = broker.release_presence(&handle.pair, &handle.user, handle.id).await {
+            tracing::debug!(error = %e, "presence release failed");
+        }
+    }
+    if !replaced && !returning {
+        let _ = broker.publish(channel, envelope::encode(Kind::Leave, &handle.user, handle.id, b"")).await;
+    }
+    crate::metrics::session_closed(end.label());
+    tracing::debug!(reason = end.label(), user = %handle.user, session = %Sid(handle.id), "session closed");
+}
+
+/// Reads and drops raw bytes until the client hangs up.
+async fn drain(socket: &OwnedReadHalf) {
+    let socket: &TcpStream = socket.as_ref();
+    let mut scratch = vec![0u8; 1024];
+    loop {
+        if socket.readable().await.is_err() {
+            break;
+        }
+        match socket.try_read(&mut scratch) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
     }
 }
