@@ -93,7 +93,8 @@ pub fn ice_servers(settings: &Settings, user: &UserId) -> Box<RawValue> {
 /// A session's timer for pushing fresh credentials; never fires without TURN.
 #[derive(Debug)]
 pub struct Refresh {
-    timer: Option<tokio::time::Interval>,
+    /// Boxed: without TURN, a session holds just the empty pointer.
+    timer: Option<Box<tokio::time::Interval>>,
 }
 
 impl Refresh {
@@ -103,7 +104,7 @@ impl Refresh {
             let every = turn.refresh_every();
             let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            timer
+            Box::new(timer)
         });
         Self { timer }
     }

@@ -35,7 +35,7 @@ impl MemoryBroker {
 
 #[async_trait]
 impl Broker for MemoryBroker {
-    async fn subscribe(&self, _channel: &str) -> Result<(), BrokerError> {
+    async fn subscribe(&self, _channel: &Arc<str>) -> Result<(), BrokerError> {
         Ok(())
     }
 

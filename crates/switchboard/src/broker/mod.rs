@@ -47,7 +47,8 @@ pub trait RelayFailure: Send + Sync + 'static {
 pub trait Broker: Send + Sync + 'static {
     /// Starts receiving `channel` on this instance. Counted: only the first
     /// local session of a pair subscribes; resolves once the subscription is live.
-    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError>;
+    /// An `Arc` so that a broker which keeps the name shares the sessions' copy.
+    async fn subscribe(&self, channel: &Arc<str>) -> Result<(), BrokerError>;
 
     /// Drops one count of `channel`'s subscription; the last one unsubscribes.
     fn unsubscribe(&self, channel: &str);

@@ -42,7 +42,7 @@ pub struct RedisOptions {
 }
 
 enum Command {
-    Subscribe(Box<str>, oneshot::Sender<Result<(), BrokerError>>),
+    Subscribe(Arc<str>, oneshot::Sender<Result<(), BrokerError>>),
     Unsubscribe(Box<str>),
 }
 
@@ -157,9 +157,9 @@ fn parse_session(value: redis::Value) -> Result<Option<SessionId>, BrokerError> 
 
 #[async_trait]
 impl Broker for RedisBroker {
-    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+    async fn subscribe(&self, channel: &Arc<str>) -> Result<(), BrokerError> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Subscribe(channel.into(), tx)).map_err(|_| BrokerError::Disconnected)?;
+        self.commands.send(Command::Subscribe(channel.clone(), tx)).map_err(|_| BrokerError::Disconnected)?;
         rx.await.map_err(|_| BrokerError::Disconnected)?
     }
 
@@ -224,7 +224,7 @@ struct Subscriber {
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
     /// Local sessions per subscribed channel.
-    counts: HashMap<Box<str>, usize>,
+    counts: HashMap<Arc<str>, usize>,
     first: Option<oneshot::Sender<()>>,
 }
 

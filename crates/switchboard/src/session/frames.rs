@@ -27,7 +27,8 @@ pub enum Incoming {
 #[derive(Debug)]
 pub struct Assembler {
     limit: usize,
-    partial: Option<(OpCode, BytesMut)>,
+    /// Boxed: fragmented messages are rare, and an idle session keeps only the pointer.
+    partial: Option<Box<(OpCode, BytesMut)>>,
 }
 
 fn into_bytes(payload: Payload<'_>) -> BytesMut {
@@ -51,7 +52,7 @@ impl Assembler {
                 if frame.fin {
                     Some(Incoming::Binary)
                 } else {
-                    self.partial = Some((OpCode::Binary, BytesMut::new()));
+                    self.partial = Some(Box::new((OpCode::Binary, BytesMut::new())));
                     None
                 }
             }
@@ -62,12 +63,12 @@ impl Assembler {
                 if frame.fin {
                     Some(Incoming::Text(into_bytes(frame.payload).freeze()))
                 } else {
-                    self.partial = Some((OpCode::Text, into_bytes(frame.payload)));
+                    self.partial = Some(Box::new((OpCode::Text, into_bytes(frame.payload))));
                     None
                 }
             }
             OpCode::Continuation => {
-                let Some((opcode, buf)) = self.partial.as_mut() else {
+                let Some((opcode, buf)) = self.partial.as_deref_mut() else {
                     return Some(Incoming::Protocol);
                 };
                 if *opcode == OpCode::Text {
@@ -80,7 +81,7 @@ impl Assembler {
                 if !frame.fin {
                     return None;
                 }
-                let (opcode, buf) = self.partial.take()?;
+                let (opcode, buf) = *self.partial.take()?;
                 if opcode == OpCode::Binary {
                     return Some(Incoming::Binary);
                 }

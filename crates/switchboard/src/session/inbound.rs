@@ -27,7 +27,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use fastwebsockets::{Frame, Payload, Role, WebSocketError, WebSocketRead};
 use std::future::Future;
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 
 use super::handle::SessionHandle;
 
@@ -115,7 +115,7 @@ struct Seen {
 /// The socket as a fastwebsockets reader sees it: bytes left over from the
 /// HTTP request first, then the socket, all followed by [`Boundaries`].
 struct Metered {
-    socket: Arc<OwnedReadHalf>,
+    socket: Arc<TcpStream>,
     leftover: Bytes,
     boundaries: Boundaries,
     seen: Arc<Seen>,
@@ -126,7 +126,7 @@ impl AsyncRead for Metered {
         let this = &mut *self;
         let before = buf.filled().len();
         if this.leftover.is_empty() {
-            let socket: &tokio::net::TcpStream = (*this.socket).as_ref();
+            let socket = &*this.socket;
             loop {
                 ready!(socket.poll_read_ready(cx))?;
                 match socket.try_read_buf(buf) {
@@ -151,15 +151,17 @@ impl AsyncRead for Metered {
 
 /// Reads a socket's frames, with a fastwebsockets reader only while bytes are in flight.
 pub struct Inbound {
-    socket: Arc<OwnedReadHalf>,
-    leftover: Bytes,
+    socket: Arc<TcpStream>,
+    /// A box, not `Bytes`: smaller while empty, which is nearly always.
+    leftover: Box<[u8]>,
     /// Boxed: it exists only while bytes are in flight.
     reader: Option<Box<WebSocketRead<Metered>>>,
-    seen: Arc<Seen>,
+    /// Shared with the current reader's [`Metered`]; made with it.
+    seen: Option<Arc<Seen>>,
     /// Frames the current reader has handed back, answered pings included.
     returned: u64,
     handle: Arc<SessionHandle>,
-    max_message_size: usize,
+    max_message_size: u32,
 }
 
 impl Inbound {
@@ -167,12 +169,13 @@ impl Inbound {
     /// the upgrade request). Pings are answered through `handle`; frames of
     /// `max_message_size` bytes or more are refused by fastwebsockets.
     pub fn new(
-        socket: Arc<OwnedReadHalf>,
-        leftover: Bytes,
+        socket: Arc<TcpStream>,
+        leftover: Box<[u8]>,
         handle: Arc<SessionHandle>,
         max_message_size: usize,
     ) -> Self {
-        Self { socket, leftover, reader: None, seen: Arc::default(), returned: 0, handle, max_message_size }
+        let max_message_size = u32::try_from(max_message_size).unwrap_or(u32::MAX);
+        Self { socket, leftover, reader: None, seen: None, returned: 0, handle, max_message_size }
     }
 
     /// Whether a fastwebsockets reader (and its buffer) exists right now.
@@ -190,7 +193,7 @@ impl Inbound {
         if self.reader.is_some() || !self.leftover.is_empty() {
             return Poll::Ready(Ok(true));
         }
-        let socket: &tokio::net::TcpStream = (*self.socket).as_ref();
+        let socket = &*self.socket;
         let mut one = [0u8; 1];
         let peeked = ready!(socket.poll_peek(cx, &mut ReadBuf::new(&mut one)))?;
         Poll::Ready(Ok(peeked > 0))
@@ -207,18 +210,18 @@ impl Inbound {
     /// Reads a frame once bytes are known to be waiting.
     async fn read_frame(&mut self) -> Result<Frame<'static>, WebSocketError> {
         if self.reader.is_none() {
+            let seen = Arc::new(Seen { complete: AtomicU64::new(0), at_boundary: AtomicBool::new(true) });
             let metered = Metered {
                 socket: self.socket.clone(),
-                leftover: std::mem::take(&mut self.leftover),
+                leftover: Bytes::from(std::mem::take(&mut self.leftover)),
                 boundaries: Boundaries::default(),
-                seen: self.seen.clone(),
+                seen: seen.clone(),
             };
             let (mut reader, _) = fastwebsockets::after_handshake_split(metered, tokio::io::sink(), Role::Server);
             reader.set_auto_close(false);
             reader.set_auto_pong(true);
-            reader.set_max_message_size(self.max_message_size);
-            self.seen.complete.store(0, Ordering::Relaxed);
-            self.seen.at_boundary.store(true, Ordering::Relaxed);
+            reader.set_max_message_size(self.max_message_size as usize);
+            self.seen = Some(seen);
             self.returned = 0;
             self.reader = Some(Box::new(reader));
         }
@@ -232,10 +235,12 @@ impl Inbound {
         };
         let frame = reader.read_frame(&mut pong).await.map(owned);
         self.returned += 1 + pongs;
-        let drained = self.seen.at_boundary.load(Ordering::Relaxed)
-            && self.seen.complete.load(Ordering::Relaxed) == self.returned;
+        let seen = self.seen.as_ref().expect("made with the reader");
+        let drained =
+            seen.at_boundary.load(Ordering::Relaxed) && seen.complete.load(Ordering::Relaxed) == self.returned;
         if frame.is_ok() && drained {
             self.reader = None;
+            self.seen = None;
         }
         frame
     }
@@ -386,11 +391,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
-        let (read, _write) = server.into_split();
+        let read = server;
         let (a, b) = (crate::pair::UserId::parse("a").expect("id"), crate::pair::UserId::parse("b").expect("id"));
         let pair = crate::pair::PairId::new(&a, &b).expect("two users");
         let handle = Arc::new(SessionHandle::new(1, a, pair, 16, 1 << 20));
-        (Inbound::new(Arc::new(read), Bytes::new(), handle.clone(), 1 << 20), client, handle)
+        (Inbound::new(Arc::new(read), Box::default(), handle.clone(), 1 << 20), client, handle)
     }
 
     #[tokio::test]
@@ -448,7 +453,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (inbound, mut client, handle) = pair().await;
         let Inbound { socket, .. } = inbound;
-        let early = Bytes::from(frame(true, 5));
+        let early = frame(true, 5).into_boxed_slice();
         let mut inbound = Inbound::new(socket, early, handle, 1 << 20);
         client.write_all(&frame(true, 6)).await.expect("write");
         assert_eq!(inbound.next_frame().await.expect("early").payload.len(), 5);

@@ -26,31 +26,26 @@ pub enum Verdict {
 /// A token bucket with a flood counter.
 #[derive(Debug)]
 pub struct RateLimit {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
+    // `f32` is exact for any whole number of tokens a bucket can hold here
+    // (at most 2^24), and keeps every idle socket's limiter small.
+    rate: f32,
+    burst: f32,
+    tokens: f32,
+    drops: u32,
     last: Instant,
     window_start: Instant,
-    drops: u32,
 }
 
 impl RateLimit {
     /// A full bucket of `burst` tokens refilling at `rate` per second.
     pub fn new(rate: u32, burst: u32) -> Self {
         let now = Instant::now();
-        Self {
-            rate: f64::from(rate),
-            burst: f64::from(burst),
-            tokens: f64::from(burst),
-            last: now,
-            window_start: now,
-            drops: 0,
-        }
+        Self { rate: rate as f32, burst: burst as f32, tokens: burst as f32, last: now, window_start: now, drops: 0 }
     }
 
     /// Takes a token for a message arriving at `now`.
     pub fn check(&mut self, now: Instant) -> Verdict {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f32();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.last = now;
         if self.tokens >= 1.0 {
@@ -62,7 +57,7 @@ impl RateLimit {
             self.drops = 0;
         }
         self.drops += 1;
-        if f64::from(self.drops) > self.burst {
+        if self.drops as f32 > self.burst {
             Verdict::Flood
         } else {
             Verdict::Drop

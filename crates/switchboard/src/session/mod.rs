@@ -28,8 +28,6 @@ use bytes::Bytes;
 use fastwebsockets::upgrade::UpgradeFut;
 use fastwebsockets::OpCode;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -109,8 +107,9 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
         }
     };
     // The upgraded connection is our own `TcpStream` (see `app::serve`): taking
-    // it back gives owned halves without a lock, and lets the reading side wait
-    // for bytes without holding a buffer (see `inbound`).
+    // it back lets the reading side wait for bytes without holding a buffer
+    // (see `inbound`). Reading and writing both go through `&TcpStream`, so
+    // one `Arc` serves both sides.
     let parts = match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => parts,
         Err(_) => {
@@ -119,7 +118,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
         }
     };
     crate::metrics::session_opened();
-    let (read_half, mut write_half) = parts.io.into_inner().into_split();
+    let stream = Arc::new(parts.io.into_inner());
 
     let channel: Arc<str> = pair.channel(&state.settings.channel_prefix).into();
     let handle =
@@ -147,7 +146,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
             tracing::warn!(error = %e, user = %user, session = %sid, "session refused: broker unavailable");
             state.registry.remove(&channel, id);
             let reason = CloseReason::BROKER_UNAVAILABLE;
-            let _ = write_half.write_all(&writer::close(reason.code, reason.reason)).await;
+            let _ = write_all(&stream, &writer::close(reason.code, reason.reason)).await;
             crate::metrics::session_closed(reason.label);
             return None;
         }
@@ -164,7 +163,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
         }
         .to_bytes()
     };
-    let joined = match write_half.write_all(&writer::text(&welcome)).await {
+    let joined = match write_all(&stream, &writer::text(&welcome)).await {
         Ok(()) => {
             crate::metrics::message_out(welcome.len());
             broker.publish(&channel, envelope::encode(Kind::Join, user, id, b"")).await.map_err(|e| e.to_string())
@@ -182,15 +181,13 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
 
     // Bytes the HTTP server read past the request (a client that didn't wait for
     // the 101). Copied out: the `Bytes` holds the server's whole read buffer.
-    let leftover = if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
+    let leftover = Box::from(&parts.read_buf[..]);
     drop(parts.read_buf);
-    let read_half = Arc::new(read_half);
     // fastwebsockets refuses frames of `max_message_size` bytes or more.
-    let inbound = Inbound::new(read_half.clone(), leftover, handle.clone(), state.settings.max_message_bytes + 1);
+    let inbound = Inbound::new(stream.clone(), leftover, handle.clone(), state.settings.max_message_bytes + 1);
     let live = Live {
         frames: Frames::new(inbound),
-        read_half,
-        write_half,
+        stream,
         joined: joined.is_ok(),
         assembler: Assembler::new(state.settings.max_message_bytes),
         limit: RateLimit::new(state.settings.rate_per_sec, state.settings.rate_burst),
@@ -210,9 +207,8 @@ struct Live {
     /// The pair's channel; the registry's key is this same string.
     channel: Arc<str>,
     frames: Frames,
-    /// The socket's reading half, shared with `frames`, for the last bytes at close.
-    read_half: Arc<OwnedReadHalf>,
-    write_half: OwnedWriteHalf,
+    /// The socket, shared with `frames`.
+    stream: Arc<TcpStream>,
     /// Whether the join was announced; if not, the session closes at once.
     joined: bool,
     /// Joins fragments into messages.
@@ -309,7 +305,7 @@ impl Live {
         while written < batch.bytes.len() {
             let step = tokio::select! {
                 biased;
-                n = self.write_half.write(&batch.bytes[written..]) => Some(n),
+                n = write_some(&self.stream, &batch.bytes[written..]) => Some(n),
                 () = self.handle.closed() => None,
             };
             match step {
@@ -367,10 +363,10 @@ impl Live {
             End::Server(reason) => Some(writer::close(reason.code, reason.reason)),
             End::Gone => None,
         };
-        let write_half = &mut self.write_half;
+        let stream = &*self.stream;
         let say_bye = async {
             if let Some(frame) = frame {
-                let _ = tokio::time::timeout(CLOSE_LINGER, write_half.write_all(&frame)).await;
+                let _ = tokio::time::timeout(CLOSE_LINGER, write_all(stream, &frame)).await;
             }
         };
         tokio::join!(say_bye, clean_up(&self.state, &self.handle, &self.channel, &end));
@@ -382,7 +378,7 @@ impl Live {
             // doesn't turn into a reset.
             _ if self.broken => {}
             End::Server(reason) if reason == CloseReason::TOO_BIG || reason == CloseReason::PROTOCOL => {
-                let _ = tokio::time::timeout(CLOSE_LINGER, drain(&self.read_half)).await;
+                let _ = tokio::time::timeout(CLOSE_LINGER, drain(&self.stream)).await;
             }
             // We closed first: wait for the client's close reply, then hang
             // up (browsers wait for the server to drop TCP).
@@ -426,9 +422,30 @@ async fn clean_up(state: &AppState, handle: &SessionHandle, channel: &str, end: 
     tracing::debug!(reason = end.label(), user = %handle.user, session = %Sid(handle.id), "session closed");
 }
 
+/// Writes some of `buf`; how much, it says.
+async fn write_some(stream: &TcpStream, buf: &[u8]) -> std::io::Result<usize> {
+    loop {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            done => return done,
+        }
+    }
+}
+
+/// Writes all of `buf`.
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match write_some(stream, buf).await? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => buf = &buf[n..],
+        }
+    }
+    Ok(())
+}
+
 /// Reads and drops raw bytes until the client hangs up.
-async fn drain(socket: &OwnedReadHalf) {
-    let socket: &TcpStream = socket.as_ref();
+async fn drain(socket: &TcpStream) {
     let mut scratch = vec![0u8; 1024];
     loop {
         if socket.readable().await.is_err() {
