@@ -109,13 +109,11 @@ impl Refresh {
         Self { timer }
     }
 
-    /// Resolves when fresh credentials are due.
-    pub async fn due(&mut self) {
+    /// Ready when fresh credentials are due; never without TURN.
+    pub fn poll_due(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         match &mut self.timer {
-            Some(timer) => {
-                timer.tick().await;
-            }
-            None => std::future::pending().await,
+            Some(timer) => timer.poll_tick(cx).map(|_| ()),
+            None => std::task::Poll::Pending,
         }
     }
 
