@@ -170,7 +170,8 @@ pub async fn run(
 
     let addr = listener.local_addr()?;
     let broker_kind = if state.settings.redis_url.is_some() { "redis" } else { "memory" };
-    tracing::info!(%addr, broker = broker_kind, "listening");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(%addr, broker = broker_kind, workers, "listening");
 
     let trigger = tokio::spawn({
         let requested = requested.clone();

@@ -27,6 +27,7 @@ Environment (defaults in brackets; a TOML file given by --config uses the same n
   SWITCHBOARD_DRAIN_SECS          on SIGTERM: seconds of 503 on /readyz while serving, then the
                                   same span over which sockets close with 1012; 0 = close at once with 1001 [5]
   SWITCHBOARD_MAX_SOCKETS         open WebSockets per instance; more get HTTP 503 [50000]
+  SWITCHBOARD_WORKER_THREADS      runtime worker threads; 0 = one per available core [0]
   SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS  time allowed to send the HTTP request head [10]
   SWITCHBOARD_PING_INTERVAL_SECS  server ping interval; 0 disables pings [20]
   SWITCHBOARD_PONG_TIMEOUT_SECS   a socket silent this long after a ping is closed [20]
@@ -80,6 +81,8 @@ pub struct Settings {
     pub drain: Duration,
     /// Open WebSockets allowed per instance.
     pub max_sockets: usize,
+    /// Runtime worker threads; 0 means one per available core.
+    pub worker_threads: usize,
     /// Time allowed to send the HTTP request head.
     pub handshake_timeout: Duration,
     /// Server ping interval; zero disables pings.
@@ -119,6 +122,7 @@ struct Raw {
     shutdown_grace_secs: u64,
     drain_secs: u64,
     max_sockets: usize,
+    worker_threads: usize,
     handshake_timeout_secs: u64,
     ping_interval_secs: u64,
     pong_timeout_secs: u64,
@@ -167,6 +171,7 @@ impl Settings {
             ("shutdown_grace_secs", "10"),
             ("drain_secs", "5"),
             ("max_sockets", "50000"),
+            ("worker_threads", "0"),
             ("handshake_timeout_secs", "10"),
             ("ping_interval_secs", "20"),
             ("pong_timeout_secs", "20"),
@@ -285,6 +290,7 @@ impl Raw {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             drain: Duration::from_secs(self.drain_secs),
             max_sockets: self.max_sockets,
+            worker_threads: self.worker_threads,
             handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
             ping_interval: Duration::from_secs(self.ping_interval_secs),
             pong_timeout: Duration::from_secs(self.pong_timeout_secs),
@@ -318,6 +324,9 @@ mod tests {
         assert_eq!(s.ice_servers.get(), "[]");
         assert!(s.auth.is_none() && s.turn.is_none());
         assert_eq!(s.allowed_origins, crate::origin::AllowedOrigins::default());
+        assert_eq!(s.worker_threads, 0, "one per core");
+        let s = Settings::load_with_env(None, &[("SWITCHBOARD_WORKER_THREADS", "1")]).unwrap();
+        assert_eq!(s.worker_threads, 1);
     }
 
     #[test]

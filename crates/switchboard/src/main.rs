@@ -7,8 +7,7 @@ use clap::Parser;
 use switchboard::cli::{Cli, Command, LinkArgs};
 use switchboard::config::Settings;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
@@ -20,6 +19,22 @@ async fn main() -> ExitCode {
     if let Some(Command::Link(args)) = &cli.command {
         return print_links(&settings, args);
     }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if settings.worker_threads > 0 {
+        runtime.worker_threads(settings.worker_threads);
+    }
+    match runtime.build() {
+        Ok(runtime) => runtime.block_on(serve(settings)),
+        Err(e) => {
+            eprintln!("switchboard: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves until a shutdown signal.
+async fn serve(settings: Settings) -> ExitCode {
     switchboard::telemetry::init(settings.log_format);
     let listener = match tokio::net::TcpListener::bind(settings.listen).await {
         Ok(l) => l,

@@ -41,6 +41,32 @@ fn spawn_on_port_0(env: &[(&str, &str)]) -> (Child, String) {
 }
 
 #[test]
+fn worker_threads_follow_the_setting_or_the_cores() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (setting, expected) in [(Some("1"), 1), (Some("3"), 3), (None, cores)] {
+        let mut cmd = switchboard();
+        if let Some(n) = setting {
+            cmd.env("SWITCHBOARD_WORKER_THREADS", n);
+        }
+        let mut child = cmd
+            .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD_LOG_FORMAT", "json")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let listening = BufReader::new(stdout)
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(&line.unwrap()).expect("JSON log lines"))
+            .find(|json| json["fields"]["message"] == "listening")
+            .expect("a listening line");
+        assert_eq!(listening["fields"]["workers"], expected, "SWITCHBOARD_WORKER_THREADS={setting:?}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+#[test]
 fn bad_settings_exit_non_zero_with_one_line_naming_the_key() {
     for (key, value) in [
         ("SWITCHBOARD_LISTEN", "not-an-address"),
