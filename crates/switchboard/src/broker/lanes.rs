@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{BrokerError, RelayFailure};
+use super::{BrokerError, RelayFailure, Waiting};
 
 /// Most commands sent as one pipeline.
 const MAX_BATCH: usize = 256;
@@ -87,12 +87,26 @@ impl Lanes {
     }
 
     /// Queues `cmd` (a relayed envelope of `len` bytes) on the lane of `key`
-    /// without waiting for its reply; waits only while the lane's queue is
-    /// full. A failure is told to `origin`.
-    pub async fn send(&self, key: &str, cmd: redis::Cmd, len: usize, origin: Arc<dyn RelayFailure>) {
+    /// without waiting for its reply. Only when the lane's queue is full is
+    /// there something to wait for, returned for the caller to await. A
+    /// failure is told to `origin`.
+    pub fn send(&self, key: &str, cmd: redis::Cmd, len: usize, origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
         let job = Job { cmd, reply: Reply::Tell { origin, len, queued_at: Instant::now() } };
-        if let Err(mpsc::error::SendError(job)) = self.lane(key).send(job).await {
-            job.reply.finish(Err(BrokerError::Disconnected));
+        let lane = self.lane(key);
+        match lane.try_send(job) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                let lane = lane.clone();
+                Some(Box::pin(async move {
+                    if let Err(mpsc::error::SendError(job)) = lane.send(job).await {
+                        job.reply.finish(Err(BrokerError::Disconnected));
+                    }
+                }))
+            }
+            Err(mpsc::error::TrySendError::Closed(job)) => {
+                job.reply.finish(Err(BrokerError::Disconnected));
+                None
+            }
         }
     }
 }
@@ -145,5 +159,64 @@ async fn run(pool: Pool, mut queue: mpsc::Receiver<Job>, stop: CancellationToken
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Failures(AtomicUsize);
+
+    impl RelayFailure for Failures {
+        fn relay_failed(&self, _error: &BrokerError, _len: usize) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn publish() -> redis::Cmd {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg("c").arg("m");
+        cmd
+    }
+
+    /// A relayed message is queued without waiting while its lane has room;
+    /// only a full queue hands back a wait, and that wait ends once the lane
+    /// makes room again.
+    #[tokio::test]
+    async fn a_relay_waits_only_for_a_full_queue() {
+        // A "Redis" that accepts the connection and never answers: the lane
+        // takes the first message and hangs on its reply.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("redis://{}", silent.local_addr().expect("addr"));
+        let pool =
+            deadpool_redis::Config::from_url(url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).expect("pool");
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let lanes = Lanes::start(pool, 1, 1, &tracker, stop.clone());
+        let failures = Arc::new(Failures::default());
+        let origin: Arc<dyn RelayFailure> = failures.clone();
+
+        assert!(lanes.send("c", publish(), 1, origin.clone()).is_none(), "an empty queue takes it");
+        let (conn, _) = silent.accept().await.expect("the lane connects");
+        // The lane now waits on the silent connection with the first message;
+        // the second fills the one-slot queue.
+        while let Some(wait) = lanes.send("c", publish(), 1, origin.clone()) {
+            // The lane had not taken the first one yet: wait for room, then queue another.
+            wait.await;
+        }
+        let mut third = lanes.send("c", publish(), 1, origin.clone()).expect("a full queue hands back a wait");
+        assert!(futures_util::poll!(third.as_mut()).is_pending(), "no room while the lane is stuck");
+
+        // The connection breaks: the lane fails what it holds and takes the rest.
+        drop(conn);
+        third.await;
+        assert!(failures.0.load(Ordering::SeqCst) >= 1, "the stuck message was reported");
+        // The lane may be connecting again, to a listener that never answers:
+        // it is left to the runtime's end, not waited for.
+        stop.cancel();
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Broker, BrokerError, RelayFailure, SessionId};
+use super::{Broker, BrokerError, RelayFailure, SessionId, Waiting};
 use crate::pair::{PairId, UserId};
 use crate::registry::Registry;
 
@@ -46,8 +46,9 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn relay(&self, channel: &str, envelope: Bytes, _origin: Arc<dyn RelayFailure>) {
+    fn relay(&self, channel: &str, envelope: Bytes, _origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
         self.registry.dispatch(channel, &envelope);
+        None
     }
 
     async fn claim_presence(

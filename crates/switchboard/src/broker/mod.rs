@@ -35,6 +35,9 @@ pub enum BrokerError {
     Disconnected,
 }
 
+/// A wait for room in a broker's queue (see [`Broker::relay`]).
+pub type Waiting = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Told when a message handed to [`Broker::relay`] could not be published.
 pub trait RelayFailure: Send + Sync + 'static {
     /// The broker could not publish a relayed message of `len` envelope bytes;
@@ -59,10 +62,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Queues a client's message on `channel` without waiting for Redis to
     /// confirm it: a session's relayed messages are published in the order it
-    /// queued them, after anything it published before. Waits only while the
-    /// broker's queue is full, which slows the sending socket down. A failure
-    /// is reported to `origin` once the broker knows of it.
-    async fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>);
+    /// queued them, after anything it published before. Returns at once when
+    /// the broker's queue takes it, which is nearly always; when the queue is
+    /// full, returns the wait for room, which the session awaits before its
+    /// next message (so the sending socket slows down). A failure is reported
+    /// to `origin` once the broker knows of it.
+    fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) -> Option<Waiting>;
 
     /// Records `session` as `user`'s live session in `pair` and returns the
     /// peer's live session, if any.

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::lanes::Lanes;
-use super::{Broker, BrokerError, RelayFailure, SessionId};
+use super::{Broker, BrokerError, RelayFailure, SessionId, Waiting};
 use crate::pair::{PairId, UserId};
 use crate::protocol::ServerEvent;
 use crate::registry::Registry;
@@ -173,10 +173,10 @@ impl Broker for RedisBroker {
         self.lanes.call(channel, cmd).await.map(drop)
     }
 
-    async fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) {
+    fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(channel).arg(&envelope[..]);
-        self.lanes.send(channel, cmd, envelope.len(), origin).await;
+        self.lanes.send(channel, cmd, envelope.len(), origin)
     }
 
     async fn claim_presence(

@@ -34,6 +34,7 @@ use tokio::time::Instant;
 
 use crate::app::{AppState, SocketPermit};
 use crate::broker::envelope::{self, Kind};
+use crate::broker::Waiting;
 use crate::protocol::{self, close, ServerEvent};
 use crate::routes::ws::Identity;
 use frames::{Assembler, Incoming};
@@ -273,9 +274,12 @@ impl Live {
             };
             match incoming {
                 None => {}
-                // Boxed, like a write: a quiet session's task carries no message state.
                 Some(Incoming::Text(payload)) => match self.limit.check(Instant::now()) {
-                    Verdict::Pass => Box::pin(self.on_text(payload)).await,
+                    Verdict::Pass => {
+                        if let Some(wait) = self.on_text(payload) {
+                            wait.await;
+                        }
+                    }
                     Verdict::Drop => {
                         crate::metrics::reject("rate_limited");
                         let message = "too many messages; this one was dropped";
@@ -335,8 +339,12 @@ impl Live {
         Ok(())
     }
 
-    /// Checks a client message and publishes it, or answers with an error event.
-    async fn on_text(&mut self, payload: Bytes) {
+    /// Checks a client message and queues it for publishing, or answers with
+    /// an error event. Returns what the session must wait for before its next
+    /// message, in the rare case there is something: its own echo (see
+    /// `ECHO_WINDOW`) or room in the broker's queue. Boxed, that wait takes no
+    /// room in a quiet session's task.
+    fn on_text(&mut self, payload: Bytes) -> Option<Waiting> {
         crate::metrics::message_in(payload.len());
         let kind = match protocol::check_client_frame(&payload) {
             Ok(info) => Kind::of_message(info.kind.as_deref()),
@@ -344,7 +352,7 @@ impl Live {
                 crate::metrics::reject(e.code());
                 let message = e.to_string();
                 self.handle.deliver(ServerEvent::Error { code: e.code(), message: &message }.to_bytes());
-                return;
+                return None;
             }
         };
         let handle = &self.handle;
@@ -354,13 +362,19 @@ impl Live {
                 crate::metrics::call_setup(setup);
             }
         }
-        // Keep pace with this instance's own subscriber (see `ECHO_WINDOW`);
-        // the wait is rare, so its state is boxed rather than carried.
-        if !handle.try_echo_room(env.len()) && !Box::pin(handle.echo_room(env.len())).await {
-            return;
-        }
         // Not awaited past the queue: a failure comes back as `broker_unavailable`.
-        self.state.broker.relay(&self.channel, env, self.handle.clone()).await;
+        if handle.try_echo_room(env.len()) {
+            return self.state.broker.relay(&self.channel, env, handle.clone());
+        }
+        // Keep pace with this instance's own subscriber first.
+        let (state, handle, channel) = (self.state.clone(), handle.clone(), self.channel.clone());
+        Some(Box::pin(async move {
+            if handle.echo_room(env.len()).await {
+                if let Some(wait) = state.broker.relay(&channel, env, handle.clone()) {
+                    wait.await;
+                }
+            }
+        }))
     }
 
     /// Says goodbye: the close frame goes out while the pair's channel hears
