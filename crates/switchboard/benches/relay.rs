@@ -75,7 +75,7 @@ fn envelope_codec(c: &mut Criterion) {
 
 /// One pair on this replica: the sender's session and the receiver's. Dispatch decodes the
 /// envelope and queues the body for the receiver; the bench drains that queue as the
-/// writer task would.
+/// receiver's session would.
 fn dispatch(c: &mut Criterion) {
     let alice = UserId::parse("alice-1234").expect("valid id");
     let bob = UserId::parse("bob-5678").expect("valid id");

@@ -88,7 +88,7 @@ impl CloseReason {
     }
 }
 
-/// What the writer has to do next, taken in one go by [`SessionHandle::take_work`].
+/// What the session has to write next, taken in one go by [`SessionHandle::next_work`].
 #[derive(Debug, Default)]
 pub struct Work {
     /// A ping's payload to answer (only the latest one is answered, as RFC 6455 allows).
@@ -150,7 +150,7 @@ pub struct SessionHandle {
     /// Bytes of this session's envelopes published whose copy has not come
     /// back on the pair's channel yet (see [`SessionHandle::echo_room`]).
     unechoed: AtomicUsize,
-    /// Whether the reader waits in [`SessionHandle::echo_room`]; echoes wake
+    /// Whether the session waits in [`SessionHandle::echo_room`]; echoes wake
     /// it only then, so the common case takes no lock per message.
     echo_waiting: AtomicBool,
     max_queued_messages: u32,
@@ -287,7 +287,7 @@ impl SessionHandle {
     /// Waits until this session may publish an envelope of `len` bytes, and
     /// counts it: at most [`ECHO_WINDOW`] bytes (or one envelope of any size)
     /// may be waiting for their echo. Returns false, counting nothing, if the
-    /// session closes meanwhile. Called by the session's reader only.
+    /// session closes meanwhile. Called by the session's own task only.
     pub async fn echo_room(&self, len: usize) -> bool {
         let fits = |owed: usize| owed == 0 || owed + len <= ECHO_WINDOW;
         loop {
@@ -326,7 +326,7 @@ impl SessionHandle {
     /// `len` bytes of this session's envelopes came back (or never will).
     pub fn echoed(&self, len: usize) {
         let _ = self.unechoed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| Some(owed.saturating_sub(len)));
-        // A reader that flagged itself after this load saw the new count itself.
+        // A session that flagged itself after this load saw the new count itself.
         if self.echo_waiting.load(Ordering::SeqCst) {
             self.wake.notify_waiters();
         }

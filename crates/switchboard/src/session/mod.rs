@@ -9,7 +9,7 @@
 //! comes back as a `broker_unavailable` event). Queued frames go out in one
 //! write per batch.
 //!
-//! A quiet session's task holds only [`Live`] and its wait: setup and cleanup
+//! A quiet session's task holds only `Live` and its wait: setup and cleanup
 //! await large futures (Redis calls, the close handshake), so they run boxed
 //! and take that memory only while they run; a read under way is boxed too
 //! (see [`inbound::Frames`]). Pings come from the instance's heartbeat, not
