@@ -120,7 +120,7 @@ class Replica {
       if (!line.startsWith('{')) continue;
       try {
         const rec = JSON.parse(line);
-        if (rec.fields?.message === message) out.push({ user: rec.span?.user, at: rec.timestamp, fields: rec.fields });
+        if (rec.fields?.message === message) out.push({ user: rec.fields?.user, at: rec.timestamp, fields: rec.fields });
       } catch {
         /* not JSON */
       }
@@ -538,6 +538,10 @@ scenarioTest('the call page through nginx: restarting each replica in turn keeps
   // signaling gap: replica's close -> welcome from another replica.
   t.diagnostic(`rolling restart: ${JSON.stringify(measured)}`);
   console.log(`rolling restart through nginx: ${JSON.stringify(measured)}`);
+  // Every replica was restarted, so each user's socket moved at least once;
+  // none moving would mean the replicas' logs no longer name the user.
+  const movedPages = new Set(measured.flatMap((m) => Object.keys(m.moved)));
+  assert.deepEqual([...movedPages].sort(), [a.label, b.label].sort(), 'each page moved off a restarted replica');
 
   // Media: the same RTCPeerConnection stayed `connected` the whole time, and
   // each side still shows the same remote stream with advancing frames.
