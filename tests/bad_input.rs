@@ -12,6 +12,7 @@ both_brokers!(
     oversized_fragmented_message_closes_with_1009,
     huge_declared_length_closes_with_1009_before_any_payload,
     fragmented_message_within_the_limit_is_relayed,
+    unmasked_frame_closes_with_1002,
 );
 
 /// A pair that must keep working while another client misbehaves.
@@ -140,4 +141,15 @@ async fn fragmented_message_within_the_limit_is_relayed(c: &Cluster) {
     alice.send_fragment(br#""sdp":"v=0"#, false, false).await;
     alice.send_fragment(br#""}"#, false, true).await;
     assert_eq!(bob.recv_text().await, r#"{"type":"offer","sdp":"v=0"}"#);
+}
+
+async fn unmasked_frame_closes_with_1002(c: &Cluster) {
+    let mut others = Bystanders::join(c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
+    // RFC 6455 section 5.1: a client must mask every frame, and a server that
+    // receives an unmasked one must close the connection.
+    alice.send_raw(&[0x81, 0x02, b'{', b'}']).await;
+    assert_eq!(alice.expect_closed().await.code, Some(1002));
+    assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
+    others.still_relay().await;
 }

@@ -111,6 +111,9 @@ pub fn on_error(error: &WebSocketError) -> Option<Incoming> {
         | WebSocketError::PingFrameTooLarge
         | WebSocketError::InvalidCloseFrame
         | WebSocketError::InvalidCloseCode => Some(Incoming::Protocol),
+        WebSocketError::IoError(e) if e.get_ref().is_some_and(|inner| inner.is::<super::inbound::Unmasked>()) => {
+            Some(Incoming::Protocol)
+        }
         _ => None,
     }
 }

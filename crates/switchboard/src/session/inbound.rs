@@ -41,6 +41,8 @@ pub struct Boundaries {
     payload_left: u64,
     /// Frames whose last byte has gone by.
     complete: u64,
+    /// Whether a frame header without the mask bit went by.
+    unmasked: bool,
 }
 
 impl Boundaries {
@@ -61,6 +63,7 @@ impl Boundaries {
             bytes = &bytes[1..];
             if let Some((need, len)) = header(&self.head[..self.have]) {
                 if self.have == need {
+                    self.unmasked |= self.head[1] & 0x80 == 0;
                     self.have = 0;
                     self.payload_left = len;
                     if len == 0 {
@@ -74,6 +77,12 @@ impl Boundaries {
     /// Frames whose last byte has gone by.
     pub fn complete(&self) -> u64 {
         self.complete
+    }
+
+    /// Whether a frame arrived unmasked, which RFC 6455 forbids a client
+    /// (section 5.1: the server must close the connection).
+    pub fn saw_unmasked(&self) -> bool {
+        self.unmasked
     }
 
     /// Whether the bytes so far end exactly where a frame ends.
@@ -104,6 +113,18 @@ fn header(head: &[u8]) -> Option<(usize, u64)> {
     };
     Some((need, len))
 }
+
+/// The error a read ends with when the client sent an unmasked frame.
+#[derive(Debug)]
+pub struct Unmasked;
+
+impl std::fmt::Display for Unmasked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a client frame was not masked")
+    }
+}
+
+impl std::error::Error for Unmasked {}
 
 /// What a [`Metered`] reader has seen, readable while a fastwebsockets reader owns it.
 #[derive(Debug, Default)]
@@ -142,6 +163,9 @@ impl AsyncRead for Metered {
             this.leftover.advance(n);
         }
         this.boundaries.feed(&buf.filled()[before..]);
+        if this.boundaries.saw_unmasked() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, Unmasked)));
+        }
         this.seen.complete.store(this.boundaries.complete(), Ordering::Relaxed);
         let clean = this.boundaries.at_boundary() && this.leftover.is_empty();
         this.seen.at_boundary.store(clean, Ordering::Relaxed);
@@ -370,6 +394,18 @@ mod tests {
                 assert_eq!(b.at_boundary(), ends.contains(&fed), "chunk {chunk}, after {fed} bytes");
             }
         }
+    }
+
+    #[test]
+    fn an_unmasked_frame_is_noticed_once_its_header_is_complete() {
+        let mut b = Boundaries::default();
+        b.feed(&frame(true, 5));
+        assert!(!b.saw_unmasked());
+        let unmasked = frame(false, 300);
+        b.feed(&unmasked[..2]);
+        assert!(!b.saw_unmasked(), "the extended length is still to come");
+        b.feed(&unmasked[2..]);
+        assert!(b.saw_unmasked());
     }
 
     #[test]
