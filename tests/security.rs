@@ -11,7 +11,7 @@ use switchboard::config::Settings;
 use switchboard::origin::AllowedOrigins;
 use switchboard::pair::UserId;
 use switchboard::turn::Turn;
-use switchboard_tests::{Client, Cluster, Instance};
+use switchboard_tests::{http_get_raw, Client, Cluster, Instance};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Error as WsError;
@@ -314,4 +314,17 @@ async fn without_turn_the_welcome_has_only_the_configured_servers() {
     let (_alice, welcome) = node.join("alice", "bob").await;
     assert_eq!(welcome["iceServers"], json!([]));
     node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_never_pass_their_link_on_as_a_referer() {
+    let node = Instance::start(settings()).await;
+    // `/call` links carry the user's token in their query.
+    for path in ["/", "/call?userID=alice&peerID=bob&token=t", "/switchboard.js"] {
+        let response = http_get_raw(node.addr, path).await.to_ascii_lowercase();
+        assert!(response.starts_with("http/1.1 200"), "{path}: {response}");
+        let head = response.split("\r\n\r\n").next().unwrap_or_default();
+        assert!(head.contains("\r\nreferrer-policy: no-referrer\r\n"), "{path}: {head}");
+        assert!(head.contains("\r\nx-content-type-options: nosniff\r\n"), "{path}: {head}");
+    }
 }

@@ -101,16 +101,21 @@ impl Instance {
 
 /// A minimal HTTP/1.1 GET over a fresh TCP connection.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let text = http_get_raw(addr, path).await;
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The whole response to `GET path`: status line, headers and body.
+pub async fn http_get_raw(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
+    String::from_utf8_lossy(&raw).into_owned()
 }
 
 /// Polls `check` until it holds, failing the test after [`DEADLINE`].

@@ -43,8 +43,14 @@ async fn serve(State(state): State<AppState>, path: &str) -> Response {
     match body {
         Some(bytes) => {
             let mime = mime_guess::from_path(path).first_or_octet_stream();
-            ([(header::CONTENT_TYPE, mime.as_ref().to_owned()), (header::CACHE_CONTROL, "no-cache".to_owned())], bytes)
-                .into_response()
+            let headers = [
+                (header::CONTENT_TYPE, mime.as_ref().to_owned()),
+                (header::CACHE_CONTROL, "no-cache".to_owned()),
+                // A call page's URL may carry its user's token: never send it on as a Referer.
+                (header::REFERRER_POLICY, "no-referrer".to_owned()),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            ];
+            (headers, bytes).into_response()
         }
         None => StatusCode::NOT_FOUND.into_response(),
     }
