@@ -6,7 +6,7 @@
 //! drops it again as soon as its buffer is provably empty. That is when every
 //! frame whose bytes the reader took from the socket has come back out of it.
 //!
-//! To know where frames end, the bytes pass through a [`Metered`] reader
+//! To know where frames end, the bytes pass through a `Metered` reader
 //! that follows the frame headers ([`Boundaries`]) as they go by. While no
 //! reader exists, [`Inbound`] waits with a one-byte peek, which holds no
 //! buffer and leaves the byte in the socket.
@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 
 use super::handle::SessionHandle;
 
-/// Where the frames that passed through a [`Metered`] reader end.
+/// Where the frames that passed through a `Metered` reader end.
 #[derive(Debug, Default)]
 pub struct Boundaries {
     /// The current frame's header bytes seen so far.
