@@ -78,7 +78,7 @@ mod tests {
         let (a, b) = (UserId::parse("a").expect("id"), UserId::parse("b").expect("id"));
         let pair = PairId::new(&a, &b).expect("pair");
         let s = SessionHandle::new(1, a, pair, 16, 1 << 20);
-        s.heard();
+        s.heard(Instant::now());
         let (heard, _) = s.heartbeat();
         let (every, timeout) = (1000, 500);
         assert_eq!(beat(&s, heard + 999, every, timeout), Beat::Alive);
@@ -86,7 +86,7 @@ mod tests {
         let pinged = s.heartbeat().1;
         assert_eq!(beat(&s, pinged + 10, every, timeout), Beat::Alive, "not pinged twice in one interval");
         // An answer (any frame) resets the clock.
-        s.heard();
+        s.heard(Instant::now());
         let (heard, _) = s.heartbeat();
         assert_eq!(beat(&s, heard + 1500, every, timeout), Beat::Pinged);
         assert_eq!(s.close_reason(), None);

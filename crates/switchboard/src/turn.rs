@@ -118,8 +118,8 @@ impl Refresh {
     }
 
     /// Queues `{"type":"ice-servers","iceServers":[...]}` with fresh credentials.
-    pub fn push(&self, settings: &Settings, handle: &SessionHandle, user: &UserId) {
-        let servers = ice_servers(settings, user);
+    pub fn push(&self, settings: &Settings, handle: &SessionHandle) {
+        let servers = ice_servers(settings, &handle.user);
         handle.deliver(ServerEvent::IceServers { ice_servers: &servers }.to_bytes());
         tracing::debug!("pushed fresh TURN credentials");
     }

@@ -115,9 +115,20 @@ struct Outbox {
 
 /// Milliseconds on the process's monotonic clock, for the heartbeat fields.
 pub fn now_ms() -> u64 {
+    ms_at(tokio::time::Instant::now())
+}
+
+/// `at` in [`now_ms`] milliseconds.
+pub fn ms_at(at: tokio::time::Instant) -> u64 {
     static START: OnceLock<tokio::time::Instant> = OnceLock::new();
-    let start = *START.get_or_init(tokio::time::Instant::now);
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    let start = *START.get_or_init(|| at);
+    u64::try_from(at.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether an envelope of `len` bytes may go out while `owed` bytes await
+/// their echo: up to [`ECHO_WINDOW`], or one envelope of any size.
+fn echo_fits(owed: usize, len: usize) -> bool {
+    owed == 0 || owed + len <= ECHO_WINDOW
 }
 
 /// Most bytes of a session's own envelopes that may be on their way through
@@ -246,9 +257,9 @@ impl SessionHandle {
         self.order(|w| w.ping = true);
     }
 
-    /// Notes that a frame came from the client.
-    pub fn heard(&self) {
-        self.heard_at.store(now_ms(), Ordering::Relaxed);
+    /// Notes that a frame came from the client at `at`.
+    pub fn heard(&self, at: tokio::time::Instant) {
+        self.heard_at.store(ms_at(at), Ordering::Relaxed);
     }
 
     /// When a frame last came from the client, and when the heartbeat last
@@ -289,7 +300,6 @@ impl SessionHandle {
     /// may be waiting for their echo. Returns false, counting nothing, if the
     /// session closes meanwhile. Called by the session's own task only.
     pub async fn echo_room(&self, len: usize) -> bool {
-        let fits = |owed: usize| owed == 0 || owed + len <= ECHO_WINDOW;
         loop {
             if self.try_echo_room(len) {
                 return true;
@@ -301,7 +311,7 @@ impl SessionHandle {
             room.as_mut().enable();
             self.echo_waiting.store(true, Ordering::SeqCst);
             // `close` wakes this waiter too, after setting its reason.
-            if !fits(self.unechoed.load(Ordering::SeqCst)) && !self.is_closing() {
+            if !echo_fits(self.unechoed.load(Ordering::SeqCst), len) && !self.is_closing() {
                 room.await;
             }
             self.echo_waiting.store(false, Ordering::SeqCst);
@@ -315,8 +325,7 @@ impl SessionHandle {
     /// returns true if it fits now.
     pub fn try_echo_room(&self, len: usize) -> bool {
         // Only the session adds and echoes only subtract, so a fit seen is a fit kept.
-        let owed = self.unechoed.load(Ordering::SeqCst);
-        let fits = owed == 0 || owed + len <= ECHO_WINDOW;
+        let fits = echo_fits(self.unechoed.load(Ordering::SeqCst), len);
         if fits {
             self.unechoed.fetch_add(len, Ordering::SeqCst);
         }

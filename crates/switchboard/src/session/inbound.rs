@@ -223,8 +223,10 @@ impl Inbound {
         Poll::Ready(Ok(peeked > 0))
     }
 
-    /// The next frame, pings answered on the way.
-    pub async fn next_frame(&mut self) -> Result<Frame<'static>, WebSocketError> {
+    /// The next frame, pings answered on the way. The session reads through
+    /// [`Frames`], which does the same in two steps.
+    #[cfg(test)]
+    async fn next_frame(&mut self) -> Result<Frame<'static>, WebSocketError> {
         if !std::future::poll_fn(|cx| self.poll_arrival(cx)).await? {
             return Err(WebSocketError::UnexpectedEOF);
         }

@@ -259,12 +259,14 @@ impl Live {
                 }
                 Event::Work(None) => return self.closed_end(),
                 Event::Turn => {
-                    self.turn_refresh.push(&self.state.settings, &self.handle, &self.handle.user);
+                    self.turn_refresh.push(&self.state.settings, &self.handle);
                     continue;
                 }
                 Event::Frame(frame) => frame,
             };
-            self.handle.heard();
+            // One clock read per frame, for the heartbeat and the rate limit.
+            let now = Instant::now();
+            self.handle.heard(now);
             let incoming = match frame {
                 Ok(frame) => self.assembler.push(frame),
                 Err(e) => match frames::on_error(&e) {
@@ -274,7 +276,7 @@ impl Live {
             };
             match incoming {
                 None => {}
-                Some(Incoming::Text(payload)) => match self.limit.check(Instant::now()) {
+                Some(Incoming::Text(payload)) => match self.limit.check(now) {
                     Verdict::Pass => {
                         if let Some(wait) = self.on_text(payload) {
                             wait.await;
@@ -394,12 +396,13 @@ impl Live {
         };
         tokio::join!(say_bye, clean_up(&self.state, &self.handle, &self.channel, &end));
         match end {
-            // The client closed first and has our reply: done.
+            // The client closed first and has our reply, or the stream can
+            // carry nothing more: done.
             End::ClientClosed(_) | End::Gone => {}
+            _ if self.broken => {}
             // The frame reader may have given up half way through a frame:
             // skip raw bytes until the client hangs up, so unread input
             // doesn't turn into a reset.
-            _ if self.broken => {}
             End::Server(reason) if reason == CloseReason::TOO_BIG || reason == CloseReason::PROTOCOL => {
                 let _ = tokio::time::timeout(CLOSE_LINGER, drain(&self.stream)).await;
             }

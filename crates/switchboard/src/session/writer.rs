@@ -8,17 +8,13 @@
 //! between batches.
 
 use bytes::Bytes;
+use fastwebsockets::OpCode;
 
 use super::handle::Work;
 
-const TEXT: u8 = 0x1;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xA;
-
 /// Appends one final, unmasked frame of `opcode` carrying `payload`.
-pub fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
+pub fn encode(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
+    out.push(0x80 | opcode as u8);
     let len = payload.len();
     if len < 126 {
         out.push(len as u8);
@@ -49,13 +45,13 @@ pub fn batch(work: &Work) -> Batch {
     let control = work.pong.as_ref().map_or(0, |p| p.len() + 2) + if work.ping { 2 } else { 0 };
     let mut bytes = Vec::with_capacity(control + text_bytes + 10 * work.frames.len());
     if let Some(payload) = &work.pong {
-        encode(&mut bytes, PONG, payload);
+        encode(&mut bytes, OpCode::Pong, payload);
     }
     if work.ping {
-        encode(&mut bytes, PING, b"");
+        encode(&mut bytes, OpCode::Ping, b"");
     }
     for frame in &work.frames {
-        encode(&mut bytes, TEXT, frame);
+        encode(&mut bytes, OpCode::Text, frame);
     }
     Batch { bytes, texts: work.frames.len(), text_bytes }
 }
@@ -66,14 +62,14 @@ pub fn close(code: u16, reason: &str) -> Vec<u8> {
     payload.extend_from_slice(&code.to_be_bytes());
     payload.extend_from_slice(reason.as_bytes());
     let mut out = Vec::with_capacity(4 + payload.len());
-    encode(&mut out, CLOSE, &payload);
+    encode(&mut out, OpCode::Close, &payload);
     out
 }
 
 /// A single text frame.
 pub fn text(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + payload.len());
-    encode(&mut out, TEXT, payload);
+    encode(&mut out, OpCode::Text, payload);
     out
 }
 
