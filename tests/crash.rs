@@ -35,9 +35,9 @@ mod upkeep {
     use switchboard::broker::redis::{RedisBroker, RedisOptions};
     use switchboard::broker::Broker;
     use switchboard::pair::{PairId, UserId};
-    use switchboard::presence;
-    use switchboard::registry::Registry;
     use switchboard::session::handle::SessionHandle;
+    use switchboard::session::presence;
+    use switchboard::session::registry::Registry;
     use switchboard_tests::RedisServer;
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
@@ -89,7 +89,7 @@ mod upkeep {
         presence::refresh(&broker, std::slice::from_ref(&handle)).await;
         assert_eq!(broker.claim_presence(&pair, &bob, 0xb0).await.unwrap(), Some(0xa1));
 
-        handle.mark_presence_released();
+        handle.peer.mark_presence_released();
         broker.release_presence(&pair, &alice, 0xa1).await.unwrap();
         presence::refresh(&broker, std::slice::from_ref(&handle)).await;
         assert_eq!(broker.claim_presence(&pair, &bob, 0xb0).await.unwrap(), None, "released stays released");

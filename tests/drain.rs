@@ -71,3 +71,26 @@ async fn a_drained_user_who_never_returns_is_reported_gone_after_the_ttl() {
     drop(alice);
     assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_socket_open_a_drain_ends_at_once() {
+    // A drain far longer than the test's deadline: only an early end passes.
+    let instance =
+        Instance::start(switchboard::config::Settings { drain: Duration::from_secs(600), ..settings(None) }).await;
+    instance.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_request_closes_every_socket_at_once() {
+    let instance =
+        Instance::start(switchboard::config::Settings { drain: Duration::from_secs(600), ..settings(None) }).await;
+    let (mut alice, _) = instance.join("alice", "bob").await;
+    instance.request_stop();
+    let addr = instance.addr;
+    switchboard_tests::eventually("readyz 503", || async { http_get(addr, "/readyz").await.0 == 503 }).await;
+    alice.send(r#"{"type":"offer","during":"drain"}"#).await;
+    instance.request_stop();
+    let closed = alice.expect_closed().await;
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(1012), "service restart"));
+    instance.stop().await;
+}

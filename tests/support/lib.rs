@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use switchboard::config::Settings;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 pub use client::Client;
 pub use redis_server::RedisServer;
@@ -25,7 +24,8 @@ pub struct Instance {
     /// The address it listens on.
     pub addr: SocketAddr,
     max_message_bytes: usize,
-    stop: CancellationToken,
+    /// Shutdown requests, as SIGINT or SIGTERM would make them.
+    requests: tokio::sync::mpsc::UnboundedSender<()>,
     task: tokio::task::JoinHandle<Result<(), switchboard::app::RunError>>,
 }
 
@@ -46,10 +46,11 @@ impl Instance {
         init_logs();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
+        let (requests, rx) = tokio::sync::mpsc::unbounded_channel();
+        let requested = futures_util::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|()| ((), rx)) });
         let max_message_bytes = settings.max_message_bytes;
-        let task = tokio::spawn(switchboard::app::run(listener, settings, stop.clone().cancelled_owned()));
-        let instance = Self { addr, max_message_bytes, stop, task };
+        let task = tokio::spawn(switchboard::app::run(listener, settings, requested));
+        let instance = Self { addr, max_message_bytes, requests, task };
         instance.wait_ready().await;
         instance
     }
@@ -92,9 +93,14 @@ impl Instance {
         (client, welcome)
     }
 
+    /// Asks the instance to shut down, as a SIGTERM would, without waiting.
+    pub fn request_stop(&self) {
+        let _ = self.requests.send(());
+    }
+
     /// Shuts the instance down and waits for `run` to return.
     pub async fn stop(self) {
-        self.stop.cancel();
+        self.request_stop();
         tokio::time::timeout(DEADLINE, self.task).await.expect("instance stops").unwrap().unwrap();
     }
 }

@@ -13,8 +13,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use switchboard::broker::envelope::{self, Kind};
 use switchboard::pair::{PairId, UserId};
 use switchboard::protocol::{check_client_frame, ServerEvent};
-use switchboard::registry::Registry;
 use switchboard::session::handle::SessionHandle;
+use switchboard::session::registry::Registry;
 
 fn candidate() -> Vec<u8> {
     br#"{"type":"candidate","candidate":{"candidate":"candidate:842163049 1 udp 1677729535 203.0.113.7 46154 typ srflx raddr 0.0.0.0 rport 0 generation 0 ufrag sXyZ network-cost 999","sdpMid":"0","sdpMLineIndex":0,"usernameFragment":"sXyZ"}}"#
@@ -97,7 +97,7 @@ fn dispatch(c: &mut Criterion) {
                 let n = registry.dispatch(channel, black_box(raw));
                 let work = runtime.block_on(receiver.next_work()).expect("work");
                 let frame = work.frames.front().expect("delivered to the other user");
-                receiver.sent(frame.len());
+                receiver.outbox.sent(frame.len());
                 n
             })
         });
@@ -124,7 +124,7 @@ fn server_events(c: &mut Criterion) {
 
 /// Encoding what a session writes in one go: a batch of queued frames.
 fn write_batch(c: &mut Criterion) {
-    use switchboard::session::handle::Work;
+    use switchboard::session::outbox::Work;
     use switchboard::session::writer;
     let mut g = c.benchmark_group("write_batch");
     for (name, p) in payloads() {

@@ -20,8 +20,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::pair::{PairId, UserId};
-use crate::routes::ws::Identity;
+use crate::pair::{Identity, PairId, UserId};
 
 /// Shortest accepted `SWITCHBOARD_AUTH_SECRET`, in bytes (RFC 7518 asks HS256
 /// keys to be at least as long as the hash: 256 bits).

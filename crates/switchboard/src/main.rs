@@ -43,7 +43,7 @@ async fn serve(settings: Settings) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match switchboard::app::run(listener, settings, shutdown_signal()).await {
+    match switchboard::app::run(listener, settings, shutdown_requests()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("switchboard: {e}");
@@ -73,24 +73,39 @@ fn print_links(settings: &Settings, args: &LinkArgs) -> ExitCode {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// One item per SIGINT or SIGTERM: the first starts the shutdown, a second
+/// closes every socket at once.
+#[cfg(unix)]
+fn shutdown_requests() -> impl futures_util::Stream<Item = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen = |kind: SignalKind| signal(kind).map_err(|e| eprintln!("switchboard: cannot watch signals: {e}")).ok();
+    let signals = (listen(SignalKind::interrupt()), listen(SignalKind::terminate()));
+    futures_util::stream::unfold(signals, |(mut int, mut term)| async move {
+        let int_fut = async {
+            match &mut int {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        let term_fut = async {
+            match &mut term {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = int_fut => {}
+            _ = term_fut => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
+        Some(((), (int, term)))
+    })
+}
+
+/// One item per Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_requests() -> impl futures_util::Stream<Item = ()> + Send + 'static {
+    futures_util::stream::unfold((), |()| async {
+        let _ = tokio::signal::ctrl_c().await;
+        Some(((), ()))
+    })
 }

@@ -131,6 +131,15 @@ impl PairId {
     }
 }
 
+/// Who a new session is: the connecting user and their pair, validated.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The connecting user.
+    pub user: UserId,
+    /// The pair of the user and the peer.
+    pub pair: PairId,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,16 +17,122 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// The client sent a binary frame.
     pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// Never sent: the connection was lost without a close frame.
+    pub const ABNORMAL: u16 = 1006;
     /// A policy was broken: flood, or a socket too slow to read its queue.
     pub const POLICY: u16 = 1008;
     /// A frame or message was over the size limit.
     pub const TOO_BIG: u16 = 1009;
     /// The server restarts; reconnect (possibly to another replica).
     pub const SERVICE_RESTART: u16 = 1012;
+    /// The broker is unavailable; try again later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The same user connected again to the same pair; the older session ends.
     pub const REPLACED: u16 = 4001;
+}
+
+/// Why the server ends a session: the close code and text it sends, and the
+/// `reason` label of the sessions-closed metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// A newer session of the same user took over.
+    Replaced = 1,
+    /// The server is shutting down.
+    Shutdown,
+    /// The server drains before a restart; reconnect elsewhere.
+    Drain,
+    /// The socket did not read its queue fast enough.
+    SlowConsumer,
+    /// The socket failed; no close frame can be sent.
+    Gone,
+    /// The client sent a binary frame.
+    Binary,
+    /// The client sent a message over the limit.
+    TooBig,
+    /// The client broke the WebSocket protocol.
+    Protocol,
+    /// The client kept sending over its rate limit.
+    Flood,
+    /// The client answered no ping in time.
+    PingTimeout,
+    /// The broker failed while the session opened.
+    BrokerUnavailable,
+}
+
+impl CloseReason {
+    /// Every reason, in `repr` order.
+    const ALL: [Self; 11] = [
+        Self::Replaced,
+        Self::Shutdown,
+        Self::Drain,
+        Self::SlowConsumer,
+        Self::Gone,
+        Self::Binary,
+        Self::TooBig,
+        Self::Protocol,
+        Self::Flood,
+        Self::PingTimeout,
+        Self::BrokerUnavailable,
+    ];
+
+    /// The WebSocket close code.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Replaced => close::REPLACED,
+            Self::Shutdown | Self::PingTimeout => close::GOING_AWAY,
+            Self::Drain => close::SERVICE_RESTART,
+            Self::SlowConsumer | Self::Flood => close::POLICY,
+            Self::Gone => close::ABNORMAL,
+            Self::Binary => close::UNSUPPORTED_DATA,
+            Self::TooBig => close::TOO_BIG,
+            Self::Protocol => close::PROTOCOL_ERROR,
+            Self::BrokerUnavailable => close::TRY_AGAIN_LATER,
+        }
+    }
+
+    /// The close frame's reason text.
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::Replaced => "replaced",
+            Self::Shutdown => "server shutting down",
+            Self::Drain => "service restart",
+            Self::SlowConsumer => "outbound queue overflow",
+            Self::Gone => "connection lost",
+            Self::Binary => "binary frames are not supported",
+            Self::TooBig => "message too big",
+            Self::Protocol => "protocol error",
+            Self::Flood => "rate limit exceeded",
+            Self::PingTimeout => "ping timeout",
+            Self::BrokerUnavailable => "broker unavailable",
+        }
+    }
+
+    /// The `reason` label of the sessions-closed metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Replaced => "replaced",
+            Self::Shutdown => "shutdown",
+            Self::Drain => "drain",
+            Self::SlowConsumer => "slow_consumer",
+            Self::Gone => "gone",
+            Self::Binary => "binary",
+            Self::TooBig => "too_big",
+            Self::Protocol => "protocol",
+            Self::Flood => "flood",
+            Self::PingTimeout => "ping_timeout",
+            Self::BrokerUnavailable => "broker_unavailable",
+        }
+    }
+
+    /// The reason stored as `n` (its `repr`), if any.
+    pub fn from_repr(n: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(n).checked_sub(1)?).copied()
+    }
 }
 
 /// Types that only the server may send; a client frame using one is refused.

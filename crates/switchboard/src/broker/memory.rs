@@ -1,4 +1,4 @@
-//! The single-process broker: publishing is a direct call into the registry.
+//! The single-process broker: publishing is a direct call into the inbox.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -6,22 +6,26 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Broker, BrokerError, RelayFailure, SessionId, Waiting};
+use super::{Broker, BrokerError, Inbox, RelayFailure, SessionId, Waiting};
 use crate::pair::{PairId, UserId};
-use crate::registry::Registry;
 
 /// Relays between sessions of one process. Order holds because every publish
 /// is delivered before it returns.
-#[derive(Debug)]
 pub struct MemoryBroker {
-    registry: Arc<Registry>,
+    inbox: Arc<dyn Inbox>,
     presence: Mutex<HashMap<(PairId, UserId), SessionId>>,
 }
 
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker").finish_non_exhaustive()
+    }
+}
+
 impl MemoryBroker {
-    /// A broker delivering into `registry`.
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry, presence: Mutex::default() }
+    /// A broker delivering into `inbox`.
+    pub fn new(inbox: Arc<dyn Inbox>) -> Self {
+        Self { inbox, presence: Mutex::default() }
     }
 
     fn presence(&self) -> std::sync::MutexGuard<'_, HashMap<(PairId, UserId), SessionId>> {
@@ -42,12 +46,12 @@ impl Broker for MemoryBroker {
     fn unsubscribe(&self, _channel: &str) {}
 
     async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError> {
-        self.registry.dispatch(channel, &envelope);
+        self.inbox.envelope(channel, &envelope);
         Ok(())
     }
 
     fn relay(&self, channel: &str, envelope: Bytes, _origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
-        self.registry.dispatch(channel, &envelope);
+        self.inbox.envelope(channel, &envelope);
         None
     }
 

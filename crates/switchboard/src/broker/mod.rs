@@ -2,8 +2,10 @@
 //!
 //! [`memory::MemoryBroker`] relays inside one process; [`redis::RedisBroker`]
 //! publishes on the pair's Redis channel and runs one dedicated subscriber
-//! connection per instance. Both hand what they receive to the
-//! [`Registry`](crate::registry::Registry), which fans it out to local sessions.
+//! connection per instance. Both deliver what they receive into an [`Inbox`]:
+//! the instance's session registry, which fans it out to local sessions and
+//! decides what their clients hear. The broker speaks channels and envelopes
+//! only, never client events.
 
 pub mod envelope;
 pub mod lanes;
@@ -33,6 +35,20 @@ pub enum BrokerError {
     /// The subscriber connection is down; messages can't be delivered now.
     #[error("the broker's subscriber connection is down")]
     Disconnected,
+}
+
+/// Where a broker delivers what it receives.
+pub trait Inbox: Send + Sync + 'static {
+    /// An envelope arrived on `channel`.
+    fn envelope(&self, channel: &str, envelope: &Bytes);
+
+    /// The subscriber's connection is lost: nothing published from now on,
+    /// nor anything not read yet, will arrive.
+    fn connection_lost(&self);
+
+    /// The subscriber is connected again and subscribed to `channels` anew;
+    /// whatever was published on them while it was away is gone.
+    fn resubscribed(&self, channels: &mut dyn Iterator<Item = &str>);
 }
 
 /// A wait for room in a broker's queue (see [`Broker::relay`]).
@@ -81,7 +97,7 @@ pub trait Broker: Send + Sync + 'static {
     /// Keeps the presence of each `(pair, user, session)` alive (re-creating
     /// it if it expired) and returns each one's peer's live session, if any,
     /// in the same order. One call covers many sessions: an instance refreshes
-    /// all of its sessions together (see [`crate::presence`]).
+    /// all of its sessions together.
     async fn refresh_presences(
         &self,
         sessions: &[(&PairId, &UserId, SessionId)],

@@ -6,8 +6,8 @@
 //! sessions each. It SUBSCRIBEs on a channel's first session and UNSUBSCRIBEs
 //! after its last, so `PUBSUB NUMSUB` falls back to 0. When the connection drops
 //! it reconnects with backoff, subscribes every live channel again, and tells
-//! their sessions `{"type":"resync"}`: pub/sub is at-most-once, so anything
-//! published meanwhile is gone.
+//! the [`Inbox`] which channels are back: pub/sub is at-most-once, so anything
+//! published meanwhile is gone (the sessions tell their clients `resync`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,10 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::lanes::Lanes;
-use super::{Broker, BrokerError, RelayFailure, SessionId, Waiting};
+use super::{Broker, BrokerError, Inbox, RelayFailure, SessionId, Waiting};
 use crate::pair::{PairId, UserId};
-use crate::protocol::ServerEvent;
-use crate::registry::Registry;
 
 /// How the Redis broker is set up.
 #[derive(Debug, Clone)]
@@ -92,7 +90,7 @@ impl RedisBroker {
     /// `first_connect` for its first connection (it keeps retrying after that).
     pub async fn start(
         options: RedisOptions,
-        registry: Arc<Registry>,
+        inbox: Arc<dyn Inbox>,
         shutdown: CancellationToken,
         tracker: &TaskTracker,
         first_connect: Duration,
@@ -110,7 +108,7 @@ impl RedisBroker {
         let (commands, rx) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = oneshot::channel();
         let subscriber =
-            Subscriber { client, registry, ready: ready.clone(), counts: HashMap::new(), first: Some(first_tx) };
+            Subscriber { client, inbox, ready: ready.clone(), counts: HashMap::new(), first: Some(first_tx) };
         tracker.spawn(subscriber.run(rx, shutdown.clone()));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
@@ -221,7 +219,7 @@ impl Broker for RedisBroker {
 /// The one subscriber connection of this instance.
 struct Subscriber {
     client: redis::Client,
-    registry: Arc<Registry>,
+    inbox: Arc<dyn Inbox>,
     ready: Arc<AtomicBool>,
     /// Local sessions per subscribed channel.
     counts: HashMap<Arc<str>, usize>,
@@ -257,7 +255,7 @@ impl Subscriber {
             };
             self.ready.store(false, Ordering::Relaxed);
             // Whatever was published and not yet read is lost with the connection.
-            self.registry.forget_echoes();
+            self.inbox.connection_lost();
             if matches!(ended, Ended::Shutdown) {
                 return;
             }
@@ -327,11 +325,9 @@ impl Subscriber {
             let _ = first.send(());
         }
         if reconnected {
-            tracing::info!(channels = self.counts.len(), "redis subscriber: reconnected; sending resync");
+            tracing::info!(channels = self.counts.len(), "redis subscriber: reconnected");
             crate::metrics::broker_reconnect();
-            self.registry.forget_echoes();
-            let resync = ServerEvent::Resync.to_bytes();
-            self.registry.broadcast(self.counts.keys().map(|c| &**c), &resync);
+            self.inbox.resubscribed(&mut self.counts.keys().map(|c| &**c));
         } else {
             tracing::info!("redis subscriber: connected");
         }
@@ -345,7 +341,7 @@ impl Subscriber {
                         return Ended::Dropped;
                     };
                     let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
-                    self.registry.dispatch(msg.get_channel_name(), &payload);
+                    self.inbox.envelope(msg.get_channel_name(), &payload);
                 }
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd else { return Ended::Shutdown };

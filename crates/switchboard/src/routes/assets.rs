@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::Router;
 use rust_embed::RustEmbed;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 #[derive(RustEmbed)]
 #[folder = "../../static/"]

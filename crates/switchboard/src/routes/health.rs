@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// `GET /healthz`: 200 while the process runs.
 pub async fn healthz() -> &'static str {
@@ -19,7 +19,7 @@ pub async fn metrics() -> ([(axum::http::header::HeaderName, &'static str); 1], 
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     if state.is_ready() {
         (StatusCode::OK, "ready\n")
-    } else if state.shutdown.is_cancelled() {
+    } else if state.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")

@@ -11,10 +11,10 @@ use axum::response::Response;
 use fastwebsockets::upgrade::IncomingUpgrade;
 use serde::Deserialize;
 
-use crate::app::AppState;
 use crate::error::ApiError;
-use crate::pair::{PairId, UserId};
+use crate::pair::{Identity, PairId, UserId};
 use crate::session;
+use crate::state::AppState;
 
 /// The query of `/ws`.
 #[derive(Deserialize)]
@@ -34,15 +34,6 @@ impl std::fmt::Debug for WsQuery {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
-}
-
-/// Validated identities of a new session.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// The connecting user.
-    pub user: UserId,
-    /// The pair of the user and the peer.
-    pub pair: PairId,
 }
 
 fn id_param(param: &'static str, value: Option<&str>) -> Result<UserId, ApiError> {
@@ -83,7 +74,7 @@ pub async fn upgrade(
     let upgrade = upgrade.map_err(|_| ApiError::NotUpgrade)?;
     // From the start of a drain, new sockets go elsewhere: a load balancer
     // retries another replica on 503 sooner than it notices /readyz.
-    if state.shutdown.is_cancelled() {
+    if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
     if !state.broker.is_ready() {

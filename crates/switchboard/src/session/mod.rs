@@ -15,10 +15,16 @@
 //! (see [`inbound::Frames`]). Pings come from the instance's heartbeat, not
 //! from a timer per socket.
 
+pub mod echo;
 pub mod frames;
 pub mod handle;
+pub mod heartbeat;
 pub mod inbound;
 pub mod limits;
+pub mod outbox;
+pub mod peer;
+pub mod presence;
+pub mod registry;
 pub mod writer;
 
 use std::future::Future;
@@ -32,15 +38,19 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::app::{AppState, SocketPermit};
 use crate::broker::envelope::{self, Kind};
 use crate::broker::Waiting;
-use crate::protocol::{self, close, ServerEvent};
-use crate::routes::ws::Identity;
+use crate::pair::Identity;
+use crate::protocol::{self, close, CloseReason, ServerEvent};
+// Upward: the route that upgraded the socket hands the session the instance's
+// shared state; `state.rs` sits above the session only because it holds the
+// session registry.
+use crate::state::{AppState, SocketPermit};
 use frames::{Assembler, Incoming};
-use handle::{CloseReason, SessionHandle, Work};
+use handle::SessionHandle;
 use inbound::{FrameResult, Frames, Inbound};
 use limits::{RateLimit, Verdict};
+use outbox::Work;
 
 /// How long a closing socket may take to finish the close handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -59,7 +69,7 @@ impl End {
     fn label(&self) -> &'static str {
         match self {
             End::ClientClosed(_) => "client_close",
-            End::Server(reason) => reason.label,
+            End::Server(reason) => reason.label(),
             End::Gone => "gone",
         }
     }
@@ -97,7 +107,7 @@ pub fn run(
     let opening = Box::pin(open(state, socket, identity, random_session_id()));
     async move {
         if let Some(mut live) = opening.await {
-            let end = if live.joined { live.serve().await } else { End::Server(CloseReason::BROKER_UNAVAILABLE) };
+            let end = if live.joined { live.serve().await } else { End::Server(CloseReason::BrokerUnavailable) };
             Box::pin(live.finish(end)).await;
         }
         drop(permit);
@@ -155,9 +165,9 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
         Err(e) => {
             tracing::warn!(error = %e, user = %user, session = %sid, "session refused: broker unavailable");
             state.registry.remove(&channel, id);
-            let reason = CloseReason::BROKER_UNAVAILABLE;
-            let _ = write_all(&stream, &writer::close(reason.code, reason.reason)).await;
-            crate::metrics::session_closed(reason.label);
+            let reason = CloseReason::BrokerUnavailable;
+            let _ = write_all(&stream, &writer::close(reason.code(), reason.text())).await;
+            crate::metrics::session_closed(reason.label());
             return None;
         }
     };
@@ -289,12 +299,12 @@ impl Live {
                     }
                     Verdict::Flood => {
                         crate::metrics::reject("rate_limited");
-                        return End::Server(CloseReason::FLOOD);
+                        return End::Server(CloseReason::Flood);
                     }
                 },
-                Some(Incoming::Binary) => return End::Server(CloseReason::BINARY),
-                Some(Incoming::TooBig) => return End::Server(CloseReason::TOO_BIG),
-                Some(Incoming::Protocol) => return End::Server(CloseReason::PROTOCOL),
+                Some(Incoming::Binary) => return End::Server(CloseReason::Binary),
+                Some(Incoming::TooBig) => return End::Server(CloseReason::TooBig),
+                Some(Incoming::Protocol) => return End::Server(CloseReason::Protocol),
                 Some(Incoming::Close(code)) => {
                     let valid = code.filter(|c| (1000..5000).contains(c) && *c != 1005 && *c != 1006);
                     return End::ClientClosed(valid.unwrap_or(close::NORMAL));
@@ -306,7 +316,7 @@ impl Live {
     /// How the session ends when its handle was asked to close.
     fn closed_end(&self) -> End {
         match self.handle.close_reason() {
-            Some(CloseReason::GONE) | None => End::Gone,
+            Some(CloseReason::Gone) | None => End::Gone,
             Some(reason) => End::Server(reason),
         }
     }
@@ -321,7 +331,7 @@ impl Live {
             let step = tokio::select! {
                 biased;
                 n = write_some(&self.stream, &batch.bytes[written..]) => Some(n),
-                () = self.handle.closed() => None,
+                () = self.handle.outbox.closed() => None,
             };
             match step {
                 Some(Ok(0)) => return Err(End::Gone),
@@ -336,7 +346,7 @@ impl Live {
                 }
             }
         }
-        self.handle.sent(batch.text_bytes);
+        self.handle.outbox.sent(batch.text_bytes);
         crate::metrics::messages_out(batch.texts, batch.text_bytes);
         Ok(())
     }
@@ -360,12 +370,12 @@ impl Live {
         let handle = &self.handle;
         let env = envelope::encode(kind, &handle.user, handle.id, &payload);
         if kind == Kind::Answer {
-            if let Some(setup) = handle.call_setup_time() {
+            if let Some(setup) = handle.peer.call_setup_time() {
                 crate::metrics::call_setup(setup);
             }
         }
         // Not awaited past the queue: a failure comes back as `broker_unavailable`.
-        if handle.try_echo_room(env.len()) {
+        if handle.echo.try_room(env.len()) {
             return self.state.broker.relay(&self.channel, env, handle.clone());
         }
         // Keep pace with this instance's own subscriber first.
@@ -385,7 +395,7 @@ impl Live {
         let frame = match &end {
             _ if self.broken => None,
             End::ClientClosed(code) => Some(writer::close(*code, "")),
-            End::Server(reason) => Some(writer::close(reason.code, reason.reason)),
+            End::Server(reason) => Some(writer::close(reason.code(), reason.text())),
             End::Gone => None,
         };
         let stream = &*self.stream;
@@ -403,7 +413,7 @@ impl Live {
             // The frame reader may have given up half way through a frame:
             // skip raw bytes until the client hangs up, so unread input
             // doesn't turn into a reset.
-            End::Server(reason) if reason == CloseReason::TOO_BIG || reason == CloseReason::PROTOCOL => {
+            End::Server(reason) if reason == CloseReason::TooBig || reason == CloseReason::Protocol => {
                 let _ = tokio::time::timeout(CLOSE_LINGER, drain(&self.stream)).await;
             }
             // We closed first: wait for the client's close reply, then hang
@@ -433,10 +443,10 @@ async fn clean_up(state: &AppState, handle: &SessionHandle, channel: &str, end: 
     // presence is kept (its TTL ends it if they never return) and no leave is
     // announced, so the peer's call carries on. A replaced session's user is
     // still here by definition.
-    let returning = matches!(end, End::Server(r) if *r == CloseReason::DRAIN || *r == CloseReason::SHUTDOWN);
-    let replaced = handle.close_reason() == Some(CloseReason::REPLACED);
+    let returning = matches!(end, End::Server(r) if *r == CloseReason::Drain || *r == CloseReason::Shutdown);
+    let replaced = handle.close_reason() == Some(CloseReason::Replaced);
     if !returning {
-        handle.mark_presence_released();
+        handle.peer.mark_presence_released();
         if let Err(e) = broker.release_presence(&handle.pair, &handle.user, handle.id).await {
             tracing::debug!(error = %e, "presence release failed");
         }

@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use fastwebsockets::OpCode;
 
-use super::handle::Work;
+use super::outbox::Work;
 
 /// Appends one final, unmasked frame of `opcode` carrying `payload`.
 pub fn encode(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {

@@ -17,9 +17,9 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use super::handle::SessionHandle;
+use super::registry::Registry;
 use crate::broker::Broker;
-use crate::registry::Registry;
-use crate::session::handle::SessionHandle;
 
 /// Sessions refreshed by one script call.
 const BATCH: usize = 500;
@@ -42,7 +42,7 @@ pub async fn keep_alive(registry: Arc<Registry>, broker: Arc<dyn Broker>, every:
 
 /// Refreshes `sessions` in one call and tells those whose peer is gone.
 pub async fn refresh(broker: &dyn Broker, sessions: &[Arc<SessionHandle>]) {
-    let live: Vec<&Arc<SessionHandle>> = sessions.iter().filter(|s| !s.presence_released()).collect();
+    let live: Vec<&Arc<SessionHandle>> = sessions.iter().filter(|s| !s.peer.presence_released()).collect();
     let keys: Vec<_> = live.iter().map(|s| (&s.pair, &s.user, s.id)).collect();
     let peers = match broker.refresh_presences(&keys).await {
         Ok(peers) => peers,
@@ -52,7 +52,7 @@ pub async fn refresh(broker: &dyn Broker, sessions: &[Arc<SessionHandle>]) {
         }
     };
     for (session, peer) in live.iter().zip(peers) {
-        if session.presence_released() {
+        if session.peer.presence_released() {
             // It left while the call was on its way, and the call may have put
             // its key back: take it away again.
             if let Err(e) = broker.release_presence(&session.pair, &session.user, session.id).await {

@@ -16,8 +16,9 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::Registry;
-use crate::session::handle::{now_ms, CloseReason, SessionHandle};
+use super::handle::{now_ms, SessionHandle};
+use super::registry::Registry;
+use crate::protocol::CloseReason;
 
 /// What the heartbeat did to one session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +59,7 @@ pub fn beat(session: &SessionHandle, now: u64, every: u64, timeout: u64) -> Beat
     let silent = now.saturating_sub(heard);
     if silent > every.saturating_add(timeout) {
         tracing::debug!(session = session.id, "no frame since the last ping's deadline");
-        session.close(CloseReason::PING_TIMEOUT);
+        session.close(CloseReason::PingTimeout);
         Beat::Closed
     } else if silent >= every && now.saturating_sub(pinged) >= every {
         session.ping();
@@ -91,6 +92,6 @@ mod tests {
         assert_eq!(beat(&s, heard + 1500, every, timeout), Beat::Pinged);
         assert_eq!(s.close_reason(), None);
         assert_eq!(beat(&s, heard + 1501, every, timeout), Beat::Closed);
-        assert_eq!(s.close_reason(), Some(CloseReason::PING_TIMEOUT));
+        assert_eq!(s.close_reason(), Some(CloseReason::PingTimeout));
     }
 }

@@ -1,16 +1,19 @@
 //! Which sessions of which pairs live on this instance.
 //!
-//! Both brokers call [`Registry::dispatch`] with what arrives on a channel. It
+//! The registry is the brokers' [`Inbox`]: both deliver into it what arrives
+//! on a channel, and it fans that out to the channel's local sessions. It
 //! holds a std `Mutex` only for the lookup and the non-blocking deliveries,
-//! never across an `.await`.
+//! never across an `.await`. It also decides what clients hear when the
+//! broker's subscriber reconnects: `resync`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use crate::broker::envelope;
-use crate::session::handle::SessionHandle;
+use super::handle::SessionHandle;
+use crate::broker::{envelope, Inbox};
+use crate::protocol::ServerEvent;
 
 /// Local sessions by pair channel.
 #[derive(Debug, Default)]
@@ -56,7 +59,7 @@ impl Registry {
     /// Decides a session's `peerOnline` atomically with respect to dispatch.
     pub fn finish_setup(&self, session: &SessionHandle, from_presence: Option<u64>) -> bool {
         let _map = self.lock();
-        session.finish_setup(from_presence)
+        session.peer.finish_setup(from_presence)
     }
 
     /// Hands an envelope received on `channel` to every local session there.
@@ -108,5 +111,22 @@ impl Registry {
     /// Whether no session is local.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Inbox for Registry {
+    fn envelope(&self, channel: &str, envelope: &Bytes) {
+        self.dispatch(channel, envelope);
+    }
+
+    fn connection_lost(&self) {
+        self.forget_echoes();
+    }
+
+    fn resubscribed(&self, channels: &mut dyn Iterator<Item = &str>) {
+        // Anything published while the subscriber was away is gone, and so
+        // are the echoes senders wait for: their clients must renegotiate.
+        self.forget_echoes();
+        self.broadcast(channels, &ServerEvent::Resync.to_bytes());
     }
 }

@@ -1,0 +1,141 @@
+//! What every request and session shares: [`AppState`], the instance's
+//! [`Phase`] in its life, and the socket cap.
+
+use std::sync::Arc;
+
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::config::Settings;
+use crate::protocol::CloseReason;
+use crate::session::registry::Registry;
+
+/// Where the instance is in its life. Phases only move forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Accepting sockets; `/readyz` is 200 while the broker is connected.
+    Serving,
+    /// A shutdown was asked for: `/readyz` and new `/ws` requests get 503,
+    /// while open sessions carry on.
+    Draining,
+    /// The listener is closed and sessions are being closed; one that
+    /// finishes opening now closes at once.
+    Closing,
+    /// Sessions are gone (or the grace period ran out): the broker, presence
+    /// and heartbeat tasks stop.
+    Stopped,
+}
+
+/// The instance's [`Phase`], watched by whoever must act on a change.
+#[derive(Debug)]
+pub struct Lifecycle(watch::Sender<Phase>);
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self(watch::Sender::new(Phase::Serving))
+    }
+}
+
+impl Lifecycle {
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        *self.0.borrow()
+    }
+
+    /// Moves on to `to`, unless the instance is there or further already.
+    pub fn advance(&self, to: Phase) {
+        self.0.send_if_modified(|now| {
+            let forward = to > *now;
+            if forward {
+                *now = to;
+            }
+            forward
+        });
+    }
+
+    /// Resolves once the instance reached `phase` (at once if it did already).
+    pub fn reached(&self, phase: Phase) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut watch = self.0.subscribe();
+        async move {
+            // The sender lives in `AppState`; if it is gone, so is the instance.
+            let _ = watch.wait_for(|now| *now >= phase).await;
+        }
+    }
+}
+
+/// One of the instance's `SWITCHBOARD_MAX_SOCKETS` slots, given back on drop.
+pub type SocketPermit = OwnedSemaphorePermit;
+
+/// State shared by every request and session.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+/// The contents of [`AppState`].
+pub struct Shared {
+    /// Validated settings.
+    pub settings: Settings,
+    /// Local sessions by pair.
+    pub registry: Arc<Registry>,
+    /// Memory or Redis.
+    pub broker: Arc<dyn Broker>,
+    /// Serving, draining, closing or stopped.
+    pub lifecycle: Lifecycle,
+    /// Tracks session tasks so shutdown can wait for them.
+    pub sessions: TaskTracker,
+    /// Free socket slots.
+    sockets: Arc<Semaphore>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// State over `broker` and `registry`, serving.
+    pub fn new(settings: Settings, registry: Arc<Registry>, broker: Arc<dyn Broker>) -> Self {
+        let sockets = Arc::new(Semaphore::new(settings.max_sockets.min(Semaphore::MAX_PERMITS)));
+        Self(Arc::new(Shared {
+            settings,
+            registry,
+            broker,
+            lifecycle: Lifecycle::default(),
+            sessions: TaskTracker::new(),
+            sockets,
+        }))
+    }
+
+    /// Whether new sockets are accepted and the broker can deliver.
+    pub fn is_ready(&self) -> bool {
+        self.lifecycle.phase() == Phase::Serving && self.broker.is_ready()
+    }
+
+    /// Whether a shutdown was asked for.
+    pub fn is_shutting_down(&self) -> bool {
+        self.lifecycle.phase() >= Phase::Draining
+    }
+
+    /// Takes a socket slot, or `None` when the instance is full.
+    pub fn try_open_socket(&self) -> Option<SocketPermit> {
+        self.sockets.clone().try_acquire_owned().ok()
+    }
+
+    /// How sessions close when the instance closes them: 1012 after a drain
+    /// (reconnect elsewhere), 1001 without one.
+    pub fn closing_reason(&self) -> CloseReason {
+        if self.settings.drain.is_zero() {
+            CloseReason::Shutdown
+        } else {
+            CloseReason::Drain
+        }
+    }
+
+    /// How a session that finishes opening now must be closed, if the
+    /// instance is closing.
+    pub fn stop_reason(&self) -> Option<CloseReason> {
+        (self.lifecycle.phase() >= Phase::Closing).then(|| self.closing_reason())
+    }
+}
