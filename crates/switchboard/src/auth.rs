@@ -26,6 +26,9 @@ use crate::pair::{Identity, PairId, UserId};
 /// keys to be at least as long as the hash: 256 bits).
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// Longest lifetime of a signed link: about ten years.
+pub const MAX_LINK_TTL: Duration = Duration::from_secs(10 * 366 * 86400);
+
 /// A secret from the settings. Its `Debug` output never shows the value.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Arc<str>);
@@ -208,7 +211,7 @@ pub fn call_links(
     if !scheme_ok || !host_ok || base.contains(['?', '#']) || base.chars().any(|c| c.is_whitespace()) {
         return Err(LinkError::BadBaseUrl);
     }
-    if ttl.is_zero() || ttl > Duration::from_secs(10 * 366 * 86400) {
+    if ttl.is_zero() || ttl > MAX_LINK_TTL {
         return Err(LinkError::BadTtl);
     }
     let expires = now + ttl;

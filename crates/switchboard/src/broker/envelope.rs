@@ -38,11 +38,6 @@ impl Kind {
         }
     }
 
-    /// Whether this kind relays a client frame.
-    pub fn is_message(self) -> bool {
-        matches!(self, Kind::Message | Kind::Offer | Kind::Answer)
-    }
-
     fn byte(self) -> u8 {
         match self {
             Kind::Message => b'M',

@@ -20,6 +20,9 @@ use super::handle::{now_ms, SessionHandle};
 use super::registry::Registry;
 use crate::protocol::CloseReason;
 
+/// The shortest interval between two walks over the sessions.
+const MIN_STEP: Duration = Duration::from_millis(10);
+
 /// What the heartbeat did to one session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Beat {
@@ -33,7 +36,7 @@ pub enum Beat {
 
 /// Pings and times out every local session until `stop`. `every` must not be zero.
 pub async fn run(registry: Arc<Registry>, every: Duration, timeout: Duration, stop: CancellationToken) {
-    let step = (every / 4).max(Duration::from_millis(10));
+    let step = (every / 4).max(MIN_STEP);
     let mut tick = tokio::time::interval_at(Instant::now() + step, step);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let (every, timeout) = (millis(every), millis(timeout));

@@ -54,6 +54,8 @@ use outbox::Work;
 
 /// How long a closing socket may take to finish the close handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// How many raw bytes a closing socket's unread input is skipped by at a time.
+const DRAIN_CHUNK: usize = 1024;
 
 /// How a session's loop ended.
 enum End {
@@ -185,7 +187,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
     };
     let joined = match write_all(&stream, &writer::text(&welcome)).await {
         Ok(()) => {
-            crate::metrics::message_out(welcome.len());
+            crate::metrics::messages_out(1, welcome.len());
             broker.publish(&channel, envelope::encode(Kind::Join, user, id, b"")).await.map_err(|e| e.to_string())
         }
         Err(e) => Err(e.to_string()),
@@ -482,7 +484,7 @@ async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
 
 /// Reads and drops raw bytes until the client hangs up.
 async fn drain(socket: &TcpStream) {
-    let mut scratch = vec![0u8; 1024];
+    let mut scratch = vec![0u8; DRAIN_CHUNK];
     loop {
         if socket.readable().await.is_err() {
             break;
