@@ -6,32 +6,10 @@ import path from 'node:path';
 import { ARTIFACTS_DIR, REPO_ROOT } from './lib/paths.mjs';
 import { MIN_GREEN_FRACTION } from './lib/browser.mjs';
 import { pairIDs, scenarioTest } from './lib/scenario.mjs';
-
-/**
- * Waits until both sides are `connected` and each remote video shows the other's camera:
- * advancing frames, painted, and not black (see `waitForRemoteFrames`).
- */
-async function expectCall(a, b) {
-  await Promise.all([a.waitForState('connected'), b.waitForState('connected')]);
-  const [fa, fb] = await Promise.all([a.waitForRemoteFrames(), b.waitForRemoteFrames()]);
-  assert.ok(fa.width > 0 && fb.width > 0, 'both remote videos have a size');
-  return [fa, fb];
-}
-
-/** One Redis, two switchboard instances. */
-async function twoInstances(sc) {
-  await sc.startRedis();
-  return Promise.all([sc.startInstance(), sc.startInstance()]);
-}
+import { connectedCall, expectCall, twoInstances } from './lib/calls.mjs';
 
 scenarioTest('A via instance 1 and B via instance 2 connect with video both ways', async (sc) => {
-  const [one, two] = await twoInstances(sc);
-  const [idA, idB] = pairIDs('x');
-  const a = await sc.participant('A');
-  const b = await sc.participant('B');
-  await a.join(one, idA, idB);
-  await b.join(two, idB, idA);
-  await expectCall(a, b);
+  const { a, b } = await connectedCall(sc, 'x');
   // Each page opened exactly one signaling socket: no reconnect churn.
   assert.equal(a.sockets.length, 1);
   assert.equal(b.sockets.length, 1);
@@ -77,13 +55,7 @@ scenarioTest('both pages load at the same moment (glare) and the call connects',
 });
 
 scenarioTest('B reloads its page mid-call and the call is re-established', async (sc) => {
-  const [one, two] = await twoInstances(sc);
-  const [idA, idB] = pairIDs('r');
-  const a = await sc.participant('A');
-  const b = await sc.participant('B');
-  await a.join(one, idA, idB);
-  await b.join(two, idB, idA);
-  await expectCall(a, b);
+  const { a, b } = await connectedCall(sc, 'r');
   const before = await a.remoteStreamId();
 
   await b.page.reload();
@@ -105,13 +77,7 @@ scenarioTest('B reloads its page mid-call and the call is re-established', async
 });
 
 scenarioTest('A hangs up: B shows ended and neither side reconnects', async (sc) => {
-  const [one, two] = await twoInstances(sc);
-  const [idA, idB] = pairIDs('h');
-  const a = await sc.participant('A');
-  const b = await sc.participant('B');
-  await a.join(one, idA, idB);
-  await b.join(two, idB, idA);
-  await expectCall(a, b);
+  const { a, b } = await connectedCall(sc, 'h');
   assert.equal(a.sockets.length, 1);
   assert.equal(b.sockets.length, 1);
 
@@ -134,24 +100,14 @@ scenarioTest('A hangs up: B shows ended and neither side reconnects', async (sc)
 
 scenarioTest('single instance with the in-memory broker: the call connects', async (sc) => {
   const inst = await sc.startInstance(); // no Redis: SWITCHBOARD_REDIS_URL unset
-  const [idA, idB] = pairIDs('m');
-  const a = await sc.participant('A');
-  const b = await sc.participant('B');
-  await a.join(inst, idA, idB);
-  await b.join(inst, idB, idA);
-  await expectCall(a, b);
+  await connectedCall(sc, 'm', { instances: [inst, inst] });
 });
 
 scenarioTest('B’s instance drains and restarts mid-call: B reconnects and the call carries on', async (sc) => {
   await sc.startRedis();
   // Instance 2 drains for 1 s on SIGTERM, then closes its sockets with 1012.
-  const [one, two] = await Promise.all([sc.startInstance(), sc.startInstance({ env: { SWITCHBOARD_DRAIN_SECS: '1' } })]);
-  const [idA, idB] = pairIDs('s');
-  const a = await sc.participant('A');
-  const b = await sc.participant('B');
-  await a.join(one, idA, idB);
-  await b.join(two, idB, idA);
-  await expectCall(a, b);
+  const instances = await Promise.all([sc.startInstance(), sc.startInstance({ env: { SWITCHBOARD_DRAIN_SECS: '1' } })]);
+  const { two, a, b } = await connectedCall(sc, 's', { instances });
   const streamSeenByA = await a.remoteStreamId();
 
   // SIGTERM: instance 2 drains, closes B's socket (1012) and exits; A hears no peer-left.
