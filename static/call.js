@@ -51,12 +51,12 @@ function render() {
   else if (over) placeholder = 'The call has ended.';
   else if (state === 'waiting') placeholder = `Waiting for ${peerID} to join.`;
   remotePlaceholder.textContent = placeholder;
-  const showing = !!remoteVideo.srcObject;
-  remotePlaceholder.hidden = showing;
-  // What the peer told us about its microphone and camera (`media-state`).
-  const media = showing && !over ? call?.peerMedia : null;
+  // What the peer told us about its microphone and camera (`media-state`), while it is here.
+  const media = !over && call?.peerOnline ? call.peerMedia : null;
+  const cameraOff = !!media && !media.video;
   peerMuted.hidden = !media || media.audio;
-  peerCameraOff.hidden = !media || media.video;
+  peerCameraOff.hidden = !cameraOff;
+  remotePlaceholder.hidden = !!remoteVideo.srcObject || cameraOff;
 }
 
 function setStatus(state, text) {

@@ -76,7 +76,7 @@ scenarioTest('B reloads its page mid-call and the call is re-established', async
   assert.equal(a.sockets.length, 1, 'A kept its signaling socket through B’s reload');
 });
 
-scenarioTest('A hangs up: B shows ended and neither side reconnects', async (sc) => {
+scenarioTest('A hangs up: B shows ended, both release camera and microphone, neither reconnects; Rejoin calls again', async (sc) => {
   const { a, b } = await connectedCall(sc, 'h');
   assert.equal(a.sockets.length, 1);
   assert.equal(b.sockets.length, 1);
@@ -96,6 +96,26 @@ scenarioTest('A hangs up: B shows ended and neither side reconnects', async (sc)
   assert.equal((await a.status()).state, 'ended');
   assert.equal((await b.status()).state, 'ended');
   assert.equal(await b.remoteStreamId(), null, 'B no longer shows A’s video');
+
+  // Both pages let go of camera and microphone (own hang-up and the peer's), and say so.
+  for (const p of [a, b]) {
+    const tracks = await p.localTracks();
+    assert.equal(tracks.length, 2, `${p.label} had a camera and a microphone track`);
+    assert.deepEqual(tracks.filter((t) => !t.endsWith(':ended')), [], `${p.label}'s local tracks all ended: ${tracks}`);
+    for (const id of ['#hangup', '#mute', '#camera']) assert.ok(await p.page.isDisabled(id), `${p.label}: ${id} disabled`);
+    assert.ok(await p.visible('#rejoin'), `${p.label} offers Rejoin`);
+    assert.equal((await p.page.textContent('#remote_placeholder')).trim(), 'The call has ended.');
+  }
+  assert.equal((await a.status()).text, 'You hung up.');
+  assert.match((await b.status()).text, /hung up\.$/);
+
+  // Rejoin asks for camera and microphone again and calls again.
+  await Promise.all([a.page.click('#rejoin'), b.page.click('#rejoin')]);
+  await expectCall(a, b);
+  for (const p of [a, b]) {
+    const tracks = await p.localTracks();
+    assert.deepEqual(tracks.sort(), ['audio:live', 'video:live'], `${p.label} has live tracks again`);
+  }
 });
 
 scenarioTest('single instance with the in-memory broker: the call connects', async (sc) => {
@@ -159,8 +179,15 @@ scenarioTest('B has no camera or microphone: B reads why, joins anyway and recei
   await a.join(one, idA, idB);
   await b.join(two, idB, idA);
   await b.page.waitForSelector('#media_warning:not([hidden])');
-  assert.match(await b.page.textContent('#media_warning'), /camera/i);
+  const notice = await b.page.textContent('#media_warning');
+  assert.match(notice, /no camera was found/i);
+  assert.match(notice, /connect a camera or microphone, then press Rejoin\./, 'the notice says how to fix it');
+  assert.ok(await b.visible('#rejoin'), 'B can Rejoin once a camera is connected');
+  assert.ok(await b.page.isDisabled('#mute') && await b.page.isDisabled('#camera'), 'nothing to mute or turn off');
   await Promise.all([a.waitForState('connected'), b.waitForState('connected')]);
   const frames = await b.waitForRemoteFrames();
   assert.ok(frames.width > 0, 'B sees A');
+  // B sends nothing, and its media-state says so: A's remote tile shows both.
+  await a.waitForVisible('#peer_camera_off');
+  await a.waitForVisible('#peer_muted');
 });
