@@ -169,6 +169,7 @@ scenarioTest('the landing page makes both call links, and they open the call pag
   await p.page.goto(la);
   await p.waitForState('waiting');
   assert.match(p.sockets[0].url(), /[?&]token=t0k(&|$)/, 'the call page passes the token on to /ws');
+  assert.ok(!(await p.visible('#invite')), 'no invite with a signed link: the page cannot make the peer’s token');
 });
 
 scenarioTest('B has no camera or microphone: B reads why, joins anyway and receives A', async (sc) => {
