@@ -29,7 +29,13 @@ const DEFAULT_RECONNECT = Object.freeze({
   // If the peer is online but no connection comes up within this long,
   // restart ICE (then after twice as long, and so on).
   stallTimeoutMs: 8000,
+  // A hang-up while the signaling socket is down ends the call here at once;
+  // the socket keeps reconnecting this long to tell the peer (`bye`).
+  byeTimeoutMs: 30000,
 });
+
+/** Type of the relayed frame that tells the peer whether our microphone and camera are on. */
+export const MEDIA_STATE_TYPE = 'media-state';
 
 /** Largest number of remote candidates kept while waiting for a matching description. */
 const MAX_PENDING_CANDIDATES = 256;
@@ -121,6 +127,8 @@ function randomId() {
  * - `remotestream`: `{stream}`; the peer's MediaStream, or `null` when the peer left.
  * - `signal`: `{message}`; every JSON message received from the server (welcome, events, relayed frames).
  * - `servererror`: `{code, message}`; an `error` frame from the server.
+ * - `signalingchange`: `{connected}`; the signaling socket got its welcome (true) or closed (false).
+ * - `peermediastate`: `{audio, video}`; the peer turned its microphone or camera on or off.
  */
 export class SwitchboardCall extends EventTarget {
   /**
@@ -130,12 +138,14 @@ export class SwitchboardCall extends EventTarget {
    * @param {string} [options.token] opaque token passed on to `/ws` as `token`
    * @param {MediaStream|null} [options.localStream] tracks to send; without it the call only receives
    * @param {string} [options.url]   WebSocket URL; default: `/ws` on the page's host (see signalingUrl)
-   * @param {object} [options.reconnect] `{initialDelayMs, maxDelayMs, factor, drainJitterMs, stallTimeoutMs}`
+   * @param {object} [options.reconnect] `{initialDelayMs, maxDelayMs, factor, drainJitterMs, stallTimeoutMs, byeTimeoutMs}`
+   * @param {boolean} [options.stopTracksOnFinish] stop the tracks of `localStream` when the call
+   *   finishes or is closed, which releases the camera and microphone (default: true)
    * @param {(...args: unknown[]) => void} [options.log] debug logger (default: none)
    */
   constructor(options) {
     super();
-    const { userID, peerID, token = null, localStream = null, url, reconnect, log } = options ?? {};
+    const { userID, peerID, token = null, localStream = null, url, reconnect, stopTracksOnFinish = true, log } = options ?? {};
     if (!ID_PATTERN.test(userID ?? '') || !ID_PATTERN.test(peerID ?? '')) {
       throw new TypeError('userID and peerID must be 1-64 characters from A-Z a-z 0-9 _ . -');
     }
@@ -145,6 +155,7 @@ export class SwitchboardCall extends EventTarget {
     this.token = token;
     this.url = url ?? signalingUrl({ userID, peerID, token });
     this.localStream = localStream;
+    this.stopTracksOnFinish = stopTracksOnFinish !== false;
     this.reconnectOptions = { ...DEFAULT_RECONNECT, ...(reconnect ?? {}) };
     this._log = typeof log === 'function' ? log : () => {};
 
@@ -158,11 +169,22 @@ export class SwitchboardCall extends EventTarget {
     this.peerOnline = false;
     /** ICE servers from the server (welcome / ice-servers). */
     this.iceServers = [];
+    /** Whether the signaling socket is up (from its welcome until it closes). */
+    this.signalingConnected = false;
+    /** `{audio, video}` from the peer's last `media-state` frame (null before the first). */
+    this.peerMedia = null;
+    /**
+     * Why the call finished, once it has: `hangup` (this side hung up), `bye` (the peer hung
+     * up), `replaced` (close 4001: opened again elsewhere) or `error` (could not be opened).
+     */
+    this.finishCause = null;
 
     this._ws = null;
     this._attempt = 0;
     this._reconnectTimer = null;
     this._stopped = false; // hang-up, bye received, replaced, or close(): never reconnect
+    this._byePending = false; // hung up while the socket was down: reconnect only to send `bye`
+    this._byeTimer = null;
 
     this._pc = null;
     this._sid = null; // random id of our current RTCPeerConnection
@@ -204,34 +226,75 @@ export class SwitchboardCall extends EventTarget {
 
   /**
    * Hangs up: tells the peer (`{"type":"bye"}`), closes the peer connection and
-   * the WebSocket, and never reconnects. State becomes `ended`.
+   * the WebSocket, stops the local tracks, and never reconnects. State becomes
+   * `ended`. If the signaling socket is down at that moment, the call still
+   * ends here at once; the socket keeps reconnecting (for up to
+   * `reconnect.byeTimeoutMs`) only to deliver the `bye`, and `reason` says so
+   * until it has (a second `statechange` with the same state reports the outcome).
    */
   hangup() {
     if (this._stopped) return;
-    this._send({ type: 'bye' });
-    this._finish('ended', 'You hung up.');
+    if (this._send({ type: 'bye' })) {
+      this._finish('ended', 'You hung up.', 'hangup');
+      return;
+    }
+    const reconnecting = !!(this._ws || this._reconnectTimer);
+    this._byePending = reconnecting;
+    this._finish(
+      'ended',
+      reconnecting ? `You hung up. ${this.peerID} will be told once the connection to the server is back…` : 'You hung up.',
+      'hangup',
+    );
+    if (reconnecting) this._byeTimer = setTimeout(() => this._byeDone(false), this.reconnectOptions.byeTimeoutMs);
+  }
+
+  /** True while a `bye` from a hang-up waits for the signaling socket to come back. */
+  get byePending() {
+    return this._byePending;
   }
 
   /**
    * Leaves without hanging up (for example on page unload): closes everything
-   * without telling the peer, so the peer waits for us to come back.
+   * without telling the peer, so the peer waits for us to come back. Stops the
+   * local tracks unless `stopTracksOnFinish` is false.
    */
   close() {
     this._stopped = true;
+    this._byePending = false;
+    clearTimeout(this._byeTimer);
     clearTimeout(this._reconnectTimer);
     this._disarmWatchdog();
     this._closePeerConnection();
     this._closeSocket(1000, 'client closed');
+    this._setSignalingConnected(false);
+    if (this.stopTracksOnFinish) this._stopLocalTracks();
   }
 
-  /** Enables or disables the local microphone tracks (no renegotiation). */
+  /**
+   * Enables or disables the local microphone tracks (no renegotiation), and
+   * tells the peer (`media-state`).
+   */
   setMicrophoneEnabled(enabled) {
     for (const t of this.localStream?.getAudioTracks() ?? []) t.enabled = !!enabled;
+    this._sendMediaState();
   }
 
-  /** Enables or disables the local camera tracks; a disabled camera sends black frames. */
+  /**
+   * Enables or disables the local camera tracks (a disabled camera sends black
+   * frames), and tells the peer (`media-state`).
+   */
   setCameraEnabled(enabled) {
     for (const t of this.localStream?.getVideoTracks() ?? []) t.enabled = !!enabled;
+    this._sendMediaState();
+  }
+
+  /** `{audio, video}`: whether this side sends a live, enabled microphone / camera track. */
+  get mediaState() {
+    const on = (tracks) => tracks.some((t) => t.enabled && t.readyState === 'live');
+    return {
+      audio: on(this.localStream?.getAudioTracks() ?? []),
+      video: on(this.localStream?.getVideoTracks() ?? []),
+    };
   }
 
   /** Sends any JSON object to the peer through the relay. Returns false if the socket is not open. */
@@ -244,13 +307,13 @@ export class SwitchboardCall extends EventTarget {
   _connect() {
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
-    if (this._stopped) return;
+    if (this._stopped && !this._byePending) return;
     let ws;
     try {
       ws = new WebSocket(this.url);
     } catch (err) {
       this._log('websocket constructor failed', err);
-      this._finish('failed', `Cannot open the signaling connection: ${err.message}`);
+      this._finish('failed', `Cannot open the signaling connection: ${err.message}`, 'error');
       return;
     }
     this._ws = ws;
@@ -278,9 +341,14 @@ export class SwitchboardCall extends EventTarget {
 
   _onSocketClosed(code, reason) {
     this._log('websocket closed', code, reason);
-    if (this._stopped) return;
+    this._setSignalingConnected(false);
+    if (this._stopped && !this._byePending) return;
     if (code === CLOSE_REPLACED) {
-      this._finish('failed', 'This call was opened again somewhere else (another tab or device), so this page stopped.');
+      if (this._byePending) {
+        this._byeDone(false);
+        return;
+      }
+      this._finish('failed', 'This call was opened again somewhere else (another tab or device), so this page stopped.', 'replaced');
       return;
     }
     let delay;
@@ -325,13 +393,18 @@ export class SwitchboardCall extends EventTarget {
   }
 
   async _onMessage(msg) {
-    if (this._stopped) return;
+    if (this._stopped) {
+      if (this._byePending) this._sendPendingBye(msg);
+      return;
+    }
     switch (msg.type) {
       case 'welcome':
         this._attempt = 0;
         this.polite = !!msg.polite;
         this._applyIceServers(msg.iceServers);
         this.peerOnline = !!msg.peerOnline;
+        this._setSignalingConnected(true);
+        if (this.peerOnline) this._sendMediaState();
         if (!this.peerOnline) {
           if (!this._pcConnected()) this._setState('waiting', `Waiting for ${this.peerID} to join…`);
         } else if (this._pcConnected()) {
@@ -344,6 +417,7 @@ export class SwitchboardCall extends EventTarget {
         return;
       case 'peer-joined':
         this.peerOnline = true;
+        this._sendMediaState();
         await this._kick('peer joined');
         return;
       case 'peer-left':
@@ -354,6 +428,7 @@ export class SwitchboardCall extends EventTarget {
         this._setState('waiting', `${this.peerID} left; waiting for them to come back…`);
         return;
       case 'resync':
+        if (this.peerOnline) this._sendMediaState();
         if (this._pc) await this._restartIce('resync');
         return;
       case 'ice-servers':
@@ -364,7 +439,12 @@ export class SwitchboardCall extends EventTarget {
         this._emit('servererror', { code: msg.code, message: msg.message });
         return;
       case 'bye':
-        this._finish('ended', `${this.peerID} hung up.`);
+        this._finish('ended', `${this.peerID} hung up.`, 'bye');
+        return;
+      case MEDIA_STATE_TYPE:
+        if (typeof msg.audio !== 'boolean' || typeof msg.video !== 'boolean') return;
+        this.peerMedia = { audio: msg.audio, video: msg.video };
+        this._emit('peermediastate', { ...this.peerMedia });
         return;
       case 'offer':
       case 'answer':
@@ -376,6 +456,38 @@ export class SwitchboardCall extends EventTarget {
       default:
         this._log('ignoring message type', msg.type);
     }
+  }
+
+  /**
+   * After a hang-up while the socket was down: the socket is back. Sends the
+   * `bye` as soon as the peer is there to receive it.
+   */
+  _sendPendingBye(msg) {
+    if (msg.type === 'welcome') {
+      this._attempt = 0;
+      this.peerOnline = !!msg.peerOnline;
+    } else if (msg.type === 'peer-joined') {
+      this.peerOnline = true;
+    } else if (msg.type === 'peer-left') {
+      this.peerOnline = false;
+    }
+    if (this.peerOnline && this._send({ type: 'bye' })) this._byeDone(true);
+  }
+
+  /** Ends the wait for a pending `bye`: sent (`told`) or given up. */
+  _byeDone(told) {
+    if (!this._byePending) return;
+    this._byePending = false;
+    clearTimeout(this._byeTimer);
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    this._closeSocket(1000, 'ended');
+    this.reason = told ? 'You hung up.' : `You hung up, but ${this.peerID} could not be told: the server was out of reach.`;
+    this._emit('statechange', { state: this.state, reason: this.reason });
+  }
+
+  _sendMediaState() {
+    this._send({ type: MEDIA_STATE_TYPE, ...this.mediaState });
   }
 
   _applyIceServers(servers) {
@@ -697,15 +809,34 @@ export class SwitchboardCall extends EventTarget {
 
   // ---------------------------------------------------------------- state
 
-  _finish(state, reason) {
+  _finish(state, reason, cause) {
     if (this._terminal) return;
     this._stopped = true;
-    clearTimeout(this._reconnectTimer);
+    // Final before anything is reported: `statechange` listeners see `finished`.
+    this._terminal = true;
+    this.finishCause = cause;
     this._disarmWatchdog();
     this._closePeerConnection();
-    this._closeSocket(1000, state);
-    this._setState(state, reason);
-    this._terminal = true;
+    if (!this._byePending) {
+      clearTimeout(this._reconnectTimer);
+      this._reconnectTimer = null;
+      this._closeSocket(1000, state);
+      this._setSignalingConnected(false);
+    }
+    if (this.stopTracksOnFinish) this._stopLocalTracks();
+    this.state = state;
+    this.reason = reason;
+    this._emit('statechange', { state, reason });
+  }
+
+  _stopLocalTracks() {
+    for (const t of this.localStream?.getTracks() ?? []) t.stop();
+  }
+
+  _setSignalingConnected(connected) {
+    if (this.signalingConnected === connected) return;
+    this.signalingConnected = connected;
+    this._emit('signalingchange', { connected });
   }
 
   _setState(state, reason) {

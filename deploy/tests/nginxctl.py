@@ -1,4 +1,4 @@
-"""Runs deploy/nginx/nginx.conf on loopback, unprivileged, for the tests.
+"""Runs deploy/nginx/nginx.conf (and tls.conf) on loopback, unprivileged, for the tests.
 
 Only the `listen` port and the upstream `server` addresses are rewritten; pid,
 temp paths and daemon mode come from the command line (-p / -g), never from
@@ -18,9 +18,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
+TLS_CONF = REPO / "deploy" / "nginx" / "tls.conf"
 
 UPSTREAM_RE = re.compile(r"^(\s*server\s+)(switchboard-\d+:8080)(\b.*)$", re.M)
 LISTEN_RE = re.compile(r"^(\s*listen\s+)(8080)(\s*;.*)$", re.M)
+TLS_UPSTREAM_RE = re.compile(r"^(\s*server\s+)(127\.0\.0\.1:8080)(\s*;.*)$", re.M)
+TLS_LISTEN_RE = re.compile(r"^(\s*listen\s+)(8443)(\s+ssl\s*;.*)$", re.M)
 
 
 def nginx_binary() -> str:
@@ -50,6 +53,18 @@ def render(listen_port: int, upstreams: list[str], text: str | None = None) -> s
     return text
 
 
+def render_tls(listen_port: int, upstream: str) -> str:
+    """tls.conf with only its listen port and its one upstream address replaced."""
+    text = TLS_CONF.read_text()
+    text, n = TLS_UPSTREAM_RE.subn(lambda m: m.group(1) + upstream + m.group(3), text)
+    if n != 1:
+        raise ValueError(f"expected one `server 127.0.0.1:8080;` line, found {n}")
+    text, n = TLS_LISTEN_RE.subn(lambda m: m.group(1) + f"127.0.0.1:{listen_port}" + m.group(3), text)
+    if n != 1:
+        raise ValueError(f"expected one `listen 8443 ssl;` line, found {n}")
+    return text
+
+
 def make_prefix() -> Path:
     prefix = Path(tempfile.mkdtemp(prefix="switchboard-nginx-"))
     # Workers may run as an unprivileged user when the test runs as root.
@@ -71,10 +86,15 @@ def command(prefix: Path, *extra: str) -> list[str]:
 class Nginx:
     """nginx with the rendered config, in the foreground, stopped by stop()."""
 
-    def __init__(self, upstreams: list[str]):
+    def __init__(self, upstreams: list[str], *, tls: bool = False, files: dict[str, bytes] | None = None):
+        """`tls`: run tls.conf in front of `upstreams[0]`; `files` are written
+        into the prefix first (e.g. the certificate and key)."""
         self.port = free_port()
         self.prefix = make_prefix()
-        (self.prefix / "nginx.conf").write_text(render(self.port, upstreams))
+        for name, data in (files or {}).items():
+            (self.prefix / name).write_bytes(data)
+        text = render_tls(self.port, upstreams[0]) if tls else render(self.port, upstreams)
+        (self.prefix / "nginx.conf").write_text(text)
         self.log = open(self.prefix / "nginx.out", "w+b")
         self.proc = subprocess.Popen(command(self.prefix), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20

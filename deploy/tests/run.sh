@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Runs the deployment tests: installs Debian's nginx if missing and the Python
-# test tools into target/deploy-venv (ignored by git), then pytest.
+# Runs the deployment tests: installs the Python test tools into
+# target/deploy-venv (ignored by git), then pytest. Needs nginx, openssl and
+# python3-venv on the machine; it says which are missing rather than installing them.
 #   bash deploy/tests/run.sh [pytest args...]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
-  else
-    echo "deploy tests need nginx (apt-get install nginx)" >&2
-    exit 1
-  fi
+# System packages are not installed here (.ci/run does that on a fresh machine).
+missing=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "deploy tests need: ${missing[*]} (Debian: apt-get install ${missing[*]})" >&2
+  exit 1
 fi
 
 venv="${DEPLOY_VENV:-$root/target/deploy-venv}"

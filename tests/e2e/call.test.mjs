@@ -6,32 +6,10 @@ import path from 'node:path';
 import { ARTIFACTS_DIR, REPO_ROOT } from './lib/paths.mjs';
 import { MIN_GREEN_FRACTION } from './lib/browser.mjs';
 import { pairIDs, scenarioTest } from './lib/scenario.mjs';
-
-/**
- * Waits until both sides are `connected` and each remote video shows the other's camera:
- * advancing frames, painted, and not black (see `waitForRemoteFrames`).
- */
-async function expectCall(a, b) {
-  await Promise.all([a.waitForState('connected'), b.waitForState('connected')]);
-  const [fa, fb] = await Promise.all([a.waitForRemoteFrames(), b.waitForRemoteFrames()]);
-  assert.ok(fa.width > 0 && fb.width > 0, 'both remote videos have a size');
-  return [fa, fb];
-}
-
-/** One Redis, two switchboard instances. */
-async function twoInstances(sc) {
-  await sc.startRedis();
-  return Promise.all([sc.startInstance(), sc.startInstance()]);
-}
+import { connectedCall, expectCall, twoInstances } from './lib/calls.mjs';
 
 scenarioTest('A via instance 1 and B via instance 2 connect with video both ways', async (sc) => {
-  const [one, two] = await twoInstances(sc);
-  const [idA, idB] = pairIDs('x');
-  const a = await sc.participant('A');
-  const b = await sc.participant('B');
-  await a.join(one, idA, idB);
-  await b.join(two, idB, idA);
-  await expectCall(a, b);
+  const { a, b } = await connectedCall(sc, 'x');
   // Each page opened exactly one signaling socket: no reconnect churn.
   assert.equal(a.sockets.length, 1);
   assert.equal(b.sockets.length, 1);
@@ -77,13 +55,7 @@ scenarioTest('both pages load at the same moment (glare) and the call connects',
 });
 
 scenarioTest('B reloads its page mid-call and the call is re-established', async (sc) => {
-  const [one, two] = await twoInstances(sc);
-  const [idA, idB] = pairIDs('r');
-  const a = await sc.participant('A');
-  const b = await sc.participant('B');
-  await a.join(one, idA, idB);
-  await b.join(two, idB, idA);
-  await expectCall(a, b);
+  const { a, b } = await connectedCall(sc, 'r');
   const before = await a.remoteStreamId();
 
   await b.page.reload();
@@ -104,14 +76,8 @@ scenarioTest('B reloads its page mid-call and the call is re-established', async
   assert.equal(a.sockets.length, 1, 'A kept its signaling socket through B’s reload');
 });
 
-scenarioTest('A hangs up: B shows ended and neither side reconnects', async (sc) => {
-  const [one, two] = await twoInstances(sc);
-  const [idA, idB] = pairIDs('h');
-  const a = await sc.participant('A');
-  const b = await sc.participant('B');
-  await a.join(one, idA, idB);
-  await b.join(two, idB, idA);
-  await expectCall(a, b);
+scenarioTest('A hangs up: B shows ended, both release camera and microphone, neither reconnects; Rejoin calls again', async (sc) => {
+  const { a, b } = await connectedCall(sc, 'h');
   assert.equal(a.sockets.length, 1);
   assert.equal(b.sockets.length, 1);
 
@@ -130,28 +96,38 @@ scenarioTest('A hangs up: B shows ended and neither side reconnects', async (sc)
   assert.equal((await a.status()).state, 'ended');
   assert.equal((await b.status()).state, 'ended');
   assert.equal(await b.remoteStreamId(), null, 'B no longer shows A’s video');
+
+  // Both pages let go of camera and microphone (own hang-up and the peer's), and say so.
+  for (const p of [a, b]) {
+    const tracks = await p.localTracks();
+    assert.equal(tracks.length, 2, `${p.label} had a camera and a microphone track`);
+    assert.deepEqual(tracks.filter((t) => !t.endsWith(':ended')), [], `${p.label}'s local tracks all ended: ${tracks}`);
+    for (const id of ['#hangup', '#mute', '#camera']) assert.ok(await p.page.isDisabled(id), `${p.label}: ${id} disabled`);
+    assert.ok(await p.visible('#rejoin'), `${p.label} offers Rejoin`);
+    assert.equal((await p.page.textContent('#remote_placeholder')).trim(), 'The call has ended.');
+  }
+  assert.equal((await a.status()).text, 'You hung up.');
+  assert.match((await b.status()).text, /hung up\.$/);
+
+  // Rejoin asks for camera and microphone again and calls again.
+  await Promise.all([a.page.click('#rejoin'), b.page.click('#rejoin')]);
+  await expectCall(a, b);
+  for (const p of [a, b]) {
+    const tracks = await p.localTracks();
+    assert.deepEqual(tracks.sort(), ['audio:live', 'video:live'], `${p.label} has live tracks again`);
+  }
 });
 
 scenarioTest('single instance with the in-memory broker: the call connects', async (sc) => {
   const inst = await sc.startInstance(); // no Redis: SWITCHBOARD_REDIS_URL unset
-  const [idA, idB] = pairIDs('m');
-  const a = await sc.participant('A');
-  const b = await sc.participant('B');
-  await a.join(inst, idA, idB);
-  await b.join(inst, idB, idA);
-  await expectCall(a, b);
+  await connectedCall(sc, 'm', { instances: [inst, inst] });
 });
 
 scenarioTest('B’s instance drains and restarts mid-call: B reconnects and the call carries on', async (sc) => {
   await sc.startRedis();
   // Instance 2 drains for 1 s on SIGTERM, then closes its sockets with 1012.
-  const [one, two] = await Promise.all([sc.startInstance(), sc.startInstance({ env: { SWITCHBOARD_DRAIN_SECS: '1' } })]);
-  const [idA, idB] = pairIDs('s');
-  const a = await sc.participant('A');
-  const b = await sc.participant('B');
-  await a.join(one, idA, idB);
-  await b.join(two, idB, idA);
-  await expectCall(a, b);
+  const instances = await Promise.all([sc.startInstance(), sc.startInstance({ env: { SWITCHBOARD_DRAIN_SECS: '1' } })]);
+  const { two, a, b } = await connectedCall(sc, 's', { instances });
   const streamSeenByA = await a.remoteStreamId();
 
   // SIGTERM: instance 2 drains, closes B's socket (1012) and exits; A hears no peer-left.
@@ -193,6 +169,7 @@ scenarioTest('the landing page makes both call links, and they open the call pag
   await p.page.goto(la);
   await p.waitForState('waiting');
   assert.match(p.sockets[0].url(), /[?&]token=t0k(&|$)/, 'the call page passes the token on to /ws');
+  assert.ok(!(await p.visible('#invite')), 'no invite with a signed link: the page cannot make the peer’s token');
 });
 
 scenarioTest('B has no camera or microphone: B reads why, joins anyway and receives A', async (sc) => {
@@ -203,8 +180,15 @@ scenarioTest('B has no camera or microphone: B reads why, joins anyway and recei
   await a.join(one, idA, idB);
   await b.join(two, idB, idA);
   await b.page.waitForSelector('#media_warning:not([hidden])');
-  assert.match(await b.page.textContent('#media_warning'), /camera/i);
+  const notice = await b.page.textContent('#media_warning');
+  assert.match(notice, /no camera was found/i);
+  assert.match(notice, /connect a camera or microphone, then press Rejoin\./, 'the notice says how to fix it');
+  assert.ok(await b.visible('#rejoin'), 'B can Rejoin once a camera is connected');
+  assert.ok(await b.page.isDisabled('#mute') && await b.page.isDisabled('#camera'), 'nothing to mute or turn off');
   await Promise.all([a.waitForState('connected'), b.waitForState('connected')]);
   const frames = await b.waitForRemoteFrames();
   assert.ok(frames.width > 0, 'B sees A');
+  // B sends nothing, and its media-state says so: A's remote tile shows both.
+  await a.waitForVisible('#peer_camera_off');
+  await a.waitForVisible('#peer_muted');
 });

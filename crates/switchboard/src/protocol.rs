@@ -6,9 +6,10 @@
 //! `type` string holds escapes.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::fmt;
 
-use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Serialize;
 
 /// WebSocket close codes the server sends.
@@ -138,10 +139,13 @@ impl CloseReason {
 /// Types that only the server may send; a client frame using one is refused.
 pub const RESERVED_TYPES: &[&str] = &["welcome", "peer-joined", "peer-left", "error", "resync", "ice-servers"];
 
+/// The `error` message for an object that repeats its `type` key (code `invalid_json`).
+pub const DUPLICATE_TYPE: &str = "duplicate `type` key";
+
 /// Why a client frame was refused. Each maps to an `error` event code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    /// Not JSON, or JSON but not an object.
+    /// Not JSON, JSON but not an object, or an object with `type` twice ([`DUPLICATE_TYPE`]).
     #[error("{0}")]
     InvalidJson(String),
     /// The object's `type` is one of [`RESERVED_TYPES`].
@@ -172,8 +176,16 @@ pub fn check_client_frame(payload: &[u8]) -> Result<FrameInfo<'_>, FrameError> {
     if first != Some(&b'{') {
         return Err(FrameError::InvalidJson("frame must be a JSON object".into()));
     }
-    let probe: Probe<'_> = serde_json::from_slice(payload)
-        .map_err(|e| FrameError::InvalidJson(format!("frame is not valid JSON: {e}")))?;
+    let duplicate = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let probe = ProbeSeed(&duplicate).deserialize(&mut de).and_then(|probe| de.end().map(|()| probe));
+    let probe = probe.map_err(|e| {
+        if duplicate.get() {
+            FrameError::InvalidJson(DUPLICATE_TYPE.into())
+        } else {
+            FrameError::InvalidJson(format!("frame is not valid JSON: {e}"))
+        }
+    })?;
     if let Some(kind) = &probe.kind {
         if RESERVED_TYPES.contains(&kind.as_ref()) {
             return Err(FrameError::ReservedType(kind.to_string()));
@@ -187,10 +199,15 @@ struct Probe<'a> {
     kind: Option<Cow<'a, str>>,
 }
 
-impl<'de> Deserialize<'de> for Probe<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor;
-        impl<'de> Visitor<'de> for ObjectVisitor {
+/// Reads a [`Probe`]; sets the flag when the object repeats `type`.
+struct ProbeSeed<'f>(&'f Cell<bool>);
+
+impl<'de> DeserializeSeed<'de> for ProbeSeed<'_> {
+    type Value = Probe<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Probe<'de>, D::Error> {
+        struct ObjectVisitor<'f>(&'f Cell<bool>);
+        impl<'de> Visitor<'de> for ObjectVisitor<'_> {
             type Value = Probe<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
@@ -201,7 +218,8 @@ impl<'de> Deserialize<'de> for Probe<'de> {
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     if key == "type" {
                         if seen_type {
-                            return Err(de::Error::duplicate_field("type"));
+                            self.0.set(true);
+                            return Err(de::Error::custom(DUPLICATE_TYPE));
                         }
                         seen_type = true;
                         kind = map.next_value::<TypeField<'de>>()?.0;
@@ -212,7 +230,7 @@ impl<'de> Deserialize<'de> for Probe<'de> {
                 Ok(Probe { kind })
             }
         }
-        d.deserialize_map(ObjectVisitor)
+        d.deserialize_map(ObjectVisitor(self.0))
     }
 }
 
@@ -352,6 +370,24 @@ mod tests {
         assert_eq!(check_client_frame(escaped).unwrap_err().code(), "reserved_type");
         let dup = br#"{"type":"offer","type":"welcome"}"#;
         assert_eq!(check_client_frame(dup).unwrap_err().code(), "invalid_json");
+    }
+
+    #[test]
+    fn a_duplicate_type_key_is_named_as_such() {
+        for dup in [
+            &br#"{"type":"offer","type":"welcome"}"#[..],
+            br#"{"type":1,"a":{},"t\u0079pe":"x"}"#,
+            br#" {"type":"x" , "type" : "x"} "#,
+        ] {
+            let err = check_client_frame(dup).unwrap_err();
+            assert_eq!(err.code(), "invalid_json");
+            assert_eq!(err.to_string(), "duplicate `type` key", "{:?}", String::from_utf8_lossy(dup));
+        }
+        // Other invalid JSON keeps serde_json's own description, with its position.
+        let err = check_client_frame(br#"{"type":"x","sdp":"#).unwrap_err();
+        assert!(err.to_string().starts_with("frame is not valid JSON: "), "{err}");
+        // A `type` nested in another value is not a duplicate.
+        assert!(check_client_frame(br#"{"type":"x","sdp":{"type":"y"}}"#).is_ok());
     }
 
     #[test]

@@ -24,9 +24,11 @@ export const CHROMIUM_FLAGS = [
  * @param {object} [opts]
  * @param {boolean} [opts.fakeDevices] false: leave out --use-fake-device-for-media-stream, so the
  *   browser has no camera or microphone at all (this machine has none)
+ * @param {boolean} [opts.denyMedia] true: the fake devices exist, but every permission prompt is
+ *   denied (as when the user blocked the camera for the site): getUserMedia fails with NotAllowedError
  * @returns {Promise<{context: import('playwright-core').BrowserContext, close: () => Promise<void>}>}
  */
-export async function launchChromium({ viewport = { width: 960, height: 640 }, fakeDevices = true } = {}) {
+export async function launchChromium({ viewport = { width: 960, height: 640 }, fakeDevices = true, denyMedia = false } = {}) {
   if (!fs.existsSync(CHROMIUM)) {
     throw new Error(`${CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)`);
   }
@@ -34,7 +36,11 @@ export async function launchChromium({ viewport = { width: 960, height: 640 }, f
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: CHROMIUM,
     headless: true,
-    args: fakeDevices ? CHROMIUM_FLAGS : CHROMIUM_FLAGS.filter((f) => f !== '--use-fake-device-for-media-stream'),
+    args: [
+      ...CHROMIUM_FLAGS.filter((f) =>
+        !(f === '--use-fake-device-for-media-stream' && !fakeDevices) && !(f === '--use-fake-ui-for-media-stream' && denyMedia)),
+      ...(denyMedia ? ['--deny-permission-prompts'] : []),
+    ],
     viewport,
     timeout: 60000,
   });
@@ -280,6 +286,26 @@ export class Participant {
       }
       return all ? green / all : 0;
     }, png.toString('base64'));
+  }
+
+  /** `readyState` of every local track the page shows in `#local_video` (`live` or `ended`). */
+  localTracks() {
+    return this.page.evaluate(() => document.getElementById('local_video').srcObject?.getTracks().map((t) => `${t.kind}:${t.readyState}`) ?? []);
+  }
+
+  /** Whether the element `selector` is shown (exists, not `hidden`, has a box). */
+  visible(selector) {
+    return this.page.isVisible(selector);
+  }
+
+  /** Waits until the element `selector` is shown. */
+  async waitForVisible(selector, timeoutMs = 45000) {
+    await this.page.waitForSelector(selector, { state: 'visible', timeout: timeoutMs });
+  }
+
+  /** Waits until the element `selector` is hidden (or gone). */
+  async waitForHidden(selector, timeoutMs = 45000) {
+    await this.page.waitForSelector(selector, { state: 'hidden', timeout: timeoutMs });
   }
 
   /** The remote video's MediaStream id, or null. */

@@ -1,0 +1,193 @@
+"""deploy/nginx/tls.conf, the TLS front of README's "Try it from your phone":
+Debian's nginx with a self-signed certificate made by `openssl` as the README
+says, in front of a real switchboard, all on loopback. HTTPS serves the pages,
+WSS carries a call's signaling both ways, plain HTTP is redirected, and the
+server's same-origin check passes for the https:// origin (and only for it)."""
+
+import json
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from conftest import REPO
+from nginxctl import Nginx, command, make_prefix, render_tls, TLS_CONF
+
+README = REPO / "README.md"
+
+
+def switchboard_binary() -> Path:
+    if os.environ.get("SWITCHBOARD_BIN"):
+        return Path(os.environ["SWITCHBOARD_BIN"])
+    for p in (REPO / "target" / "debug" / "switchboard", REPO / "target" / "release" / "switchboard"):
+        if p.is_file():
+            return p
+    pytest.skip("switchboard is not built (cargo build -p switchboard; `cargo test --workspace` builds it)")
+
+
+def readme_openssl_command(ip: str) -> list[str]:
+    """The `openssl req` line of README's phone recipe, with $IP filled in."""
+    text = README.read_text().replace("\\\n", " ")  # join continued lines
+    m = re.search(r"^openssl req .*$", text, re.M)
+    assert m, "README.md has an `openssl req` line"
+    line = m.group(0).replace("$IP", ip).replace('"', "")
+    args = line.split()
+    assert args[:2] == ["openssl", "req"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def cert():
+    """A self-signed certificate for IP 127.0.0.1, made with README's command."""
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is not installed (apt-get install openssl)"
+    workdir = Path(tempfile.mkdtemp(prefix="switchboard-tls-"))
+    try:
+        args = readme_openssl_command("127.0.0.1")
+        out = subprocess.run([openssl, *args[1:]], cwd=workdir, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        yield {"cert.pem": (workdir / "cert.pem").read_bytes(), "key.pem": (workdir / "key.pem").read_bytes(),
+               "path": workdir / "cert.pem"}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real switchboard on a free loopback port (in-memory broker)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env.update(SWITCHBOARD_LISTEN="127.0.0.1:0", SWITCHBOARD_LOG_FORMAT="json", SWITCHBOARD_DRAIN_SECS="0",
+               RUST_LOG="info")
+    proc = subprocess.Popen([switchboard_binary()], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        addr = None
+        for line in proc.stdout:
+            try:
+                fields = json.loads(line).get("fields", {})
+            except ValueError:
+                continue
+            if fields.get("message") == "listening":
+                addr = fields["addr"]
+                break
+        assert addr, f"switchboard exited {proc.wait()} without a listening line"
+        yield addr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def front(cert, server):
+    ngx = Nginx([server], tls=True, files={"cert.pem": cert["cert.pem"], "key.pem": cert["key.pem"]})
+    try:
+        yield ngx
+    finally:
+        ngx.stop()
+
+
+def tls_context(cert) -> ssl.SSLContext:
+    """Trusts only the test's certificate, and checks that it names 127.0.0.1."""
+    ctx = ssl.create_default_context(cafile=str(cert["path"]))
+    assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+    return ctx
+
+
+def get(url: str, ctx=None):
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect, urllib.request.HTTPSHandler(context=ctx))
+    try:
+        with opener.open(url, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_nginx_t_accepts_the_tls_config(cert):
+    prefix = make_prefix()
+    try:
+        (prefix / "nginx.conf").write_text(render_tls(18443, "127.0.0.1:18080"))
+        (prefix / "cert.pem").write_bytes(cert["cert.pem"])
+        (prefix / "key.pem").write_bytes(cert["key.pem"])
+        out = subprocess.run(command(prefix, "-t"), capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+def test_render_tls_changes_only_the_listen_port_and_the_upstream():
+    original = TLS_CONF.read_text().splitlines()
+    rendered = render_tls(18443, "127.0.0.1:18080").splitlines()
+    changed = [(a, b) for a, b in zip(original, rendered) if a != b]
+    assert len(original) == len(rendered)
+    assert [b.strip() for _, b in changed] == ["server 127.0.0.1:18080;", "listen 127.0.0.1:18443 ssl;"]
+
+
+def test_https_serves_the_pages_with_the_self_signed_certificate(front, cert):
+    ctx = tls_context(cert)
+    base = f"https://127.0.0.1:{front.port}"
+    for path, kind in [("/", "text/html"), ("/call?userID=alice&peerID=bob", "text/html"),
+                       ("/switchboard.js", "javascript")]:
+        status, headers, body = get(base + path, ctx)
+        assert status == 200, path
+        assert kind in headers["Content-Type"], (path, headers["Content-Type"])
+        assert body
+    assert get(base + "/metrics", ctx)[0] == 404
+    # Without the certificate a browser (here: Python's default trust store) must refuse it:
+    # that is the warning README tells people to accept.
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        get(base + "/", ssl.create_default_context())
+
+
+def test_plain_http_on_the_tls_port_is_redirected_to_https(front):
+    status, headers, _ = get(f"http://127.0.0.1:{front.port}/call?userID=alice&peerID=bob")
+    assert status == 301
+    assert headers["Location"] == f"https://127.0.0.1:{front.port}/call?userID=alice&peerID=bob"
+
+
+def test_a_call_signals_over_wss_through_the_front(front, cert):
+    ctx = tls_context(cert)
+    origin = f"https://127.0.0.1:{front.port}"
+    url = f"wss://127.0.0.1:{front.port}/ws"
+    with connect(f"{url}?userID=alice&peerID=bob", ssl=ctx, origin=origin, open_timeout=10) as alice:
+        welcome = json.loads(alice.recv(timeout=10))
+        assert welcome["type"] == "welcome" and welcome["peerOnline"] is False
+        with connect(f"{url}?userID=bob&peerID=alice", ssl=ctx, origin=origin, open_timeout=10) as bob:
+            assert json.loads(bob.recv(timeout=10))["peerOnline"] is True
+            assert json.loads(alice.recv(timeout=10)) == {"type": "peer-joined", "peerID": "bob"}
+            offer = '{"type":"offer","sdp":"v=0\\r\\n over TLS"}'
+            answer = '{"type":"answer","sdp":"v=0\\r\\n back"}'
+            alice.send(offer)
+            assert bob.recv(timeout=10) == offer
+            bob.send(answer)
+            assert alice.recv(timeout=10) == answer
+            bob.send('{"type":"bye"}')
+            assert alice.recv(timeout=10) == '{"type":"bye"}'
+        assert json.loads(alice.recv(timeout=10)) == {"type": "peer-left", "peerID": "bob"}
+
+
+def test_the_origin_check_still_refuses_other_sites(front, cert):
+    ctx = tls_context(cert)
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"wss://127.0.0.1:{front.port}/ws?userID=alice&peerID=bob", ssl=ctx,
+                origin="https://evil.example", open_timeout=10)
+    assert refused.value.response.status_code == 403
+
+
+def test_the_access_log_never_holds_link_tokens(front, cert):
+    status, _, _ = get(f"https://127.0.0.1:{front.port}/call?userID=alice&peerID=bob&token=s3cr3t-t0ken", tls_context(cert))
+    assert status == 200
+    log = front.output()
+    assert "token=[redacted]" in log
+    assert "s3cr3t-t0ken" not in log
