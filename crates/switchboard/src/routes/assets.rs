@@ -32,6 +32,15 @@ fn is_safe(path: &str) -> bool {
     !path.is_empty() && path.split('/').all(|part| !part.is_empty() && !part.starts_with('.') && !part.contains('\\'))
 }
 
+/// The `Content-Type` of a page file: by its extension, except that `.ts`
+/// (TypeScript declarations here, an MPEG stream to `mime_guess`) is text.
+fn content_type(path: &str) -> String {
+    if path.ends_with(".ts") {
+        return "application/typescript; charset=utf-8".to_owned();
+    }
+    mime_guess::from_path(path).first_or_octet_stream().as_ref().to_owned()
+}
+
 async fn serve(State(state): State<AppState>, path: &str) -> Response {
     if !is_safe(path) {
         return StatusCode::NOT_FOUND.into_response();
@@ -42,9 +51,8 @@ async fn serve(State(state): State<AppState>, path: &str) -> Response {
     };
     match body {
         Some(bytes) => {
-            let mime = mime_guess::from_path(path).first_or_octet_stream();
             let headers = [
-                (header::CONTENT_TYPE, mime.as_ref().to_owned()),
+                (header::CONTENT_TYPE, content_type(path)),
                 (header::CACHE_CONTROL, "no-cache".to_owned()),
                 // A call page's URL may carry its user's token: never send it on as a Referer.
                 (header::REFERRER_POLICY, "no-referrer".to_owned()),
@@ -64,5 +72,11 @@ mod tests {
             assert!(!super::is_safe(bad), "{bad}");
         }
         assert!(super::is_safe("img/call.png"));
+    }
+
+    #[test]
+    fn typescript_declarations_are_text() {
+        assert_eq!(super::content_type("switchboard.d.ts"), "application/typescript; charset=utf-8");
+        assert_eq!(super::content_type("switchboard.js"), "text/javascript");
     }
 }
