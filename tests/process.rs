@@ -1,68 +1,27 @@
-//! The `switchboard` binary as a user runs it: port 0, bad settings, signals.
+//! The `switchboard` binary as a user runs it: port 0, bad settings, signals,
+//! help, warnings, log colours.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
+use switchboard_tests::process::{command, listening_addr, Output};
+use switchboard_tests::{http_get, Client, Process, DEADLINE};
 
-fn switchboard() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SWITCHBOARD_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd
-}
-
-/// Starts the binary on port 0 and returns it with the address it logged.
-fn spawn_on_port_0(env: &[(&str, &str)]) -> (Child, String) {
-    let mut child = switchboard()
-        .envs(env.iter().copied())
-        .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
-        .env("SWITCHBOARD_LOG_FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("a listening line").unwrap();
-        let json: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
-        if json["fields"]["message"] == "listening" {
-            break json["fields"]["addr"].as_str().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+/// Runs the binary with `env` and `args` to its end; returns exit code, stdout and stderr.
+fn run(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String, String) {
+    let out = command().envs(env.iter().copied()).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
 }
 
 #[test]
 fn worker_threads_follow_the_setting_or_the_cores() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for (setting, expected) in [(Some("1"), 1), (Some("3"), 3), (None, cores)] {
-        let mut cmd = switchboard();
-        if let Some(n) = setting {
-            cmd.env("SWITCHBOARD_WORKER_THREADS", n);
-        }
-        let mut child = cmd
-            .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
-            .env("SWITCHBOARD_LOG_FORMAT", "json")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let listening = BufReader::new(stdout)
-            .lines()
-            .map(|line| serde_json::from_str::<serde_json::Value>(&line.unwrap()).expect("JSON log lines"))
-            .find(|json| json["fields"]["message"] == "listening")
-            .expect("a listening line");
+        let env: Vec<(&str, &str)> = setting.map(|n| ("SWITCHBOARD_WORKER_THREADS", n)).into_iter().collect();
+        let server = Process::spawn(&env);
+        let line = server.output().wait_for("a listening line", |l| listening_addr(l).is_some());
+        let listening: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
         assert_eq!(listening["fields"]["workers"], expected, "SWITCHBOARD_WORKER_THREADS={setting:?}");
-        child.kill().unwrap();
-        child.wait().unwrap();
     }
 }
 
@@ -74,21 +33,77 @@ fn bad_settings_exit_non_zero_with_one_line_naming_the_key() {
         ("SWITCHBOARD_REDIS_URL", "mysql://nope"),
         ("SWITCHBOARD_LOG_FORMAT", "yaml"),
     ] {
-        let out = switchboard().env(key, value).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{key}={value}");
-        let stderr = String::from_utf8(out.stderr).unwrap();
+        let (code, _, stderr) = run(&[(key, value)], &[]);
+        assert_eq!(code, Some(2), "{key}={value}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
         assert!(stderr.contains(key), "{key}: {stderr}");
     }
-    let out = switchboard().args(["--config", "/nonexistent/switchboard.toml"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    let (code, _, _) = run(&[], &["--config", "/nonexistent/switchboard.toml"]);
+    assert_eq!(code, Some(2));
 }
 
 #[test]
-fn help_lists_the_options() {
-    let out = switchboard().arg("--help").output().unwrap();
-    assert!(out.status.success());
-    let help = String::from_utf8(out.stdout).unwrap();
+fn numbers_are_whole_numbers_within_their_range() {
+    let (code, _, stderr) = run(&[("SWITCHBOARD_MAX_MESSAGE_BYTES", "abc")], &[]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr.trim_end(),
+        r#"switchboard: configuration error: SWITCHBOARD_MAX_MESSAGE_BYTES must be a whole number, not "abc""#
+    );
+    let (code, _, stderr) = run(&[("SWITCHBOARD_MAX_MESSAGE_BYTES", "-1")], &[]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr.trim_end(),
+        "switchboard: configuration error: SWITCHBOARD_MAX_MESSAGE_BYTES must be between 1 and 16777216, not -1"
+    );
+}
+
+/// A TOML file in a fresh temporary folder.
+fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sb-process-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("switchboard.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[test]
+fn an_unknown_key_in_the_file_stops_the_server_naming_the_nearest_key() {
+    let file = config_file("unknown", "max_mesage_bytes = 100\n");
+    let (code, stdout, stderr) = run(&[], &["--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("unknown key max_mesage_bytes"), "{stderr}");
+    assert!(stderr.contains("did you mean max_message_bytes?"), "{stderr}");
+    // The same through SWITCHBOARD_CONFIG, which is itself no unknown variable.
+    let (code, _, stderr) = run(&[("SWITCHBOARD_CONFIG", file.to_str().unwrap())], &[]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("did you mean max_message_bytes?") && !stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_variable_is_a_warning_naming_the_nearest_variable() {
+    let server = Process::spawn(&[("SWITCHBOARD_MAX_MSG_BYTES", "100")]);
+    let line = server.output().wait_for("a warning", |l| l.contains("SWITCHBOARD_MAX_MSG_BYTES"));
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(json["level"], "WARN", "{line}");
+    assert_eq!(
+        json["fields"]["message"],
+        "unknown variable SWITCHBOARD_MAX_MSG_BYTES is ignored; did you mean SWITCHBOARD_MAX_MESSAGE_BYTES?"
+    );
+    // Known variables, SWITCHBOARD_CONFIG among them, warn about nothing.
+    let file = config_file("known", "channel_prefix = \"x\"\n");
+    let server = Process::spawn(&[("SWITCHBOARD_CONFIG", file.to_str().unwrap()), ("SWITCHBOARD_DRAIN_SECS", "0")]);
+    // Warnings come before the listening line, on the same stream.
+    let lines = server.output().lines();
+    assert!(lines.iter().any(|l| l.contains("listening")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("WARN") || l.contains("unknown")), "{lines:?}");
+}
+
+#[test]
+fn help_lists_every_setting_aligned_with_its_default() {
+    let (code, help, _) = run(&[("SWITCHBOARD_CONFIG", "/some/file.toml")], &["--help"]);
+    assert_eq!(code, Some(0));
     for option in [
         "--config",
         "SWITCHBOARD_LISTEN",
@@ -99,67 +114,122 @@ fn help_lists_the_options() {
     ] {
         assert!(help.contains(option), "--help lacks {option}");
     }
+    for setting in switchboard::config::SETTINGS {
+        assert!(help.contains(&switchboard::config::env_name(setting.key)), "--help lacks {}", setting.key);
+    }
+    // No value of the caller's environment, no empty brackets for unset settings.
+    assert!(help.contains("[env: SWITCHBOARD_CONFIG]") && !help.contains("/some/file.toml"), "{help}");
+    assert!(!help.contains("=]") && !help.contains("[[]]"), "{help}");
+    assert!(!help.lines().any(|l| l.ends_with(" []")), "{help}");
+    assert!(help.contains("[default: []]"), "ICE servers' default is an empty list: {help}");
+    assert!(help.contains("SWITCHBOARD_MAX_MESSAGE_BYTES") && help.contains("[default: 65536]"), "{help}");
+    // Every settings row's text starts in one column.
+    let rows: Vec<&str> = help.lines().filter(|l| l.trim_start().starts_with("SWITCHBOARD_")).collect();
+    assert!(rows.len() >= switchboard::config::SETTINGS.len(), "{help}");
+    let column = |row: &str| {
+        let name_end = row.len() - row.trim_start().len() + row.trim_start().find(' ').unwrap();
+        name_end + row[name_end..].len() - row[name_end..].trim_start().len()
+    };
+    let first = column(rows[0]);
+    for row in &rows {
+        assert_eq!(column(row), first, "misaligned: {row:?}");
+    }
 }
 
-fn sigterm(child: &Child) {
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+#[test]
+fn text_logs_are_plain_in_a_pipe_and_say_where_to_open() {
+    let mut cmd = command();
+    cmd.env("SWITCHBOARD_LOG_FORMAT", "text");
+    let server = Process::start(cmd);
+    let open = server.output().wait_for("the open line", |l| l.contains(" open http://"));
+    assert!(open.trim_end().ends_with(&format!("open http://{}/", server.addr)), "{open}");
+    for line in server.output().lines() {
+        assert!(!line.contains('\u{1b}'), "colour codes in a pipe: {line:?}");
+    }
+    // With a public URL, that is the one to open.
+    let mut cmd = command();
+    cmd.env("SWITCHBOARD_LOG_FORMAT", "text").env("SWITCHBOARD_PUBLIC_URL", "https://call.example.com/");
+    let server = Process::start(cmd);
+    server.output().wait_for("the open line", |l| l.trim_end().ends_with(" open https://call.example.com/"));
 }
 
-async fn http_status(addr: &str, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    raw.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+/// Starts the binary with its stdout on a terminal (a pseudo-terminal this test
+/// reads) and returns what it printed up to its `listening` line.
+fn on_a_terminal(env: &[(&str, &str)]) -> String {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let terminal = std::fs::OpenOptions::new().read(true).write(true).open(name.to_str().unwrap()).unwrap();
+    let mut child = command()
+        .env("SWITCHBOARD_LOG_FORMAT", "text")
+        .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(terminal)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = Output::default();
+    let _reader = output.collect(std::fs::File::from(master));
+    // Colour codes sit between words: look for the word alone.
+    let listening = output.wait_for("a listening line", |l| l.contains("listening"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let printed = output.lines().join("\n");
+    assert!(printed.contains("listening"), "{listening}");
+    printed
+}
+
+#[test]
+fn text_logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let coloured = on_a_terminal(&[]);
+    assert!(coloured.contains("\u{1b}["), "no colour on a terminal: {coloured:?}");
+    let plain = on_a_terminal(&[("NO_COLOR", "1")]);
+    assert!(!plain.contains('\u{1b}'), "colour despite NO_COLOR: {plain:?}");
 }
 
 #[tokio::test]
 async fn paced_drain_turns_unready_keeps_serving_then_closes_with_1012_spread_out() {
     const PAIRS: usize = 10;
-    let (mut child, addr) = spawn_on_port_0(&[("SWITCHBOARD_DRAIN_SECS", "2")]);
+    let server = Process::spawn(&[("SWITCHBOARD_DRAIN_SECS", "2")]);
+    let addr = server.addr;
     let mut sockets = Vec::new();
     for i in 0..PAIRS {
         for (user, peer) in [(format!("u{i}"), format!("v{i}")), (format!("v{i}"), format!("u{i}"))] {
-            let url = format!("ws://{addr}/ws?userID={user}&peerID={peer}");
-            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-            assert!(ws.next().await.unwrap().unwrap().to_text().unwrap().contains("welcome"));
+            let mut ws = Client::connect(&server.ws_url(&user, &peer)).await.unwrap();
+            assert!(ws.recv_text().await.contains("welcome"));
             sockets.push(ws);
         }
     }
     // u_i saw v_i join.
     for ws in sockets.iter_mut().step_by(2) {
-        assert!(ws.next().await.unwrap().unwrap().to_text().unwrap().contains("peer-joined"));
+        assert!(ws.recv_text().await.contains("peer-joined"));
     }
-    assert_eq!(http_status(&addr, "/readyz").await, 200);
-    sigterm(&child);
+    assert_eq!(http_get(addr, "/readyz").await.0, 200);
+    server.sigterm();
     // Readiness drops at once, while the server still serves.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while http_status(&addr, "/readyz").await != 503 {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while http_get(addr, "/readyz").await.0 != 503 {
         assert!(tokio::time::Instant::now() < deadline, "readyz never turned 503");
     }
-    assert_eq!(http_status(&addr, "/healthz").await, 200, "still serving during the drain");
-    sockets[0].send(Message::text(r#"{"type":"offer","during":"drain"}"#)).await.unwrap();
-    let relayed = sockets[1].next().await.unwrap().unwrap();
-    assert_eq!(relayed.to_text().unwrap(), r#"{"type":"offer","during":"drain"}"#, "existing sockets still relay");
+    assert_eq!(http_get(addr, "/healthz").await.0, 200, "still serving during the drain");
+    sockets[0].send(r#"{"type":"offer","during":"drain"}"#).await;
+    let relayed = sockets[1].recv_text().await;
+    assert_eq!(relayed, r#"{"type":"offer","during":"drain"}"#, "existing sockets still relay");
     // New sockets are sent elsewhere.
-    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?userID=late&peerID=comer")).await;
+    let refused = Client::connect(&server.ws_url("late", "comer")).await;
     assert!(refused.err().unwrap().to_string().contains("503"));
 
     let closes = sockets.into_iter().map(|mut ws| async move {
         loop {
-            match tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("closed in time") {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    assert_eq!(u16::from(frame.code), 1012);
+            match ws.try_recv_json().await {
+                Ok(event) => assert_ne!(event["type"], "peer-left", "a drain is not the peer leaving: {event}"),
+                Err(closed) => {
+                    assert_eq!(closed.code, Some(1012), "expected close 1012, got {closed:?}");
                     return std::time::Instant::now();
                 }
-                Some(Ok(Message::Text(text))) => {
-                    assert!(!text.contains("peer-left"), "a drain is not the peer leaving: {text}");
-                }
-                Some(Ok(Message::Ping(_))) => continue,
-                other => panic!("expected close 1012, got {other:?}"),
             }
         }
     });
@@ -168,24 +238,19 @@ async fn paced_drain_turns_unready_keeps_serving_then_closes_with_1012_spread_ou
     let first = *closed_at.iter().min().unwrap();
     let last = *closed_at.iter().max().unwrap();
     assert!(last - first >= Duration::from_millis(200), "closes came all at once: {:?}", last - first);
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let (exit, _) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
     assert_eq!(exit.code(), Some(0));
 }
 
 #[tokio::test]
 async fn sigterm_without_drain_closes_sockets_with_1001_and_exits_0() {
-    let (mut child, addr) = spawn_on_port_0(&[("SWITCHBOARD_DRAIN_SECS", "0")]);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?userID=alice&peerID=bob")).await.unwrap();
-    let welcome = ws.next().await.unwrap().unwrap();
-    assert!(welcome.to_text().unwrap().contains("\"welcome\""));
+    let server = Process::spawn(&[("SWITCHBOARD_DRAIN_SECS", "0")]);
+    let mut ws = Client::connect(&server.ws_url("alice", "bob")).await.unwrap();
+    assert!(ws.recv_text().await.contains("\"welcome\""));
 
-    sigterm(&child);
-    let close = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("a close frame");
-    match close {
-        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
-        other => panic!("expected close 1001, got {other:?}"),
-    }
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    server.sigterm();
+    let closed = ws.expect_closed().await;
+    assert_eq!(closed.code, Some(1001), "expected close 1001, got {closed:?}");
+    let (exit, _) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
     assert_eq!(exit.code(), Some(0));
 }
