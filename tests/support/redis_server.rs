@@ -130,6 +130,8 @@ mod tests {
     #[test]
     #[should_panic(expected = "no-such-redis-server not found on PATH: apt-get install redis-server")]
     fn a_missing_redis_server_says_what_to_install() {
-        super::spawn("no-such-redis-server", 1);
+        let mut child = super::spawn("no-such-redis-server", 1);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
