@@ -262,18 +262,21 @@ pub struct ConfigError(String);
 
 /// The merged values, read by key (each key must have a row in [`SETTINGS`]),
 /// and the file they may come from.
-struct Values(HashMap<String, Value>, Option<PathBuf>);
+struct Values {
+    map: HashMap<String, Value>,
+    file: Option<PathBuf>,
+}
 
 impl Values {
     fn raw(&self, key: &str) -> Option<&Value> {
         debug_assert!(setting(key).is_some(), "{key} has no row in SETTINGS");
-        self.0.get(key)
+        self.map.get(key)
     }
 
     /// Where the value of `key` came from: the variable, or the key in the file.
     fn name(&self, key: &str) -> String {
         let origin = self.raw(key).and_then(Value::origin);
-        match (origin, &self.1) {
+        match (origin, &self.file) {
             (Some(origin), Some(file)) if origin != "the environment" => format!("{key} in {}", file.display()),
             _ => env_name(key),
         }
@@ -357,7 +360,7 @@ impl Settings {
         let merged = builder.add_source(env).build().map_err(|e| ConfigError(e.to_string()))?;
         // `collect` keeps each value's origin (file or environment), for the messages.
         let values = merged.collect().map_err(|e| ConfigError(e.to_string()))?;
-        Values(values.into_iter().collect(), file.map(Path::to_path_buf)).settings()
+        Values { map: values.into_iter().collect(), file: file.map(Path::to_path_buf) }.settings()
     }
 
     /// Where users reach the server: `public_url`, or `http://` and `addr`
