@@ -2,7 +2,7 @@
 //! recorder is per process.
 
 use serde_json::json;
-use switchboard_tests::{eventually, metric, Cluster, Instance};
+use switchboard_tests::{eventually, http_get, metric, Cluster, Instance, Process};
 
 async fn scrape(node: &Instance) -> String {
     let (status, body) = node.get("/metrics").await;
@@ -59,4 +59,65 @@ async fn metrics_count_sessions_messages_rejects_and_broker_events() {
     assert_eq!(value("switchboard_pair_subscriptions"), 1.0);
     assert_eq!(value("switchboard_call_setup_seconds_count"), 1.0);
     assert!(m.contains("switchboard_broker_publish_seconds_bucket{le=\"0.001\"}"), "a histogram, not a summary");
+}
+
+/// The series named in docs/operations.md's metrics table, with their types.
+fn documented_series() -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).unwrap();
+    let table = doc.split_once("## Metrics").expect("a Metrics section").1;
+    table
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((name.to_owned(), cells.get(2)?.to_string()))
+        })
+        .collect()
+}
+
+/// The `reason` values the doc lists for `series`: the backticked words of its paragraph.
+fn documented_reasons(series: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).unwrap();
+    let start = format!("`reason` values of `{series}`:");
+    let paragraph = doc.split_once(&start).unwrap_or_else(|| panic!("no {start}")).1.split("\n\n").next().unwrap();
+    paragraph.split('`').skip(1).step_by(2).map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_series_is_there_at_zero_from_the_first_scrape() {
+    let series = documented_series();
+    assert!(series.len() >= 13, "{series:?}");
+    let server = Process::spawn(&[]);
+    let (status, m) = http_get(server.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for (name, kind) in &series {
+        let lines: Vec<&str> = m.lines().filter(|l| !l.starts_with('#')).collect();
+        match kind.as_str() {
+            "histogram" => {
+                for suffix in ["_count", "_sum"] {
+                    assert_eq!(metric(&m, &format!("{name}{suffix}")), Some(0.0), "{name}{suffix} in:\n{m}");
+                }
+                assert!(lines.iter().any(|l| l.starts_with(&format!("{name}_bucket{{"))), "{name} buckets in:\n{m}");
+            }
+            "counter" | "gauge" => {
+                let found: Vec<&&str> = lines
+                    .iter()
+                    .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+                    .collect();
+                assert!(!found.is_empty(), "{name} missing from the first scrape:\n{m}");
+                assert!(found.iter().all(|l| l.ends_with(" 0")), "{name} not at zero: {found:?}");
+            }
+            other => panic!("{name}: unknown type {other}"),
+        }
+    }
+    for labelled in ["switchboard_sessions_closed_total", "switchboard_rejects_total"] {
+        let reasons = documented_reasons(labelled);
+        assert!(reasons.len() >= 10, "{labelled}: {reasons:?}");
+        for reason in reasons {
+            let series = format!(r#"{labelled}{{reason="{reason}"}}"#);
+            assert_eq!(metric(&m, &series), Some(0.0), "{series} in:\n{m}");
+        }
+    }
 }

@@ -266,8 +266,8 @@ fn check_turn_entry(entry: &serde_json::Value, user: &str) -> u64 {
 async fn turn_credentials_are_in_the_welcome_and_pushed_again_before_they_expire() {
     let stun = r#"[{"urls":"stun:stun.example:3478"}]"#;
     let c = Cluster::redis_with(1, |s| {
-        s.ice_servers = serde_json::value::RawValue::from_string(stun.to_owned()).unwrap();
-        s.turn = Some(Turn {
+        s.ice_servers.configured = serde_json::value::RawValue::from_string(stun.to_owned()).unwrap();
+        s.ice_servers.turn = Some(Turn {
             secret: Secret::new(TURN_SECRET),
             urls: vec!["turn:127.0.0.1:3478".into(), "turns:127.0.0.1:5349?transport=tcp".into()],
             ttl: Duration::from_secs(3),

@@ -49,6 +49,22 @@ def test_multi_stage_release_build():
     assert only(runtime, "ENTRYPOINT").value == ("/usr/local/bin/switchboard",)
 
 
+def test_build_resolves_like_ci_and_records_the_versions():
+    # No Cargo.lock in the repository: the crates we depend on are pinned, and
+    # both CI and the image build print what was resolved.
+    import tomllib
+    deps = tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]["dependencies"]
+    for name in ("fastwebsockets", "hyper"):
+        assert deps[name]["version"].startswith("="), f"{name} is not pinned: {deps[name]}"
+    tree = "cargo tree -p switchboard --depth 1 -e normal"
+    builder, _ = stages()
+    run = " ".join(c.value[0] for c in builder if c.cmd == "RUN")
+    assert tree in run
+    ci = (REPO / ".ci" / "run").read_text()
+    assert ci.index(tree) < ci.index("cargo test --workspace")
+    assert "Cargo.lock" in (REPO / ".gitignore").read_text().split()
+
+
 def test_runtime_is_non_root_and_listens_on_8080():
     _, runtime = stages()
     user = only(runtime, "USER").value[0]
@@ -178,7 +194,7 @@ def test_dockerignore_keeps_sources_and_drops_the_rest():
     pats = ignore_patterns()
     for probe in [".git/HEAD", "target/release/switchboard", "crates/switchboard/target/x",
                   "node_modules/a/index.js", "tests/e2e/node_modules/x", "tests/e2e/call.test.mjs",
-                  "deploy/Dockerfile"]:
+                  "deploy/Dockerfile", "Cargo.lock"]:
         assert ignored(probe, pats), probe
     # Page files embedded at compile time must reach the builder.
     static = [f for f in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True,

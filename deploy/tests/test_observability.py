@@ -141,11 +141,15 @@ def test_doc_has_the_sections():
 
 
 def server_env_keys() -> set[str]:
-    """The keys the server itself documents (ENV_HELP in its config module)."""
+    """The variables the server reads: the rows of SETTINGS in its config
+    module (`text("key", ...)` / `whole("key", ...)`), and OTHER_VARS."""
     src = (REPO / "crates" / "switchboard" / "src" / "config.rs").read_text()
-    m = re.search(r'pub const ENV_HELP: &str = "(.*?)";', src, re.S)
-    assert m, "ENV_HELP not found in crates/switchboard/src/config.rs"
-    return set(re.findall(r"\b(SWITCHBOARD_[A-Z_]+)\b", m.group(1)))
+    m = re.search(r"pub const SETTINGS: &\[Setting\] = &\[(.*?)\n\];", src, re.S)
+    assert m, "SETTINGS not found in crates/switchboard/src/config.rs"
+    keys = {"SWITCHBOARD_" + k.upper() for k in re.findall(r'\b(?:text|whole)\(\s*"([a-z_]+)"', m.group(1))}
+    other = re.search(r"const OTHER_VARS: &\[&str\] = &\[(.*?)\];", src, re.S)
+    assert other, "OTHER_VARS not found in crates/switchboard/src/config.rs"
+    return keys | set(re.findall(r'"(SWITCHBOARD_[A-Z_]+)"', other.group(1)))
 
 
 def test_doc_lists_every_env_key():

@@ -1,6 +1,6 @@
 //! A real WebSocket client (tokio-tungstenite) with waiting helpers.
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -63,14 +63,7 @@ impl Client {
 
     /// The next text frame, failing on anything else or after the deadline.
     pub async fn recv_text(&mut self) -> String {
-        loop {
-            let msg = tokio::time::timeout(DEADLINE, self.ws.next()).await.expect("a frame before the deadline");
-            match msg {
-                Some(Ok(Message::Text(text))) => return text.to_string(),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => panic!("expected a text frame, got {other:?}"),
-            }
-        }
+        next_text(&mut self.ws).await
     }
 
     /// The next text frame, parsed as JSON.
@@ -81,38 +74,18 @@ impl Client {
 
     /// The next text frame as JSON, or how the connection ended.
     pub async fn try_recv_json(&mut self) -> Result<serde_json::Value, Closed> {
-        loop {
-            let msg = tokio::time::timeout(DEADLINE, self.ws.next()).await.expect("a frame before the deadline");
-            match msg {
-                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).expect("JSON from the server")),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(Closed {
-                        code: frame.as_ref().map(|f| f.code.into()),
-                        reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
-                    })
-                }
-                Some(Ok(other)) => panic!("unexpected frame {other:?}"),
-                Some(Err(_)) | None => return Err(Closed { code: None, reason: String::new() }),
-            }
+        match next(&mut self.ws, "a frame").await {
+            Next::Text(text) => Ok(serde_json::from_str(&text).expect("JSON from the server")),
+            Next::Closed(closed) => Err(closed),
+            Next::Other(other) => panic!("unexpected frame {other:?}"),
         }
     }
 
     /// Reads until the connection closes; fails if a text frame arrives first.
     pub async fn expect_closed(&mut self) -> Closed {
-        loop {
-            let msg = tokio::time::timeout(DEADLINE, self.ws.next()).await.expect("close before the deadline");
-            match msg {
-                Some(Ok(Message::Close(frame))) => {
-                    return Closed {
-                        code: frame.as_ref().map(|f| f.code.into()),
-                        reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
-                    };
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(other)) => panic!("expected close, got {other:?}"),
-                Some(Err(_)) | None => return Closed { code: None, reason: String::new() },
-            }
+        match next(&mut self.ws, "close").await {
+            Next::Closed(closed) => closed,
+            other => panic!("expected close, got {other:?}"),
         }
     }
 
@@ -157,13 +130,49 @@ impl ClientTx {
 impl ClientRx {
     /// The next text frame.
     pub async fn recv_text(&mut self) -> String {
-        loop {
-            let msg = tokio::time::timeout(DEADLINE, self.0.next()).await.expect("a frame before the deadline");
-            match msg {
-                Some(Ok(Message::Text(text))) => return text.to_string(),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => panic!("expected a text frame, got {other:?}"),
+        next_text(&mut self.0).await
+    }
+}
+
+/// What the next frame told, pings and pongs skipped.
+#[derive(Debug)]
+enum Next {
+    Text(String),
+    Closed(Closed),
+    Other(Message),
+}
+
+/// The next frame of `ws` that is not a ping or pong, failing after [`DEADLINE`]
+/// (`what` says what was awaited). A connection that ends without a close
+/// frame is `Closed` without a code.
+async fn next<S>(ws: &mut S, what: &str) -> Next
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    loop {
+        let msg = tokio::time::timeout(DEADLINE, ws.next()).await;
+        match msg.unwrap_or_else(|_| panic!("{what} before the deadline")) {
+            Some(Ok(Message::Text(text))) => return Next::Text(text.to_string()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(frame))) => {
+                return Next::Closed(Closed {
+                    code: frame.as_ref().map(|f| f.code.into()),
+                    reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                })
             }
+            Some(Ok(other)) => return Next::Other(other),
+            Some(Err(_)) | None => return Next::Closed(Closed { code: None, reason: String::new() }),
         }
+    }
+}
+
+/// The next text frame of `ws`, failing on anything else.
+async fn next_text<S>(ws: &mut S) -> String
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    match next(ws, "a frame").await {
+        Next::Text(text) => text,
+        other => panic!("expected a text frame, got {other:?}"),
     }
 }

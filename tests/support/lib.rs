@@ -1,9 +1,10 @@
 //! Test harness: a real `redis-server` per test, in-process switchboard
-//! instances on port 0, and a real WebSocket client.
+//! instances on port 0, `switchboard` processes, and a real WebSocket client.
 //!
 //! Set `TEST_LOG=1` to see the servers' logs.
 
 pub mod client;
+pub mod process;
 pub mod redis_server;
 
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use switchboard::config::Settings;
 use tokio::net::TcpListener;
 
 pub use client::Client;
+pub use process::{switchboard_bin, Process};
 pub use redis_server::RedisServer;
 
 /// How long any awaited event may take before a test fails. Generous, for a
@@ -200,72 +202,6 @@ macro_rules! both_brokers {
             }
         }
     )+};
-}
-
-/// The `switchboard` binary built next to this test (`SWITCHBOARD_BIN` overrides).
-pub fn switchboard_bin() -> std::path::PathBuf {
-    if let Some(path) = std::env::var_os("SWITCHBOARD_BIN") {
-        return path.into();
-    }
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().and_then(|deps| deps.parent()).unwrap().join("switchboard");
-    assert!(path.exists(), "{} is missing: build it with `cargo build -p switchboard`", path.display());
-    path
-}
-
-/// A `switchboard` process on port 0 with `env`; killed on drop.
-pub struct Process {
-    /// The child process.
-    pub child: std::process::Child,
-    /// The address it logged.
-    pub addr: SocketAddr,
-}
-
-impl Process {
-    /// Starts the binary and waits for its `listening` line.
-    pub fn spawn(env: &[(&str, &str)]) -> Self {
-        use std::io::{BufRead, BufReader};
-        let mut command = std::process::Command::new(switchboard_bin());
-        for (key, _) in std::env::vars() {
-            if key.starts_with("SWITCHBOARD_") && key != "SWITCHBOARD_BIN" {
-                command.env_remove(key);
-            }
-        }
-        let mut child = command
-            .envs(env.iter().copied())
-            .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
-            .env("SWITCHBOARD_LOG_FORMAT", "json")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines.next().expect("a listening line").unwrap();
-            let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if json["fields"]["message"] == "listening" {
-                break json["fields"]["addr"].as_str().unwrap().parse().unwrap();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
-    }
-
-    /// `ws://` URL of `/ws` for `user` and `peer`.
-    pub fn ws_url(&self, user: &str, peer: &str) -> String {
-        format!("ws://{}/ws?userID={user}&peerID={peer}", self.addr)
-    }
-
-    /// SIGKILL: the process dies without closing anything.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// The value of `series` (name with its labels, as rendered) in Prometheus

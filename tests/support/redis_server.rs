@@ -13,6 +13,23 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Starts `program` as a Redis server on `port`, or fails the test with what to install.
+fn spawn(program: &str, port: u16) -> Child {
+    let spawned = Command::new(program)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--loglevel", "warning"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("{program} not found on PATH: apt-get install redis-server")
+        }
+        Err(e) => panic!("cannot start {program}: {e}"),
+    }
+}
+
 impl RedisServer {
     /// Starts `redis-server` on a free port and waits until it answers PING.
     pub async fn start() -> Self {
@@ -27,13 +44,7 @@ impl RedisServer {
 
     /// Starts `redis-server` on `port`; `None` if it did not come up.
     pub async fn start_on(port: u16) -> Option<Self> {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--loglevel", "warning"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
+        let child = spawn("redis-server", port);
         let mut server = Self { port, child: Some(child) };
         let deadline = tokio::time::Instant::now() + crate::DEADLINE;
         while tokio::time::Instant::now() < deadline {
@@ -111,5 +122,16 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[should_panic(expected = "no-such-redis-server not found on PATH: apt-get install redis-server")]
+    fn a_missing_redis_server_says_what_to_install() {
+        let mut child = super::spawn("no-such-redis-server", 1);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

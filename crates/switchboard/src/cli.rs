@@ -7,10 +7,10 @@ use clap::{Args, Parser, Subcommand};
 
 /// Horizontally scalable WebRTC signaling relay.
 #[derive(Debug, Parser)]
-#[command(name = "switchboard", version, about, after_help = crate::config::ENV_HELP)]
+#[command(name = "switchboard", version, about, after_help = crate::config::env_help())]
 pub struct Cli {
     /// TOML file with settings; environment variables override it.
-    #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "FILE", global = true)]
+    #[arg(long, env = "SWITCHBOARD_CONFIG", hide_env_values = true, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// What to do; without a command the server runs.
     #[command(subcommand)]
@@ -36,7 +36,8 @@ pub struct LinkArgs {
     /// How long the links stay valid, e.g. 30m, 1h, 2days.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
-    /// Where users reach the server, e.g. https://call.example.com.
+    /// Where users reach the server, e.g. https://call.example.com
+    /// [default: SWITCHBOARD_PUBLIC_URL, else http:// and SWITCHBOARD_LISTEN].
     #[arg(long, value_name = "URL")]
-    pub base_url: String,
+    pub base_url: Option<String>,
 }

@@ -1,48 +1,202 @@
 //! Settings: built-in defaults, then an optional TOML file, then `SWITCHBOARD_*`
-//! environment variables. A bad value is one [`ConfigError`] that names the key.
+//! environment variables. A bad value is one [`ConfigError`] that names where
+//! it came from.
+//!
+//! [`SETTINGS`] is the one list of keys, defaults and help texts: the defaults
+//! are loaded from it, `--help` prints it, unknown keys are checked against it,
+//! and a test compares it with README.md's table.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
-use serde::Deserialize;
+use config::{Config, Environment, File, FileFormat, Source, Value};
 use serde_json::value::RawValue;
 
-/// Environment variables read by [`Settings::load`], with their defaults, for `--help`.
-pub const ENV_HELP: &str = "\
-Environment (defaults in brackets; a TOML file given by --config uses the same names in lower case, without the prefix):
-  SWITCHBOARD_LISTEN              address to listen on [127.0.0.1:8080]
-  SWITCHBOARD_REDIS_URL           redis://host:port/db; unset = in-memory broker, one instance []
-  SWITCHBOARD_CHANNEL_PREFIX      start of every Redis channel and key [switchboard]
-  SWITCHBOARD_MAX_MESSAGE_BYTES   largest client message, in bytes [65536]
-  SWITCHBOARD_LOG_FORMAT          text | json [text]; RUST_LOG filters [info]
-  SWITCHBOARD_ICE_SERVERS         JSON array of RTCIceServer objects sent in the welcome [[]]
-  SWITCHBOARD_STATIC_DIR          serve the page files from this folder instead of the embedded copy []
-  SWITCHBOARD_OUTBOX_MESSAGES     per-session outbound queue, in messages [256]
-  SWITCHBOARD_OUTBOX_BYTES        per-session outbound queue, in bytes [1048576]
-  SWITCHBOARD_PRESENCE_TTL_SECS   lifetime of a presence key in Redis [15]
-  SWITCHBOARD_REDIS_POOL_SIZE     command lanes to Redis, one pooled connection each [4]
-  SWITCHBOARD_SHUTDOWN_GRACE_SECS time allowed for sockets to close on shutdown [10]
-  SWITCHBOARD_DRAIN_SECS          on SIGTERM: seconds of 503 on /readyz while serving, then the
-                                  same span over which sockets close with 1012; 0 = close at once with 1001 [5]
-  SWITCHBOARD_MAX_SOCKETS         open WebSockets per instance; more get HTTP 503 [50000]
-  SWITCHBOARD_WORKER_THREADS      runtime worker threads; 0 = one per available core [0]
-  SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS  time allowed to send the HTTP request head [10]
-  SWITCHBOARD_PING_INTERVAL_SECS  server ping interval; 0 disables pings [20]
-  SWITCHBOARD_PONG_TIMEOUT_SECS   a socket silent this long after a ping is closed [20]
-  SWITCHBOARD_RATE_PER_SEC        client messages per second per socket (token bucket refill) [50]
-  SWITCHBOARD_RATE_BURST          token bucket size; more drops than this within 10 s closes with 1008 [200]
-  SWITCHBOARD_CONFIG              TOML file to read (same as --config) []
-  SWITCHBOARD_AUTH_SECRET         HS256 key (32+ bytes); set = /ws needs a signed token (see `switchboard link`) []
-  SWITCHBOARD_ALLOWED_ORIGINS     extra browser origins allowed to open /ws, comma-separated, or * [] = same origin only
-  SWITCHBOARD_TURN_SECRET         TURN REST shared secret (coturn static-auth-secret); needs TURN_URLS []
-  SWITCHBOARD_TURN_URLS           comma-separated turn:/turns: URLs for the TURN credentials []
-  SWITCHBOARD_TURN_TTL_SECS       lifetime of TURN credentials; fresh ones are pushed at 80% [86400]";
+use crate::turn::{IceServers, Turn};
+
+/// How a setting's value is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Text, checked by the code that uses it.
+    Text,
+    /// A whole number from `min` to `max` (no upper bound but the type's when `None`).
+    Whole {
+        /// Smallest value allowed.
+        min: u64,
+        /// Largest value allowed.
+        max: Option<u64>,
+    },
+}
+
+/// One setting: its key, default and help text.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The key in a TOML file; the environment variable is `SWITCHBOARD_` and the key in upper case.
+    pub key: &'static str,
+    /// The built-in default; `None` is unset.
+    pub default: Option<&'static str>,
+    /// How the value is read.
+    pub kind: Kind,
+    /// One line for `--help`.
+    pub help: &'static str,
+}
+
+const fn text(key: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
+    Setting { key, default, kind: Kind::Text, help }
+}
+
+const fn whole(key: &'static str, default: &'static str, min: u64, max: Option<u64>, help: &'static str) -> Setting {
+    Setting { key, default: Some(default), kind: Kind::Whole { min, max }, help }
+}
+
+/// Every setting. Adding a row here makes the key known to the file check, the
+/// environment check and `--help`; README.md's table must list it too.
+pub const SETTINGS: &[Setting] = &[
+    text("listen", Some("127.0.0.1:8080"), "address to listen on; port 0 picks a free port"),
+    text(
+        "public_url",
+        None,
+        "where users reach the server, e.g. https://call.example.com: the start of `switchboard link` URLs \
+         and of the \"open\" line at start; unset = http:// and the listen address",
+    ),
+    text("redis_url", None, "redis://host:port/db; unset = in-memory broker, one instance only"),
+    text("channel_prefix", Some("switchboard"), "start of every Redis channel and key"),
+    whole("max_message_bytes", "65536", 1, Some(16 << 20), "largest client message, in bytes"),
+    text("log_format", Some("text"), "text | json"),
+    text("ice_servers", Some("[]"), "JSON array of RTCIceServer objects sent in the welcome"),
+    text("static_dir", None, "serve the page files from this folder instead of the embedded copy"),
+    whole("outbox_messages", "256", 1, None, "per-session outbound queue, in messages"),
+    whole("outbox_bytes", "1048576", 1, None, "per-session outbound queue, in bytes"),
+    whole("presence_ttl_secs", "15", 3, None, "lifetime of a presence key in Redis"),
+    whole("redis_pool_size", "4", 1, None, "command lanes to Redis, one pooled connection each"),
+    whole("shutdown_grace_secs", "10", 0, None, "time allowed for sockets to close on shutdown"),
+    whole(
+        "drain_secs",
+        "5",
+        0,
+        None,
+        "on SIGTERM: seconds of 503 on /readyz while serving, then the same span over which sockets close \
+         with 1012; 0 = close at once with 1001",
+    ),
+    whole("max_sockets", "50000", 1, None, "open WebSockets per instance; more get HTTP 503"),
+    whole("worker_threads", "0", 0, None, "runtime worker threads; 0 = one per available core"),
+    whole("handshake_timeout_secs", "10", 1, None, "time allowed to send the HTTP request head"),
+    whole("ping_interval_secs", "20", 0, None, "server ping interval; 0 disables pings"),
+    whole("pong_timeout_secs", "20", 0, None, "a socket silent this long after a ping is closed"),
+    whole("rate_per_sec", "50", 1, None, "client messages per second per socket (token bucket refill)"),
+    whole("rate_burst", "200", 1, None, "token bucket size; more drops than this within 10 s closes with 1008"),
+    text("auth_secret", None, "HS256 key (32+ bytes); set = /ws needs a signed token (see `switchboard link`)"),
+    text(
+        "allowed_origins",
+        None,
+        "extra browser origins allowed to open /ws, comma-separated, or *; unset = same origin only",
+    ),
+    text("turn_secret", None, "TURN REST shared secret (coturn static-auth-secret); needs TURN_URLS"),
+    text("turn_urls", None, "comma-separated turn:/turns: URLs for the TURN credentials"),
+    whole("turn_ttl_secs", "86400", 2, Some(30 * 86400), "lifetime of TURN credentials; fresh ones are pushed at 80%"),
+];
+
+/// The environment variables' prefix.
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+/// Variables with the prefix that are not settings.
+const OTHER_VARS: &[&str] = &["SWITCHBOARD_CONFIG"];
+
+/// The row of `key`.
+pub fn setting(key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.key == key)
+}
+
+/// `SWITCHBOARD_` and `key` in upper case.
+pub fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
+}
+
+/// The candidate closest to `name`, if any is close enough to be a likely misspelling.
+fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(name, c), c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+fn did_you_mean(nearest: Option<impl std::fmt::Display>) -> String {
+    match nearest {
+        Some(name) => format!("did you mean {name}?"),
+        None => "`switchboard --help` lists them".to_owned(),
+    }
+}
+
+/// Warnings for `SWITCHBOARD_*` variables among `vars` that are no setting:
+/// one line each, with the nearest valid name.
+pub fn unknown_env_vars<K: AsRef<str>>(vars: impl IntoIterator<Item = K>) -> Vec<String> {
+    // Names without the prefix, which every one shares (and which would make them all look alike).
+    let known: Vec<String> = SETTINGS
+        .iter()
+        .map(|s| s.key.to_ascii_uppercase())
+        .chain(OTHER_VARS.iter().map(|v| v[ENV_PREFIX.len()..].to_owned()))
+        .collect();
+    vars.into_iter()
+        .filter_map(|var| {
+            let var = var.as_ref();
+            let upper = var.to_ascii_uppercase();
+            let name = upper.strip_prefix(ENV_PREFIX)?;
+            if known.iter().any(|k| k == name) {
+                return None;
+            }
+            let hint =
+                did_you_mean(nearest(name, known.iter().map(String::as_str)).map(|k| format!("{ENV_PREFIX}{k}")));
+            Some(format!("unknown variable {var} is ignored; {hint}"))
+        })
+        .collect()
+}
+
+/// Width of `--help`'s settings list.
+const HELP_WIDTH: usize = 100;
+
+/// Appends `words` to `out`, wrapping at [`HELP_WIDTH`] to lines indented by
+/// `indent`; `out`'s last line is at `column`. A word never breaks.
+fn wrap<'a>(out: &mut String, words: impl IntoIterator<Item = &'a str>, indent: usize, mut column: usize) {
+    for (i, word) in words.into_iter().enumerate() {
+        if i > 0 && column + 1 + word.len() > HELP_WIDTH {
+            let _ = write!(out, "\n{:indent$}", "");
+            column = indent;
+        } else if i > 0 {
+            out.push(' ');
+            column += 1;
+        }
+        out.push_str(word);
+        column += word.len();
+    }
+}
+
+/// The settings for `--help`: one aligned row per setting, with its default.
+pub fn env_help() -> String {
+    let mut rows: Vec<(String, &str, Option<&str>)> =
+        SETTINGS.iter().map(|s| (env_name(s.key), s.help, s.default)).collect();
+    rows.push(("RUST_LOG".into(), "log filter, e.g. info,switchboard=debug", Some("info")));
+    let name_width = rows.iter().map(|(n, ..)| n.len()).max().unwrap_or(0);
+    let indent = 2 + name_width + 2;
+    let mut out = String::new();
+    let intro = "Settings, from environment variables. A TOML file (--config) uses the same names in lower case \
+                 without the prefix, e.g. max_message_bytes = 32768; the environment overrides it.";
+    wrap(&mut out, intro.split_whitespace(), 0, 0);
+    out.push('\n');
+    for (name, help, default) in rows {
+        let _ = write!(out, "\n  {name:name_width$}  ");
+        let default = default.map(|d| format!("[default: {d}]"));
+        wrap(&mut out, help.split_whitespace().chain(default.as_deref()), indent, indent);
+    }
+    out
+}
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -55,6 +209,8 @@ pub enum LogFormat {
 pub struct Settings {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Where users reach the server (`http(s)://host[:port][/path]`, without a trailing slash).
+    pub public_url: Option<String>,
     /// Redis URL; `None` selects the in-memory broker.
     pub redis_url: Option<String>,
     /// Start of every Redis channel and key.
@@ -63,8 +219,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Log format.
     pub log_format: LogFormat,
-    /// JSON array of ICE servers for the welcome.
-    pub ice_servers: Box<RawValue>,
+    /// The configured ICE servers, and TURN credentials when TURN is on.
+    pub ice_servers: IceServers,
     /// Folder to serve page files from instead of the embedded copy.
     pub static_dir: Option<PathBuf>,
     /// Per-session outbound queue length, in messages.
@@ -97,54 +253,81 @@ pub struct Settings {
     pub auth: Option<crate::auth::LinkSigner>,
     /// Browser origins allowed to open `/ws`.
     pub allowed_origins: crate::origin::AllowedOrigins,
-    /// Ephemeral TURN credentials: `Some` when a TURN secret and URLs are set.
-    pub turn: Option<crate::turn::Turn>,
 }
 
-/// A configuration value that can't be used; the message names the key.
+/// A configuration value that can't be used; the message names where it came from.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {0}")]
 pub struct ConfigError(String);
 
-#[derive(Debug, Deserialize)]
-struct Raw {
-    listen: String,
-    redis_url: Option<String>,
-    channel_prefix: String,
-    max_message_bytes: usize,
-    log_format: String,
-    ice_servers: String,
-    static_dir: Option<String>,
-    outbox_messages: usize,
-    outbox_bytes: usize,
-    presence_ttl_secs: u64,
-    redis_pool_size: usize,
-    shutdown_grace_secs: u64,
-    drain_secs: u64,
-    max_sockets: usize,
-    worker_threads: usize,
-    handshake_timeout_secs: u64,
-    ping_interval_secs: u64,
-    pong_timeout_secs: u64,
-    rate_per_sec: u32,
-    rate_burst: u32,
-    auth_secret: Option<String>,
-    allowed_origins: String,
-    turn_secret: Option<String>,
-    turn_urls: String,
-    turn_ttl_secs: u64,
+/// The merged values, read by key (each key must have a row in [`SETTINGS`]),
+/// and the file they may come from.
+struct Values {
+    map: HashMap<String, Value>,
+    file: Option<PathBuf>,
 }
 
-fn env_name(key: &str) -> String {
-    format!("SWITCHBOARD_{}", key.to_ascii_uppercase())
-}
+impl Values {
+    fn raw(&self, key: &str) -> Option<&Value> {
+        debug_assert!(setting(key).is_some(), "{key} has no row in SETTINGS");
+        self.map.get(key)
+    }
 
-fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
-    ConfigError(format!("{} ({key}): {why}", env_name(key)))
+    /// Where the value of `key` came from: the variable, or the key in the file.
+    fn name(&self, key: &str) -> String {
+        let origin = self.raw(key).and_then(Value::origin);
+        match (origin, &self.file) {
+            (Some(origin), Some(file)) if origin != "the environment" => format!("{key} in {}", file.display()),
+            _ => env_name(key),
+        }
+    }
+
+    fn bad(&self, key: &str, why: impl std::fmt::Display) -> ConfigError {
+        ConfigError(format!("{} {why}", self.name(key)))
+    }
+
+    /// The text of `key`; `None` when unset or blank.
+    fn text(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        let Some(value) = self.raw(key) else { return Ok(None) };
+        let text = value.clone().into_string().map_err(|_| self.bad(key, "must be one value, not a list or table"))?;
+        Ok(Some(text).filter(|t| !t.trim().is_empty()))
+    }
+
+    /// The text of `key`, or `""`.
+    fn text_or_empty(&self, key: &str) -> Result<String, ConfigError> {
+        Ok(self.text(key)?.unwrap_or_default())
+    }
+
+    /// The whole number of `key`, within its row's range and `T`'s.
+    fn whole<T: TryFrom<u64>>(&self, key: &str) -> Result<T, ConfigError> {
+        let Some(Setting { kind: Kind::Whole { min, max }, .. }) = setting(key) else {
+            unreachable!("{key} is not a whole-number setting");
+        };
+        let text = self.text(key)?.unwrap_or_default();
+        let text = text.trim();
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(self.bad(key, format!("must be a whole number, not {text:?}")));
+        }
+        let range = || match max {
+            Some(max) => format!("must be between {min} and {max}, not {text}"),
+            None => format!("must be at least {min}, not {text}"),
+        };
+        let n: u64 = text.parse().map_err(|_| self.bad(key, range()))?;
+        if n < *min || max.is_some_and(|max| n > max) {
+            return Err(self.bad(key, range()));
+        }
+        T::try_from(n).map_err(|_| self.bad(key, format!("is too large: {text}")))
+    }
+
+    fn secs(&self, key: &str) -> Result<Duration, ConfigError> {
+        self.whole(key).map(Duration::from_secs)
+    }
 }
 
 impl Settings {
     /// Loads defaults, then `file` if given, then the process environment.
+    /// Unknown `SWITCHBOARD_*` variables are not an error: see [`unknown_env_vars`].
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_from(file, Environment::with_prefix("SWITCHBOARD").prefix_separator("_"))
     }
@@ -158,147 +341,155 @@ impl Settings {
 
     fn load_from(file: Option<&Path>, env: Environment) -> Result<Self, ConfigError> {
         let mut builder = Config::builder();
-        for (key, value) in [
-            ("listen", "127.0.0.1:8080"),
-            ("channel_prefix", "switchboard"),
-            ("max_message_bytes", "65536"),
-            ("log_format", "text"),
-            ("ice_servers", "[]"),
-            ("outbox_messages", "256"),
-            ("outbox_bytes", "1048576"),
-            ("presence_ttl_secs", "15"),
-            ("redis_pool_size", "4"),
-            ("shutdown_grace_secs", "10"),
-            ("drain_secs", "5"),
-            ("max_sockets", "50000"),
-            ("worker_threads", "0"),
-            ("handshake_timeout_secs", "10"),
-            ("ping_interval_secs", "20"),
-            ("pong_timeout_secs", "20"),
-            ("rate_per_sec", "50"),
-            ("rate_burst", "200"),
-            ("allowed_origins", ""),
-            ("turn_urls", ""),
-            ("turn_ttl_secs", "86400"),
-        ] {
-            builder = builder.set_default(key, value).map_err(|e| ConfigError(e.to_string()))?;
+        for s in SETTINGS {
+            if let Some(default) = s.default {
+                builder = builder.set_default(s.key, default).map_err(|e| ConfigError(e.to_string()))?;
+            }
         }
         if let Some(path) = file {
-            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
+            let source = File::from(path).format(FileFormat::Toml).required(true);
+            let keys = source.collect().map_err(|e| ConfigError(e.to_string()))?;
+            let mut unknown: Vec<&String> = keys.keys().filter(|k| setting(k).is_none()).collect();
+            unknown.sort();
+            if let Some(key) = unknown.first() {
+                let hint = did_you_mean(nearest(key, SETTINGS.iter().map(|s| s.key)));
+                return Err(ConfigError(format!("unknown key {key} in {}; {hint}", path.display())));
+            }
+            builder = builder.add_source(source);
         }
-        let raw: Raw = builder.add_source(env).build().and_then(Config::try_deserialize).map_err(|e| match &e {
-            config::ConfigError::Type { key: Some(key), .. } => bad(key, &e),
-            _ => ConfigError(e.to_string()),
-        })?;
-        raw.validate()
+        let merged = builder.add_source(env).build().map_err(|e| ConfigError(e.to_string()))?;
+        // `collect` keeps each value's origin (file or environment), for the messages.
+        let values = merged.collect().map_err(|e| ConfigError(e.to_string()))?;
+        Values { map: values.into_iter().collect(), file: file.map(Path::to_path_buf) }.settings()
+    }
+
+    /// Where users reach the server: `public_url`, or `http://` and `addr`
+    /// (a wildcard address becomes loopback), without a trailing slash.
+    pub fn public_url_or(&self, addr: SocketAddr) -> String {
+        if let Some(url) = &self.public_url {
+            return url.clone();
+        }
+        let ip = match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("http://{}", SocketAddr::new(ip, addr.port()))
     }
 }
 
-fn non_empty(value: Option<String>) -> Option<String> {
-    value.filter(|v| !v.trim().is_empty())
+/// `http(s)://host[:port][/path]`, without query, fragment or spaces.
+fn valid_public_url(url: &str) -> bool {
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+        && !url.contains(['?', '#'])
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-impl Raw {
-    fn validate(self) -> Result<Settings, ConfigError> {
-        let listen = self
-            .listen
-            .parse()
-            .map_err(|e| bad("listen", format!("{:?} is not a socket address: {e}", self.listen)))?;
-        let redis_url = non_empty(self.redis_url);
+impl Values {
+    fn settings(self) -> Result<Settings, ConfigError> {
+        let listen_text = self.text_or_empty("listen")?;
+        let listen = listen_text.parse().map_err(|_| {
+            self.bad("listen", format!("must be a socket address such as 127.0.0.1:8080, not {listen_text:?}"))
+        })?;
+        let public_url = self.text("public_url")?.map(|u| u.trim().trim_end_matches('/').to_owned());
+        if let Some(url) = &public_url {
+            if !valid_public_url(url) {
+                return Err(self.bad(
+                    "public_url",
+                    format!("must be an http:// or https:// URL such as https://call.example.com, not {url:?}"),
+                ));
+            }
+        }
+        let redis_url = self.text("redis_url")?;
         if let Some(url) = &redis_url {
-            redis::parse_redis_url(url).ok_or_else(|| bad("redis_url", format!("{url:?} is not a redis:// URL")))?;
+            redis::parse_redis_url(url)
+                .ok_or_else(|| self.bad("redis_url", format!("must be a redis:// URL, not {url:?}")))?;
         }
-        if self.channel_prefix.is_empty()
-            || self.channel_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        let channel_prefix = self.text_or_empty("channel_prefix")?;
+        if channel_prefix.is_empty() || channel_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
         {
-            return Err(bad("channel_prefix", "must be non-empty, without spaces"));
+            return Err(self.bad("channel_prefix", "must be non-empty, without spaces"));
         }
-        if !(1..=16 << 20).contains(&self.max_message_bytes) {
-            return Err(bad("max_message_bytes", "must be between 1 and 16777216"));
-        }
-        let log_format = match self.log_format.as_str() {
+        let max_message_bytes = self.whole("max_message_bytes")?;
+        let log_format = match self.text_or_empty("log_format")?.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => return Err(bad("log_format", format!("{other:?} is not text or json"))),
+            other => return Err(self.bad("log_format", format!("must be text or json, not {other:?}"))),
         };
-        let ice_servers = RawValue::from_string(self.ice_servers.trim().to_owned())
+        let configured = RawValue::from_string(self.text_or_empty("ice_servers")?.trim().to_owned())
             .ok()
             .filter(|v| v.get().starts_with('['))
-            .ok_or_else(|| bad("ice_servers", "must be a JSON array of RTCIceServer objects"))?;
-        if self.outbox_messages == 0 || self.outbox_bytes < self.max_message_bytes {
-            return Err(bad("outbox_bytes", "queues must hold at least one message of the largest size"));
+            .ok_or_else(|| self.bad("ice_servers", "must be a JSON array of RTCIceServer objects"))?;
+        let outbox_messages = self.whole("outbox_messages")?;
+        let outbox_bytes = self.whole("outbox_bytes")?;
+        if outbox_bytes < max_message_bytes {
+            return Err(self.bad(
+                "outbox_bytes",
+                format!("must hold one message of the largest size, SWITCHBOARD_MAX_MESSAGE_BYTES={max_message_bytes}"),
+            ));
         }
-        if self.presence_ttl_secs < 3 {
-            return Err(bad("presence_ttl_secs", "must be at least 3"));
+        let ping_interval = self.secs("ping_interval_secs")?;
+        let pong_timeout = self.secs("pong_timeout_secs")?;
+        if !ping_interval.is_zero() && pong_timeout.is_zero() {
+            return Err(self.bad("pong_timeout_secs", "must be at least 1 while pings are on"));
         }
-        if self.redis_pool_size == 0 {
-            return Err(bad("redis_pool_size", "must be at least 1"));
-        }
-        if self.max_sockets == 0 {
-            return Err(bad("max_sockets", "must be at least 1"));
-        }
-        if self.handshake_timeout_secs == 0 {
-            return Err(bad("handshake_timeout_secs", "must be at least 1"));
-        }
-        if self.ping_interval_secs > 0 && self.pong_timeout_secs == 0 {
-            return Err(bad("pong_timeout_secs", "must be at least 1 while pings are on"));
-        }
-        if self.rate_per_sec == 0 || self.rate_burst == 0 {
-            return Err(bad("rate_per_sec", "rate and burst must be at least 1"));
-        }
-        let auth = match non_empty(self.auth_secret) {
+        let auth = match self.text("auth_secret")? {
             Some(secret) if secret.len() < crate::auth::MIN_SECRET_BYTES => {
-                return Err(bad("auth_secret", "must be at least 32 bytes, e.g. the output of `openssl rand -hex 32`"))
+                return Err(
+                    self.bad("auth_secret", "must be at least 32 bytes, e.g. the output of `openssl rand -hex 32`")
+                )
             }
             Some(secret) => Some(crate::auth::LinkSigner::new(&crate::auth::Secret::new(&secret))),
             None => None,
         };
-        let allowed_origins =
-            crate::origin::AllowedOrigins::parse(&self.allowed_origins).map_err(|why| bad("allowed_origins", why))?;
-        let turn_urls: Vec<String> =
-            self.turn_urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
+        let allowed_origins = crate::origin::AllowedOrigins::parse(&self.text_or_empty("allowed_origins")?)
+            .map_err(|why| self.bad("allowed_origins", format!("must list origins: {why}")))?;
+        let turn_urls: Vec<String> = self
+            .text_or_empty("turn_urls")?
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
         if let Some(url) = turn_urls.iter().find(|u| !crate::turn::valid_url(u)) {
-            return Err(bad("turn_urls", format!("{url:?} is not a turn: or turns: URL")));
+            return Err(self.bad("turn_urls", format!("must be turn: or turns: URLs, not {url:?}")));
         }
-        if !(2..=30 * 86400).contains(&self.turn_ttl_secs) {
-            return Err(bad("turn_ttl_secs", "must be between 2 and 2592000"));
-        }
-        let turn = match (non_empty(self.turn_secret), turn_urls.is_empty()) {
-            (Some(secret), false) => Some(crate::turn::Turn {
-                secret: crate::auth::Secret::new(&secret),
-                urls: turn_urls,
-                ttl: Duration::from_secs(self.turn_ttl_secs),
-            }),
+        let turn_ttl = self.secs("turn_ttl_secs")?;
+        let turn = match (self.text("turn_secret")?, turn_urls.is_empty()) {
+            (Some(secret), false) => {
+                Some(Turn { secret: crate::auth::Secret::new(&secret), urls: turn_urls, ttl: turn_ttl })
+            }
             (None, true) => None,
             (Some(_), true) => {
-                return Err(bad("turn_urls", "must list the TURN servers when SWITCHBOARD_TURN_SECRET is set"))
+                return Err(self.bad("turn_urls", "must list the TURN servers when SWITCHBOARD_TURN_SECRET is set"))
             }
-            (None, false) => return Err(bad("turn_secret", "must be set when SWITCHBOARD_TURN_URLS is given")),
+            (None, false) => return Err(self.bad("turn_secret", "must be set when SWITCHBOARD_TURN_URLS is given")),
         };
         Ok(Settings {
             listen,
+            public_url,
             redis_url,
-            channel_prefix: self.channel_prefix,
-            max_message_bytes: self.max_message_bytes,
+            channel_prefix,
+            max_message_bytes,
             log_format,
-            ice_servers,
-            static_dir: non_empty(self.static_dir).map(PathBuf::from),
-            outbox_messages: self.outbox_messages,
-            outbox_bytes: self.outbox_bytes,
-            presence_ttl: Duration::from_secs(self.presence_ttl_secs),
-            redis_pool_size: self.redis_pool_size,
-            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
-            drain: Duration::from_secs(self.drain_secs),
-            max_sockets: self.max_sockets,
-            worker_threads: self.worker_threads,
-            handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
-            ping_interval: Duration::from_secs(self.ping_interval_secs),
-            pong_timeout: Duration::from_secs(self.pong_timeout_secs),
-            rate_per_sec: self.rate_per_sec,
-            rate_burst: self.rate_burst,
+            ice_servers: IceServers { configured, turn },
+            static_dir: self.text("static_dir")?.map(PathBuf::from),
+            outbox_messages,
+            outbox_bytes,
+            presence_ttl: self.secs("presence_ttl_secs")?,
+            redis_pool_size: self.whole("redis_pool_size")?,
+            shutdown_grace: self.secs("shutdown_grace_secs")?,
+            drain: self.secs("drain_secs")?,
+            max_sockets: self.whole("max_sockets")?,
+            worker_threads: self.whole("worker_threads")?,
+            handshake_timeout: self.secs("handshake_timeout_secs")?,
+            ping_interval,
+            pong_timeout,
+            rate_per_sec: self.whole("rate_per_sec")?,
+            rate_burst: self.whole("rate_burst")?,
             auth,
             allowed_origins,
-            turn,
         })
     }
 }
@@ -321,8 +512,8 @@ mod tests {
         assert_eq!(s.channel_prefix, "switchboard");
         assert_eq!(s.max_message_bytes, 65536);
         assert_eq!(s.log_format, LogFormat::Text);
-        assert_eq!(s.ice_servers.get(), "[]");
-        assert!(s.auth.is_none() && s.turn.is_none());
+        assert_eq!(s.ice_servers.configured.get(), "[]");
+        assert!(s.auth.is_none() && s.ice_servers.turn.is_none() && s.public_url.is_none());
         assert_eq!(s.allowed_origins, crate::origin::AllowedOrigins::default());
         assert_eq!(s.worker_threads, 0, "one per core");
         let s = Settings::load_with_env(None, &[("SWITCHBOARD_WORKER_THREADS", "1")]).unwrap();
@@ -345,7 +536,7 @@ mod tests {
         .unwrap();
         assert!(s.auth.is_some());
         assert_eq!(s.allowed_origins.listed(), ["https://app.example.com", "http://localhost:3000"]);
-        let turn = s.turn.as_ref().unwrap();
+        let turn = s.ice_servers.turn.as_ref().unwrap();
         assert_eq!(turn.urls, ["turn:t.example:3478", "turns:t.example:5349"]);
         assert_eq!(turn.ttl, Duration::from_secs(600));
         let printed = format!("{s:?}");
@@ -389,10 +580,210 @@ mod tests {
             ("SWITCHBOARD_TURN_URLS", "turn:x"),
             ("SWITCHBOARD_TURN_SECRET", "s3cret"),
             ("SWITCHBOARD_TURN_TTL_SECS", "1"),
+            ("SWITCHBOARD_PUBLIC_URL", "call.example.com"),
+            ("SWITCHBOARD_OUTBOX_BYTES", "100"),
+            ("SWITCHBOARD_PONG_TIMEOUT_SECS", "0"),
         ] {
             let err = Settings::load_with_env(None, &[(key, value)]).unwrap_err().to_string();
             assert!(err.contains(key), "{key}={value}: {err}");
             assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    /// `| `SWITCHBOARD_X` | `default` | ... |` rows of the first table after `heading` in `doc`.
+    fn doc_table(doc: &str, heading: &str) -> Vec<(String, Option<String>)> {
+        let section = doc.split_once(heading).unwrap_or_else(|| panic!("no {heading:?}")).1;
+        section
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let name = cells.get(1)?.strip_prefix("`SWITCHBOARD_")?.strip_suffix('`')?;
+                let default = cells.get(2)?;
+                let default = match default.strip_prefix('`').and_then(|d| d.split_once('`')) {
+                    Some((value, _)) => Some(value.to_owned()),
+                    None => {
+                        assert!(default.starts_with("unset"), "default of {name}: {default:?}");
+                        None
+                    }
+                };
+                Some((format!("SWITCHBOARD_{name}"), default))
+            })
+            .collect()
+    }
+
+    fn repo_file(path: &str) -> String {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        std::fs::read_to_string(root.join(path)).unwrap()
+    }
+
+    #[test]
+    fn readme_table_lists_every_setting_with_its_default() {
+        let readme = doc_table(&repo_file("README.md"), "## Configuration");
+        let code: Vec<(String, Option<String>)> =
+            SETTINGS.iter().map(|s| (env_name(s.key), s.default.map(str::to_owned))).collect();
+        for row in &code {
+            assert!(readme.contains(row), "README.md's settings table lacks or differs on {row:?}");
+        }
+        for row in &readme {
+            assert!(code.contains(row), "README.md lists {row:?}, which config::SETTINGS lacks or differs on");
+        }
+        // The operations guide lists the same variables (its defaults note the image's).
+        let ops: Vec<String> = doc_table(&repo_file("docs/operations.md"), "## Configuration")
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|name| !OTHER_VARS.contains(&name.as_str()))
+            .collect();
+        let names: Vec<String> = code.into_iter().map(|(name, _)| name).collect();
+        for name in &names {
+            assert!(ops.contains(name), "docs/operations.md lacks {name}");
+        }
+        for name in &ops {
+            assert!(names.contains(name), "docs/operations.md lists {name}, which config::SETTINGS lacks");
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_the_table() {
+        let s = Settings::default();
+        for row in SETTINGS {
+            let value = row.default.map(str::to_owned);
+            let shown = match row.key {
+                "listen" => Some(s.listen.to_string()),
+                "max_message_bytes" => Some(s.max_message_bytes.to_string()),
+                "channel_prefix" => Some(s.channel_prefix.clone()),
+                "ice_servers" => Some(s.ice_servers.configured.get().to_owned()),
+                "drain_secs" => Some(s.drain.as_secs().to_string()),
+                "rate_burst" => Some(s.rate_burst.to_string()),
+                _ => continue,
+            };
+            assert_eq!(shown, value, "{}", row.key);
+        }
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sb-config-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("switchboard.toml");
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_an_error_naming_the_nearest_key() {
+        let file = temp_file("unknown", "max_mesage_bytes = 100\n");
+        let err = Settings::load_with_env(Some(&file), &[]).unwrap_err().to_string();
+        assert!(err.contains("unknown key max_mesage_bytes"), "{err}");
+        assert!(err.contains("did you mean max_message_bytes?"), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        // Far from every key: no guess, a pointer to the list.
+        let file = temp_file("far", "listen = \"127.0.0.1:1\"\n[server]\nport = 1\n");
+        let err = Settings::load_with_env(Some(&file), &[]).unwrap_err().to_string();
+        assert!(err.contains("unknown key server") && err.contains("--help"), "{err}");
+        // SWITCHBOARD_CONFIG is a variable, not a key of the file.
+        let file = temp_file("config", "config = \"x.toml\"\n");
+        assert!(Settings::load_with_env(Some(&file), &[]).is_err());
+        let file = temp_file("ok", "max_message_bytes = 100\noutbox_bytes = 100\n");
+        assert_eq!(Settings::load_with_env(Some(&file), &[]).unwrap().max_message_bytes, 100);
+    }
+
+    #[test]
+    fn unknown_variables_are_warnings_naming_the_nearest_variable() {
+        let warnings = unknown_env_vars([
+            "SWITCHBOARD_MAX_MSG_BYTES",
+            "SWITCHBOARD_LISTEN",
+            "SWITCHBOARD_CONFIG",
+            "SWITCHBOARD_ZZZ",
+            "PATH",
+            "switchboard_redis_ulr",
+        ]);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert_eq!(
+            warnings[0],
+            "unknown variable SWITCHBOARD_MAX_MSG_BYTES is ignored; did you mean SWITCHBOARD_MAX_MESSAGE_BYTES?"
+        );
+        assert!(warnings[1].starts_with("unknown variable SWITCHBOARD_ZZZ") && warnings[1].contains("--help"));
+        assert!(warnings[2].contains("did you mean SWITCHBOARD_REDIS_URL?"), "{}", warnings[2]);
+        // The variable is ignored, as before: the server starts with the default.
+        let s = Settings::load_with_env(None, &[("SWITCHBOARD_MAX_MSG_BYTES", "100")]).unwrap();
+        assert_eq!(s.max_message_bytes, 65536);
+    }
+
+    #[test]
+    fn numbers_say_whole_number_or_range_and_name_the_key_once() {
+        let err = |key: &str, value: &str| Settings::load_with_env(None, &[(key, value)]).unwrap_err().to_string();
+        let e = err("SWITCHBOARD_MAX_MESSAGE_BYTES", "abc");
+        assert_eq!(e, r#"configuration error: SWITCHBOARD_MAX_MESSAGE_BYTES must be a whole number, not "abc""#);
+        for value in ["1.5", "", "12kb", "--1"] {
+            assert!(err("SWITCHBOARD_MAX_MESSAGE_BYTES", value).contains("must be a whole number"), "{value}");
+        }
+        let e = err("SWITCHBOARD_MAX_MESSAGE_BYTES", "-1");
+        assert_eq!(e, "configuration error: SWITCHBOARD_MAX_MESSAGE_BYTES must be between 1 and 16777216, not -1");
+        let e = err("SWITCHBOARD_PRESENCE_TTL_SECS", "99999999999999999999999");
+        assert!(e.ends_with("must be at least 3, not 99999999999999999999999") || e.contains("too large"), "{e}");
+        assert_eq!(
+            err("SWITCHBOARD_PRESENCE_TTL_SECS", "-3"),
+            "configuration error: SWITCHBOARD_PRESENCE_TTL_SECS must be at least 3, not -3"
+        );
+        assert!(err("SWITCHBOARD_RATE_BURST", "5000000000").contains("too large"));
+        // From the file, the message names the key in the file.
+        let file = temp_file("whole", "max_sockets = \"many\"\n");
+        let e = Settings::load_with_env(Some(&file), &[]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(r#"configuration error: max_sockets in {} must be a whole number, not "many""#, file.display())
+        );
+        let file = temp_file("float", "max_sockets = 1.5\n");
+        let e = Settings::load_with_env(Some(&file), &[]).unwrap_err().to_string();
+        assert!(e.contains("max_sockets in") && e.contains("whole number"), "{e}");
+        for e in [e, err("SWITCHBOARD_MAX_MESSAGE_BYTES", "abc")] {
+            assert_eq!(e.matches("max_sockets").count() + e.matches("MAX_MESSAGE_BYTES").count(), 1, "{e}");
+        }
+    }
+
+    #[test]
+    fn help_is_generated_from_the_table_and_aligned() {
+        let help = env_help();
+        let rows: Vec<&str> = help.lines().filter(|l| l.starts_with("  ")).collect();
+        let is_name = |rest: &str| rest.starts_with("SWITCHBOARD_") || rest.starts_with("RUST_LOG");
+        let column = rows[0].find("address").unwrap();
+        for row in &rows {
+            assert!(row.len() <= HELP_WIDTH, "too long: {row:?}");
+            let rest = row.trim_start();
+            let text_at = if is_name(rest) {
+                let after_name = row.len() - rest.len() + rest.find(' ').unwrap();
+                after_name + row[after_name..].len() - row[after_name..].trim_start().len()
+            } else {
+                row.len() - rest.len()
+            };
+            assert_eq!(text_at, column, "misaligned: {row:?}");
+        }
+        for s in SETTINGS {
+            let name = env_name(s.key);
+            let start = rows.iter().position(|r| r.trim_start().starts_with(&format!("{name} "))).expect(&name);
+            let end =
+                rows[start + 1..].iter().position(|r| is_name(r.trim_start())).map_or(rows.len(), |i| start + 1 + i);
+            let text = rows[start..end].iter().map(|r| r.trim()).collect::<Vec<_>>().join(" ");
+            match s.default {
+                Some(default) => assert!(text.ends_with(&format!(" [default: {default}]")), "{text}"),
+                None => assert!(!text.contains("[default"), "{text}"),
+            }
+        }
+    }
+
+    #[test]
+    fn public_url() {
+        let s = Settings::load_with_env(None, &[("SWITCHBOARD_PUBLIC_URL", "https://call.example.com/")]).unwrap();
+        assert_eq!(s.public_url.as_deref(), Some("https://call.example.com"));
+        assert_eq!(s.public_url_or("0.0.0.0:1".parse().unwrap()), "https://call.example.com");
+        let s = Settings::default();
+        assert_eq!(s.public_url_or("0.0.0.0:8080".parse().unwrap()), "http://127.0.0.1:8080");
+        assert_eq!(s.public_url_or("[::]:8080".parse().unwrap()), "http://[::1]:8080");
+        assert_eq!(s.public_url_or("10.0.0.1:80".parse().unwrap()), "http://10.0.0.1:80");
+        for bad in ["call.example.com", "ftp://x", "https://", "https://x/?a=1", "https://a b"] {
+            let err = Settings::load_with_env(None, &[("SWITCHBOARD_PUBLIC_URL", bad)]).unwrap_err().to_string();
+            assert!(err.contains("SWITCHBOARD_PUBLIC_URL must be an http:// or https:// URL"), "{bad}: {err}");
         }
     }
 }

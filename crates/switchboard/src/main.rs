@@ -5,18 +5,26 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchboard::cli::{Cli, Command, LinkArgs};
-use switchboard::config::Settings;
+use switchboard::config::{self, Settings};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Misspelt variables: warned about, then ignored.
+    let warnings = config::unknown_env_vars(std::env::vars_os().filter_map(|(key, _)| key.into_string().ok()));
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
+            for warning in &warnings {
+                eprintln!("switchboard: warning: {warning}");
+            }
             eprintln!("switchboard: {e}");
             return ExitCode::from(2);
         }
     };
     if let Some(Command::Link(args)) = &cli.command {
+        for warning in &warnings {
+            eprintln!("switchboard: warning: {warning}");
+        }
         return print_links(&settings, args);
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -25,7 +33,7 @@ fn main() -> ExitCode {
         runtime.worker_threads(settings.worker_threads);
     }
     match runtime.build() {
-        Ok(runtime) => runtime.block_on(serve(settings)),
+        Ok(runtime) => runtime.block_on(serve(settings, &warnings)),
         Err(e) => {
             eprintln!("switchboard: cannot start the runtime: {e}");
             ExitCode::FAILURE
@@ -34,8 +42,11 @@ fn main() -> ExitCode {
 }
 
 /// Serves until a shutdown signal.
-async fn serve(settings: Settings) -> ExitCode {
+async fn serve(settings: Settings, warnings: &[String]) -> ExitCode {
     switchboard::telemetry::init(settings.log_format);
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
     let listener = match tokio::net::TcpListener::bind(settings.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -43,7 +54,13 @@ async fn serve(settings: Settings) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match switchboard::app::run(listener, settings, shutdown_requests()).await {
+    // Signals are watched from here on, so a SIGTERM right after the `open`
+    // line starts a shutdown instead of killing the process.
+    let requests = shutdown_requests();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!("open {}/", settings.public_url_or(addr));
+    }
+    match switchboard::app::run(listener, settings, requests).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("switchboard: {e}");
@@ -58,8 +75,9 @@ fn print_links(settings: &Settings, args: &LinkArgs) -> ExitCode {
         eprintln!("switchboard: SWITCHBOARD_AUTH_SECRET is not set, so links can't be signed");
         return ExitCode::from(2);
     };
+    let base_url = args.base_url.clone().unwrap_or_else(|| settings.public_url_or(settings.listen));
     let now = std::time::SystemTime::now();
-    match switchboard::auth::call_links(signer, &args.base_url, &args.user, &args.peer, args.ttl, now) {
+    match switchboard::auth::call_links(signer, &base_url, &args.user, &args.peer, args.ttl, now) {
         Ok(links) => {
             for link in links {
                 println!("{}: {}", link.user, link.url);

@@ -86,6 +86,7 @@ pub fn handle() -> &'static PrometheusHandle {
             tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
         }
         describe();
+        register();
         handle
     })
 }
@@ -109,6 +110,58 @@ fn describe() {
         Unit::Seconds,
         "From the first offer a session receives to its first answer"
     );
+}
+
+/// `reason` values of [`names::SESSIONS_CLOSED`] (docs/operations.md lists them).
+pub const CLOSE_REASONS: &[&str] = &[
+    "client_close",
+    "gone",
+    "replaced",
+    "drain",
+    "shutdown",
+    "slow_consumer",
+    "flood",
+    "ping_timeout",
+    "binary",
+    "too_big",
+    "protocol",
+    "broker_unavailable",
+];
+
+/// `reason` values of [`names::REJECTS`] (docs/operations.md lists them).
+pub const REJECT_REASONS: &[&str] = &[
+    "bad_param",
+    "not_upgrade",
+    "shutting_down",
+    "too_many_sockets",
+    "broker_unavailable",
+    "unauthorized",
+    "forbidden_origin",
+    "invalid_json",
+    "reserved_type",
+    "rate_limited",
+];
+
+/// Registers every series, and every known label value, at zero: a scrape
+/// right after start shows them all, so rates and alerts have a first point.
+fn register() {
+    use names::*;
+    for name in [OPEN_SOCKETS, PAIR_SUBSCRIPTIONS] {
+        gauge!(name).increment(0.0);
+    }
+    for name in [SESSIONS_OPENED, MESSAGES_IN, MESSAGES_OUT, BYTES_IN, BYTES_OUT, REPLACED, RECONNECTS] {
+        counter!(name).increment(0);
+    }
+    for reason in CLOSE_REASONS {
+        counter!(SESSIONS_CLOSED, "reason" => *reason).increment(0);
+    }
+    for reason in REJECT_REASONS {
+        counter!(REJECTS, "reason" => *reason).increment(0);
+    }
+    for name in [PUBLISH_SECONDS, CALL_SETUP_SECONDS] {
+        // A registered histogram renders its buckets, sum and count at zero.
+        let _ = histogram!(name);
+    }
 }
 
 /// A session opened.

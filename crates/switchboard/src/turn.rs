@@ -24,10 +24,7 @@ use serde_json::value::RawValue;
 use sha1::Sha1;
 
 use crate::auth::{unix_secs, Secret};
-use crate::config::Settings;
 use crate::pair::UserId;
-use crate::protocol::ServerEvent;
-use crate::session::handle::SessionHandle;
 
 /// TURN settings: the shared secret, the server URLs and the credentials' lifetime.
 #[derive(Debug, Clone)]
@@ -77,17 +74,34 @@ impl Turn {
     }
 }
 
-/// The `iceServers` for `user`: the configured ones, plus fresh TURN credentials if TURN is on.
-pub fn ice_servers(settings: &Settings, user: &UserId) -> Box<RawValue> {
-    let Some(turn) = &settings.turn else {
-        return settings.ice_servers.clone();
-    };
-    // The setting was checked to be a JSON array when it was loaded.
-    let mut servers: Vec<Box<RawValue>> = serde_json::from_str(settings.ice_servers.get()).unwrap_or_default();
-    if let Ok(entry) = serde_json::value::to_raw_value(&turn.server_for(user, SystemTime::now())) {
-        servers.push(entry);
+/// What a session's `iceServers` hold: the configured servers
+/// (`SWITCHBOARD_ICE_SERVERS`), and TURN credentials when TURN is on.
+#[derive(Debug, Clone)]
+pub struct IceServers {
+    /// JSON array of RTCIceServer objects, as configured.
+    pub configured: Box<RawValue>,
+    /// Ephemeral TURN credentials: `Some` when a TURN secret and URLs are set.
+    pub turn: Option<Turn>,
+}
+
+impl IceServers {
+    /// The `iceServers` for `user`: the configured ones, plus fresh TURN credentials if TURN is on.
+    pub fn for_user(&self, user: &UserId) -> Box<RawValue> {
+        let Some(turn) = &self.turn else {
+            return self.configured.clone();
+        };
+        // The setting was checked to be a JSON array when it was loaded.
+        let mut servers: Vec<Box<RawValue>> = serde_json::from_str(self.configured.get()).unwrap_or_default();
+        if let Ok(entry) = serde_json::value::to_raw_value(&turn.server_for(user, SystemTime::now())) {
+            servers.push(entry);
+        }
+        serde_json::value::to_raw_value(&servers).unwrap_or_else(|_| self.configured.clone())
     }
-    serde_json::value::to_raw_value(&servers).unwrap_or_else(|_| settings.ice_servers.clone())
+
+    /// How often a session pushes fresh credentials; `None` without TURN.
+    pub fn refresh_every(&self) -> Option<Duration> {
+        self.turn.as_ref().map(Turn::refresh_every)
+    }
 }
 
 /// A session's timer for pushing fresh credentials; never fires without TURN.
@@ -98,10 +112,10 @@ pub struct Refresh {
 }
 
 impl Refresh {
-    /// A timer for `settings`, first firing one refresh period from now.
-    pub fn new(settings: &Settings) -> Self {
-        let timer = settings.turn.as_ref().map(|turn| {
-            let every = turn.refresh_every();
+    /// A timer firing every `every` (see [`IceServers::refresh_every`]), first
+    /// one period from now; `None` never fires.
+    pub fn new(every: Option<Duration>) -> Self {
+        let timer = every.map(|every| {
             let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             Box::new(timer)
@@ -115,13 +129,6 @@ impl Refresh {
             Some(timer) => timer.poll_tick(cx).map(|_| ()),
             None => std::task::Poll::Pending,
         }
-    }
-
-    /// Queues `{"type":"ice-servers","iceServers":[...]}` with fresh credentials.
-    pub fn push(&self, settings: &Settings, handle: &SessionHandle) {
-        let servers = ice_servers(settings, &handle.user);
-        handle.deliver(ServerEvent::IceServers { ice_servers: &servers }.to_bytes());
-        tracing::debug!("pushed fresh TURN credentials");
     }
 }
 
@@ -154,6 +161,34 @@ mod tests {
         }
         for bad in ["", "turn:", "stun:t.example", "https://t.example", "turn:a b", "TURN:x"] {
             assert!(!valid_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ice_servers_add_turn_credentials_for_the_user() {
+        let configured = RawValue::from_string(r#"[{"urls":"stun:s.example"}]"#.into()).unwrap();
+        let alice = UserId::parse("alice").unwrap();
+        let plain = IceServers { configured: configured.clone(), turn: None };
+        assert_eq!(plain.for_user(&alice).get(), configured.get());
+        assert_eq!(plain.refresh_every(), None);
+        let turn =
+            Turn { secret: Secret::new("north"), urls: vec!["turn:t.example".into()], ttl: Duration::from_secs(600) };
+        let with_turn = IceServers { configured, turn: Some(turn) };
+        let servers: serde_json::Value = serde_json::from_str(with_turn.for_user(&alice).get()).unwrap();
+        assert_eq!(servers[0]["urls"], "stun:s.example");
+        assert_eq!(servers[1]["urls"][0], "turn:t.example");
+        assert!(servers[1]["username"].as_str().unwrap().ends_with(":alice"));
+        assert_eq!(with_turn.refresh_every(), Some(Duration::from_secs(480)));
+    }
+
+    #[test]
+    fn turn_takes_what_it_reads_not_the_settings_nor_the_session() {
+        // Settings build an `IceServers`; the session pushes the event. This
+        // module stays below both.
+        let source = include_str!("turn.rs");
+        let code = &source[..source.find("#[cfg(test)]").unwrap()];
+        for module in ["config", "session", "protocol"] {
+            assert!(!code.contains(&format!("crate::{module}")), "turn.rs uses crate::{module}");
         }
     }
 }

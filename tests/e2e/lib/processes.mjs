@@ -189,6 +189,8 @@ export async function startSwitchboard({ name = 'switchboard', redisUrl, listen 
     SWITCHBOARD_LOG_FORMAT: 'json',
   };
   delete childEnv.SWITCHBOARD_REDIS_URL;
+  // The harness's own variable is no server setting (the server would warn of it).
+  delete childEnv.SWITCHBOARD_BIN;
   if (redisUrl) childEnv.SWITCHBOARD_REDIS_URL = redisUrl;
   const child = new Child(name, SWITCHBOARD_BIN, [], { env: childEnv });
   try {

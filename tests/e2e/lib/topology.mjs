@@ -96,6 +96,8 @@ export class Replica {
       RUST_LOG: REPLICA_LOG,
       ...this.env,
     };
+    // The harness's own variable is no server setting (the server would warn of it).
+    delete env.SWITCHBOARD_BIN;
     const proc = new Child(`${this.name} run ${this.runs}`, SWITCHBOARD_BIN, [], { env });
     // Share the line buffer: marker first, then this run's lines as they come.
     this.child.lines.push(`=== ${this.name} run ${this.runs} ===`);

@@ -4,10 +4,10 @@
 //! decides what its client hears of its pair's channel.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 
 use bytes::Bytes;
 
+use super::clock::{ms_at, now_ms};
 use super::echo::EchoWindow;
 use super::outbox::{Outbox, Work};
 use super::peer::PeerView;
@@ -15,20 +15,6 @@ use crate::broker::envelope::{Envelope, Kind};
 use crate::broker::{BrokerError, RelayFailure, SessionId};
 use crate::pair::{PairId, UserId};
 use crate::protocol::{CloseReason, ServerEvent};
-
-/// Milliseconds on the process's monotonic clock, for the heartbeat fields.
-pub fn now_ms() -> u64 {
-    ms_at(tokio::time::Instant::now())
-}
-
-/// `at` in [`now_ms`] milliseconds.
-pub fn ms_at(at: tokio::time::Instant) -> u64 {
-    static START: OnceLock<tokio::time::Instant> = OnceLock::new();
-    // The clock starts a millisecond before its first reading, so that 0
-    // stays free to mean "never".
-    let start = *START.get_or_init(|| at.checked_sub(std::time::Duration::from_millis(1)).unwrap_or(at));
-    u64::try_from(at.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX)
-}
 
 /// Shared handle of one live session.
 #[derive(Debug)]

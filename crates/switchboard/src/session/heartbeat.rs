@@ -16,7 +16,8 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::handle::{now_ms, SessionHandle};
+use super::clock::now_ms;
+use super::handle::SessionHandle;
 use super::registry::Registry;
 use crate::protocol::CloseReason;
 

@@ -15,6 +15,7 @@
 //! (see [`inbound::Frames`]). Pings come from the instance's heartbeat, not
 //! from a timer per socket.
 
+pub mod clock;
 pub mod echo;
 pub mod frames;
 pub mod handle;
@@ -175,7 +176,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
     };
     let peer_online = state.registry.finish_setup(&handle, peer_session);
     let welcome = {
-        let ice_servers = crate::turn::ice_servers(&state.settings, user);
+        let ice_servers = state.settings.ice_servers.for_user(user);
         ServerEvent::Welcome {
             user_id: user.as_str(),
             peer_id: pair.other(user).as_str(),
@@ -213,7 +214,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
         joined: joined.is_ok(),
         assembler: Assembler::new(state.settings.max_message_bytes),
         limit: RateLimit::new(state.settings.rate_per_sec, state.settings.rate_burst),
-        turn_refresh: crate::turn::Refresh::new(&state.settings),
+        turn_refresh: crate::turn::Refresh::new(state.settings.ice_servers.refresh_every()),
         broken: false,
         channel,
         handle,
@@ -271,7 +272,8 @@ impl Live {
                 }
                 Event::Work(None) => return self.closed_end(),
                 Event::Turn => {
-                    self.turn_refresh.push(&self.state.settings, &self.handle);
+                    let servers = self.state.settings.ice_servers.for_user(&self.handle.user);
+                    self.handle.deliver(ServerEvent::IceServers { ice_servers: &servers }.to_bytes());
                     continue;
                 }
                 Event::Frame(frame) => frame,

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
-use super::handle::now_ms;
+use super::clock::now_ms;
 use crate::broker::SessionId;
 
 /// This session's own join came back on the pair's channel.

@@ -1,0 +1,256 @@
+//! The `switchboard` binary as a user runs it: port 0, bad settings, signals,
+//! help, warnings, log colours.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use switchboard_tests::process::{command, listening_addr, Output};
+use switchboard_tests::{http_get, Client, Process, DEADLINE};
+
+/// Runs the binary with `env` and `args` to its end; returns exit code, stdout and stderr.
+fn run(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String, String) {
+    let out = command().envs(env.iter().copied()).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn worker_threads_follow_the_setting_or_the_cores() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (setting, expected) in [(Some("1"), 1), (Some("3"), 3), (None, cores)] {
+        let env: Vec<(&str, &str)> = setting.map(|n| ("SWITCHBOARD_WORKER_THREADS", n)).into_iter().collect();
+        let server = Process::spawn(&env);
+        let line = server.output().wait_for("a listening line", |l| listening_addr(l).is_some());
+        let listening: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        assert_eq!(listening["fields"]["workers"], expected, "SWITCHBOARD_WORKER_THREADS={setting:?}");
+    }
+}
+
+#[test]
+fn bad_settings_exit_non_zero_with_one_line_naming_the_key() {
+    for (key, value) in [
+        ("SWITCHBOARD_LISTEN", "not-an-address"),
+        ("SWITCHBOARD_MAX_MESSAGE_BYTES", "-5"),
+        ("SWITCHBOARD_REDIS_URL", "mysql://nope"),
+        ("SWITCHBOARD_LOG_FORMAT", "yaml"),
+    ] {
+        let (code, _, stderr) = run(&[(key, value)], &[]);
+        assert_eq!(code, Some(2), "{key}={value}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+    }
+    let (code, _, _) = run(&[], &["--config", "/nonexistent/switchboard.toml"]);
+    assert_eq!(code, Some(2));
+}
+
+#[test]
+fn numbers_are_whole_numbers_within_their_range() {
+    let (code, _, stderr) = run(&[("SWITCHBOARD_MAX_MESSAGE_BYTES", "abc")], &[]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr.trim_end(),
+        r#"switchboard: configuration error: SWITCHBOARD_MAX_MESSAGE_BYTES must be a whole number, not "abc""#
+    );
+    let (code, _, stderr) = run(&[("SWITCHBOARD_MAX_MESSAGE_BYTES", "-1")], &[]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr.trim_end(),
+        "switchboard: configuration error: SWITCHBOARD_MAX_MESSAGE_BYTES must be between 1 and 16777216, not -1"
+    );
+}
+
+/// A TOML file in a fresh temporary folder.
+fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sb-process-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("switchboard.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[test]
+fn an_unknown_key_in_the_file_stops_the_server_naming_the_nearest_key() {
+    let file = config_file("unknown", "max_mesage_bytes = 100\n");
+    let (code, stdout, stderr) = run(&[], &["--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("unknown key max_mesage_bytes"), "{stderr}");
+    assert!(stderr.contains("did you mean max_message_bytes?"), "{stderr}");
+    // The same through SWITCHBOARD_CONFIG, which is itself no unknown variable.
+    let (code, _, stderr) = run(&[("SWITCHBOARD_CONFIG", file.to_str().unwrap())], &[]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("did you mean max_message_bytes?") && !stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_variable_is_a_warning_naming_the_nearest_variable() {
+    let server = Process::spawn(&[("SWITCHBOARD_MAX_MSG_BYTES", "100")]);
+    let line = server.output().wait_for("a warning", |l| l.contains("SWITCHBOARD_MAX_MSG_BYTES"));
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(json["level"], "WARN", "{line}");
+    assert_eq!(
+        json["fields"]["message"],
+        "unknown variable SWITCHBOARD_MAX_MSG_BYTES is ignored; did you mean SWITCHBOARD_MAX_MESSAGE_BYTES?"
+    );
+    // Known variables, SWITCHBOARD_CONFIG among them, warn about nothing.
+    let file = config_file("known", "channel_prefix = \"x\"\n");
+    let server = Process::spawn(&[("SWITCHBOARD_CONFIG", file.to_str().unwrap()), ("SWITCHBOARD_DRAIN_SECS", "0")]);
+    // Warnings come before the listening line, on the same stream.
+    let lines = server.output().lines();
+    assert!(lines.iter().any(|l| l.contains("listening")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("WARN") || l.contains("unknown")), "{lines:?}");
+}
+
+#[test]
+fn help_lists_every_setting_aligned_with_its_default() {
+    let (code, help, _) = run(&[("SWITCHBOARD_CONFIG", "/some/file.toml")], &["--help"]);
+    assert_eq!(code, Some(0));
+    for option in [
+        "--config",
+        "SWITCHBOARD_LISTEN",
+        "SWITCHBOARD_REDIS_URL",
+        "SWITCHBOARD_CHANNEL_PREFIX",
+        "SWITCHBOARD_MAX_MESSAGE_BYTES",
+        "SWITCHBOARD_LOG_FORMAT",
+    ] {
+        assert!(help.contains(option), "--help lacks {option}");
+    }
+    for setting in switchboard::config::SETTINGS {
+        assert!(help.contains(&switchboard::config::env_name(setting.key)), "--help lacks {}", setting.key);
+    }
+    // No value of the caller's environment, no empty brackets for unset settings.
+    assert!(help.contains("[env: SWITCHBOARD_CONFIG]") && !help.contains("/some/file.toml"), "{help}");
+    assert!(!help.contains("=]") && !help.contains("[[]]"), "{help}");
+    assert!(!help.lines().any(|l| l.ends_with(" []")), "{help}");
+    assert!(help.contains("[default: []]"), "ICE servers' default is an empty list: {help}");
+    assert!(help.contains("SWITCHBOARD_MAX_MESSAGE_BYTES") && help.contains("[default: 65536]"), "{help}");
+    // Every settings row's text starts in one column.
+    let rows: Vec<&str> = help.lines().filter(|l| l.trim_start().starts_with("SWITCHBOARD_")).collect();
+    assert!(rows.len() >= switchboard::config::SETTINGS.len(), "{help}");
+    let column = |row: &str| {
+        let name_end = row.len() - row.trim_start().len() + row.trim_start().find(' ').unwrap();
+        name_end + row[name_end..].len() - row[name_end..].trim_start().len()
+    };
+    let first = column(rows[0]);
+    for row in &rows {
+        assert_eq!(column(row), first, "misaligned: {row:?}");
+    }
+}
+
+#[test]
+fn text_logs_are_plain_in_a_pipe_and_say_where_to_open() {
+    let mut cmd = command();
+    cmd.env("SWITCHBOARD_LOG_FORMAT", "text");
+    let server = Process::start(cmd);
+    let open = server.output().wait_for("the open line", |l| l.contains(" open http://"));
+    assert!(open.trim_end().ends_with(&format!("open http://{}/", server.addr)), "{open}");
+    for line in server.output().lines() {
+        assert!(!line.contains('\u{1b}'), "colour codes in a pipe: {line:?}");
+    }
+    // With a public URL, that is the one to open.
+    let mut cmd = command();
+    cmd.env("SWITCHBOARD_LOG_FORMAT", "text").env("SWITCHBOARD_PUBLIC_URL", "https://call.example.com/");
+    let server = Process::start(cmd);
+    server.output().wait_for("the open line", |l| l.trim_end().ends_with(" open https://call.example.com/"));
+}
+
+/// Starts the binary with its stdout on a terminal (a pseudo-terminal this test
+/// reads) and returns what it printed up to its `listening` line.
+fn on_a_terminal(env: &[(&str, &str)]) -> String {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let terminal = std::fs::OpenOptions::new().read(true).write(true).open(name.to_str().unwrap()).unwrap();
+    let mut child = command()
+        .env("SWITCHBOARD_LOG_FORMAT", "text")
+        .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(terminal)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = Output::default();
+    let _reader = output.collect(std::fs::File::from(master));
+    // Colour codes sit between words: look for the word alone.
+    let listening = output.wait_for("a listening line", |l| l.contains("listening"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let printed = output.lines().join("\n");
+    assert!(printed.contains("listening"), "{listening}");
+    printed
+}
+
+#[test]
+fn text_logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let coloured = on_a_terminal(&[]);
+    assert!(coloured.contains("\u{1b}["), "no colour on a terminal: {coloured:?}");
+    let plain = on_a_terminal(&[("NO_COLOR", "1")]);
+    assert!(!plain.contains('\u{1b}'), "colour despite NO_COLOR: {plain:?}");
+}
+
+#[tokio::test]
+async fn paced_drain_turns_unready_keeps_serving_then_closes_with_1012_spread_out() {
+    const PAIRS: usize = 10;
+    let server = Process::spawn(&[("SWITCHBOARD_DRAIN_SECS", "2")]);
+    let addr = server.addr;
+    let mut sockets = Vec::new();
+    for i in 0..PAIRS {
+        for (user, peer) in [(format!("u{i}"), format!("v{i}")), (format!("v{i}"), format!("u{i}"))] {
+            let mut ws = Client::connect(&server.ws_url(&user, &peer)).await.unwrap();
+            assert!(ws.recv_text().await.contains("welcome"));
+            sockets.push(ws);
+        }
+    }
+    // u_i saw v_i join.
+    for ws in sockets.iter_mut().step_by(2) {
+        assert!(ws.recv_text().await.contains("peer-joined"));
+    }
+    assert_eq!(http_get(addr, "/readyz").await.0, 200);
+    server.sigterm();
+    // Readiness drops at once, while the server still serves.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while http_get(addr, "/readyz").await.0 != 503 {
+        assert!(tokio::time::Instant::now() < deadline, "readyz never turned 503");
+    }
+    assert_eq!(http_get(addr, "/healthz").await.0, 200, "still serving during the drain");
+    sockets[0].send(r#"{"type":"offer","during":"drain"}"#).await;
+    let relayed = sockets[1].recv_text().await;
+    assert_eq!(relayed, r#"{"type":"offer","during":"drain"}"#, "existing sockets still relay");
+    // New sockets are sent elsewhere.
+    let refused = Client::connect(&server.ws_url("late", "comer")).await;
+    assert!(refused.err().unwrap().to_string().contains("503"));
+
+    let closes = sockets.into_iter().map(|mut ws| async move {
+        loop {
+            match ws.try_recv_json().await {
+                Ok(event) => assert_ne!(event["type"], "peer-left", "a drain is not the peer leaving: {event}"),
+                Err(closed) => {
+                    assert_eq!(closed.code, Some(1012), "expected close 1012, got {closed:?}");
+                    return std::time::Instant::now();
+                }
+            }
+        }
+    });
+    let closed_at = futures_util::future::join_all(closes).await;
+    // Twenty random moments over 2 s are not all within 200 ms of each other.
+    let first = *closed_at.iter().min().unwrap();
+    let last = *closed_at.iter().max().unwrap();
+    assert!(last - first >= Duration::from_millis(200), "closes came all at once: {:?}", last - first);
+    let (exit, _) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_without_drain_closes_sockets_with_1001_and_exits_0() {
+    let server = Process::spawn(&[("SWITCHBOARD_DRAIN_SECS", "0")]);
+    let mut ws = Client::connect(&server.ws_url("alice", "bob")).await.unwrap();
+    assert!(ws.recv_text().await.contains("\"welcome\""));
+
+    server.sigterm();
+    let closed = ws.expect_closed().await;
+    assert_eq!(closed.code, Some(1001), "expected close 1001, got {closed:?}");
+    let (exit, _) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
