@@ -185,12 +185,6 @@ pub fn message_in(bytes: usize) {
     HOT.bytes_in.increment(bytes as u64);
 }
 
-/// A frame of `bytes` was written to a socket.
-pub fn message_out(bytes: usize) {
-    HOT.messages_out.increment(1);
-    HOT.bytes_out.increment(bytes as u64);
-}
-
 /// `count` text frames of `bytes` bytes in all went to one socket.
 pub fn messages_out(count: usize, bytes: usize) {
     HOT.messages_out.increment(count as u64);
@@ -212,9 +206,14 @@ pub fn broker_reconnect() {
     counter!(names::RECONNECTS).increment(1);
 }
 
-/// Local pair channels now.
-pub fn pair_subscriptions(n: usize) {
-    gauge!(names::PAIR_SUBSCRIPTIONS).set(n as f64);
+/// A pair channel got its first local session.
+pub fn pair_channel_opened() {
+    gauge!(names::PAIR_SUBSCRIPTIONS).increment(1.0);
+}
+
+/// A pair channel lost its last local session.
+pub fn pair_channel_closed() {
+    gauge!(names::PAIR_SUBSCRIPTIONS).decrement(1.0);
 }
 
 /// A call was set up in `elapsed`, offer to answer.

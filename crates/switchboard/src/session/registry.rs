@@ -39,7 +39,7 @@ impl Registry {
         let mut map = self.lock();
         let list = map.entry(channel.clone()).or_default();
         if list.is_empty() {
-            metrics::gauge!(crate::metrics::names::PAIR_SUBSCRIPTIONS).increment(1.0);
+            crate::metrics::pair_channel_opened();
         }
         list.push(session);
     }
@@ -51,7 +51,7 @@ impl Registry {
             list.retain(|s| s.id != id);
             if list.is_empty() {
                 map.remove(channel);
-                metrics::gauge!(crate::metrics::names::PAIR_SUBSCRIPTIONS).decrement(1.0);
+                crate::metrics::pair_channel_closed();
             }
         }
     }
