@@ -273,6 +273,119 @@ mod tests {
         assert_eq!(s.identify(Some(&same), None, None).unwrap_err(), TokenError::BadClaims);
     }
 
+    /// A token with exactly this header and claims JSON, signed with
+    /// HMAC-SHA256 under `key`: whatever the header claims its algorithm is.
+    fn raw(header: &str, claims: &str, key: &str) -> String {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        use hmac::{Hmac, Mac};
+        let message = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+        mac.update(message.as_bytes());
+        format!("{message}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    }
+
+    /// 2100-01-01 and 2001-09-09, in Unix seconds.
+    const FUTURE: u64 = 4_102_444_800;
+    const PAST: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_token_is_byte_for_byte_what_jsonwebtoken_signed() {
+        // Made by jsonwebtoken 10 (HS256, header {"typ":"JWT","alg":"HS256"}),
+        // which signed links before: links already handed out stay valid and
+        // new ones look the same.
+        let token = signer(KEY).sign(&id("alice"), &id("bob"), UNIX_EPOCH + Duration::from_secs(FUTURE));
+        assert_eq!(token, VECTOR);
+        assert_eq!(
+            token,
+            raw(r#"{"typ":"JWT","alg":"HS256"}"#, r#"{"sub":"alice","peer":"bob","exp":4102444800}"#, KEY)
+        );
+    }
+
+    const VECTOR: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsInBlZXIiOiJib2IiLCJleHAiOjQxMDI0NDQ4MDB9.33GH3tZ1v5tcjLppG1xjzRvuiTbGkVNrkazmVGLrmHY";
+
+    #[test]
+    fn verify_answers_as_jsonwebtoken_did() {
+        use TokenError::{BadSignature, Expired, Malformed, NotYetValid};
+        let s = signer(KEY);
+        const H: &str = r#"{"typ":"JWT","alg":"HS256"}"#;
+        let claims = |extra: &str| format!(r#"{{"sub":"alice","peer":"bob","exp":{FUTURE}{extra}}}"#);
+        let ok = claims("");
+        let header = |alg: &str| format!(r#"{{"typ":"JWT","alg":"{alg}"}}"#);
+        let cases: Vec<(String, Result<(), TokenError>)> = vec![
+            (raw(H, &ok, KEY), Ok(())),
+            (raw(r#"{"alg":"HS256"}"#, &ok, KEY), Ok(())),
+            (raw(r#"{"alg":"HS256","typ":"JWT","kid":"k1"}"#, &ok, KEY), Ok(())),
+            (raw(&header("none"), &ok, KEY), Err(Malformed)),
+            (raw(&header("hs256"), &ok, KEY), Err(Malformed)),
+            (raw(r#"{"typ":"JWT"}"#, &ok, KEY), Err(Malformed)),
+            (raw("[]", &ok, KEY), Err(Malformed)),
+            (raw("not json", &ok, KEY), Err(Malformed)),
+            (raw(&header("HS384"), &ok, KEY), Err(BadSignature)),
+            (raw(&header("HS512"), &ok, KEY), Err(BadSignature)),
+            (raw(&header("RS256"), &ok, KEY), Err(BadSignature)),
+            (raw(&header("PS512"), &ok, KEY), Err(BadSignature)),
+            (raw(&header("ES256"), &ok, KEY), Err(BadSignature)),
+            (raw(&header("EdDSA"), &ok, KEY), Err(BadSignature)),
+            (raw(H, &ok, "another secret, also 32 bytes long"), Err(BadSignature)),
+            // The signature is checked before the claims are read.
+            (
+                raw(H, r#"{"sub":"alice","peer":"bob","exp":1}"#, "another secret, also 32 bytes long"),
+                Err(BadSignature),
+            ),
+            (raw(H, "[]", "another secret, also 32 bytes long"), Err(BadSignature)),
+            (raw(H, "[]", KEY), Err(Malformed)),
+            (raw(H, r#"{"sub":"alice","peer":"bob"}"#, KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"peer":"bob","exp":{FUTURE}}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","exp":{FUTURE}}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":5,"peer":"bob","exp":{FUTURE}}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":"{FUTURE}"}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":{FUTURE}.0}}"#), KEY), Err(Malformed)),
+            (raw(H, r#"{"sub":"alice","peer":"bob","exp":-1}"#, KEY), Err(Malformed)),
+            (raw(H, r#"{"sub":"alice","peer":"bob","exp":null}"#, KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":{PAST}}}"#), KEY), Err(Expired)),
+            (raw(H, &claims(&format!(r#","nbf":{FUTURE}"#)), KEY), Err(NotYetValid)),
+            (raw(H, &claims(&format!(r#","nbf":{FUTURE}.0"#)), KEY), Err(NotYetValid)),
+            (raw(H, &claims(&format!(r#","nbf":{PAST}"#)), KEY), Ok(())),
+            (raw(H, &claims(r#","nbf":1.5"#), KEY), Ok(())),
+            (raw(H, &claims(r#","nbf":null"#), KEY), Err(Malformed)),
+            (raw(H, &claims(r#","nbf":"1""#), KEY), Err(Malformed)),
+            (raw(H, &claims(r#","nbf":-1"#), KEY), Err(Malformed)),
+            // An audience is refused: links name none. (A non-string one was ignored.)
+            (raw(H, &claims(r#","aud":"x""#), KEY), Err(Malformed)),
+            (raw(H, &claims(r#","aud":["x"]"#), KEY), Err(Malformed)),
+            (raw(H, &claims(r#","aud":[]"#), KEY), Err(Malformed)),
+            (raw(H, &claims(r#","aud":5"#), KEY), Ok(())),
+            (raw(H, &claims(r#","aud":null"#), KEY), Ok(())),
+            (raw(H, &claims(r#","iss":"x","jti":"y","extra":[1]"#), KEY), Ok(())),
+        ];
+        let wrong: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (token, expected))| {
+                let got = s.verify(token).map(drop);
+                (got != *expected).then(|| format!("case {i}: {got:?}, not {expected:?}"))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:#?}");
+        // The framing: three base64url parts without padding.
+        let good = raw(H, &ok, KEY);
+        let (message, signature) = good.rsplit_once('.').unwrap();
+        let (head, body) = message.split_once('.').unwrap();
+        for (token, expected) in [
+            (format!("{message}."), BadSignature),
+            (format!("{message}.!!"), Malformed),
+            (format!("{message}.{signature}="), Malformed),
+            (format!("{head}.{body}"), Malformed),
+            (format!("{good}.{signature}"), Malformed),
+            (format!("{head}=.{body}.{signature}"), Malformed),
+            (String::new(), Malformed),
+            ("..".to_owned(), Malformed),
+        ] {
+            assert_eq!(s.verify(&token).map(drop), Err(expected), "{token}");
+        }
+    }
+
     #[test]
     fn debug_output_hides_secrets() {
         let secret = Secret::new(KEY);
