@@ -121,6 +121,7 @@ impl RedisBroker {
         first_connect: Duration,
     ) -> Result<Self, BrokerError> {
         let client = redis::Client::open(options.url.as_str())?;
+        let lanes_client = client.clone();
         // A lane that can't connect, or hears nothing back, within 2 s gives
         // up on that connection: its commands fail and the next batch connects anew.
         let lane_config = redis::AsyncConnectionConfig::new()
@@ -130,17 +131,12 @@ impl RedisBroker {
         let ready = Arc::new(AtomicBool::new(false));
         let (commands, rx) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = oneshot::channel();
-        let subscriber = Subscriber {
-            client: client.clone(),
-            registry,
-            ready: ready.clone(),
-            counts: HashMap::new(),
-            first: Some(first_tx),
-        };
+        let subscriber =
+            Subscriber { client, registry, ready: ready.clone(), counts: HashMap::new(), first: Some(first_tx) };
         tracker.spawn(subscriber.run(rx, shutdown.clone()));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
-        let lanes = Lanes::start(client, lane_config, options.pool_size, 1024, tracker, shutdown.clone());
+        let lanes = Lanes::start(lanes_client, lane_config, options.pool_size, 1024, tracker, shutdown.clone());
         Ok(Self { lanes, commands, ready, prefix: options.prefix, ttl_secs: options.presence_ttl.as_secs().max(1) })
     }
 
