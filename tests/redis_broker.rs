@@ -83,3 +83,93 @@ async fn the_envelope_carries_the_sender_and_the_exact_bytes() {
     let published = String::from_utf8(stream.next().await.unwrap().get_payload_bytes().to_vec()).unwrap();
     assert_eq!(published.split_once('\n').map(|(h, b)| (&h[..8], b)), Some(("M alice ", other)));
 }
+
+mod scripts_and_lanes {
+    //! How the broker talks to Redis: scripts by SHA1, one reply per pipelined command.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use switchboard::broker::lanes::Lanes;
+    use switchboard::broker::redis::{RedisBroker, RedisOptions};
+    use switchboard::broker::Broker;
+    use switchboard::pair::{PairId, UserId};
+    use switchboard::session::registry::Registry;
+    use switchboard_tests::RedisServer;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    /// `calls` of `command` in `INFO commandstats` (0 before its first call).
+    async fn calls(redis: &RedisServer, command: &str) -> u64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut redis.conn().await).await.unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn presence_scripts_go_by_sha1_and_survive_a_script_flush() {
+        let redis = RedisServer::start().await;
+        let stop = CancellationToken::new();
+        let options = RedisOptions {
+            url: redis.url(),
+            prefix: "sha".into(),
+            presence_ttl: Duration::from_secs(30),
+            pool_size: 2,
+        };
+        let broker = RedisBroker::start(
+            options,
+            Arc::new(Registry::new()),
+            stop.clone(),
+            &TaskTracker::new(),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("broker");
+        let (alice, bob) = (UserId::parse("alice").unwrap(), UserId::parse("bob").unwrap());
+        let pair = PairId::new(&alice, &bob).unwrap();
+        let round = || async {
+            assert_eq!(broker.claim_presence(&pair, &alice, 0xa1).await.unwrap(), None);
+            assert_eq!(broker.refresh_presences(&[(&pair, &alice, 0xa1)]).await.unwrap(), [None]);
+            broker.release_presence(&pair, &alice, 0xa1).await.unwrap();
+        };
+        // The first round finds Redis without the scripts and sends each body once.
+        round().await;
+        let (eval, evalsha) = (calls(&redis, "eval").await, calls(&redis, "evalsha").await);
+        assert!((1..=3).contains(&eval), "each script's body sent at most once: {eval}");
+        round().await;
+        round().await;
+        assert_eq!(calls(&redis, "eval").await, eval, "no body is sent again");
+        assert_eq!(calls(&redis, "evalsha").await, evalsha + 6, "every later call goes by SHA1");
+
+        // Redis forgets every script (as after a restart): the body goes again, once.
+        let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut redis.conn().await).await.unwrap();
+        assert_eq!(broker.claim_presence(&pair, &bob, 0xb0).await.unwrap(), None);
+        assert_eq!(broker.claim_presence(&pair, &alice, 0xa1).await.unwrap(), Some(0xb0));
+        assert_eq!(calls(&redis, "eval").await, eval + 1);
+        stop.cancel();
+    }
+
+    /// Commands queued together go out as one pipeline; one that Redis refuses
+    /// fails alone, and the others get their replies.
+    #[tokio::test]
+    async fn a_refused_command_fails_alone_in_its_pipeline() {
+        let redis = RedisServer::start().await;
+        let client = redis::Client::open(redis.url()).unwrap();
+        let stop = CancellationToken::new();
+        let lanes = Lanes::start(client, redis::AsyncConnectionConfig::new(), 1, 8, &TaskTracker::new(), stop.clone());
+        let mut bad = redis::cmd("INCR");
+        bad.arg("k");
+        let () = redis::cmd("SET").arg("k").arg("not a number").query_async(&mut redis.conn().await).await.unwrap();
+        let mut good = redis::cmd("GET");
+        good.arg("k");
+        let before = calls(&redis, "get").await;
+        // On this single-threaded runtime the lane runs only once both are queued.
+        let (bad, good) = tokio::join!(lanes.call("lane", bad), lanes.call("lane", good));
+        assert!(bad.is_err(), "{bad:?}");
+        assert_eq!(good.unwrap(), redis::Value::BulkString(b"not a number".to_vec()));
+        assert_eq!(calls(&redis, "get").await, before + 1);
+        stop.cancel();
+    }
+}

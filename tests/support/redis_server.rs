@@ -30,6 +30,12 @@ fn spawn(program: &str, port: u16) -> Child {
     }
 }
 
+/// No connect or response timeouts: on a loaded machine an assertion waits
+/// for its answer rather than fail on redis-rs's defaults (1 s, 500 ms).
+fn patient() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None)
+}
+
 impl RedisServer {
     /// Starts `redis-server` on a free port and waits until it answers PING.
     pub async fn start() -> Self {
@@ -71,13 +77,13 @@ impl RedisServer {
 
     async fn ping(&self) -> bool {
         let Ok(client) = redis::Client::open(self.url()) else { return false };
-        let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return false };
+        let Ok(mut conn) = client.get_multiplexed_async_connection_with_config(&patient()).await else { return false };
         redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
     }
 
     /// A fresh connection for assertions.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection_with_config(&patient()).await.unwrap()
     }
 
     /// `PUBSUB NUMSUB channel`.

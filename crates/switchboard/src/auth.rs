@@ -11,14 +11,30 @@
 //!
 //! Tokens are credentials: nothing here logs them or echoes them back, and
 //! [`Secret`] and [`LinkSigner`] never print their key.
+//!
+//! A token is a compact JWS (RFC 7515) signed with HS256 (RFC 7518): header
+//! `{"typ":"JWT","alg":"HS256"}`, the claims, and an HMAC-SHA256 of both,
+//! each base64url without padding. It is made and checked here with
+//! RustCrypto's `hmac` and `sha2`; `hmac` compares the MAC in constant time.
+//! No JWT crate is used: jsonwebtoken's pure-Rust backend builds RSA, P-256,
+//! P-384 and Ed25519 into the server for HS256 alone (`rsa` among them, which
+//! has an advisory without a fixed release, RUSTSEC-2023-0071), and no
+//! well-kept JWT crate offers HMAC alone. The checks are those jsonwebtoken
+//! made before (`Validation::new(HS256)` with `exp` and `sub` required, `nbf`
+//! checked, no leeway), in its order, with the same answers; the unit tests
+//! pin them with tokens it signed and refused. Header fields other than `alg`
+//! are not read.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::Sha256;
 
 use crate::pair::{Identity, PairId, UserId};
 
@@ -91,12 +107,19 @@ pub enum TokenError {
     PeerMismatch,
 }
 
+/// The header of every token signed here.
+const HEADER: &str = r#"{"typ":"JWT","alg":"HS256"}"#;
+
+/// JWS algorithms other than HS256: a token that names one is refused as
+/// [`TokenError::BadSignature`]; any other name as [`TokenError::Malformed`].
+const OTHER_ALGORITHMS: [&str; 11] =
+    ["HS384", "HS512", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"];
+
 /// Signs and verifies call tokens with one HS256 key.
 #[derive(Clone)]
 pub struct LinkSigner {
-    encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
+    /// HMAC-SHA256, keyed once; cloned for each token.
+    key: Hmac<Sha256>,
 }
 
 impl fmt::Debug for LinkSigner {
@@ -113,38 +136,64 @@ pub fn unix_secs(t: SystemTime) -> u64 {
 impl LinkSigner {
     /// A signer keyed with `secret`.
     pub fn new(secret: &Secret) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        // Tokens come from `switchboard link` or the operator's own backend; a
-        // token is checked once, when the socket opens, so no grace period.
-        validation.leeway = 0;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        Self {
-            encoding: EncodingKey::from_secret(secret.expose()),
-            decoding: DecodingKey::from_secret(secret.expose()),
-            validation,
-        }
+        Self { key: Hmac::new_from_slice(secret.expose()).expect("HMAC takes keys of any length") }
+    }
+
+    /// The MAC of `message` under this key.
+    fn mac(&self, message: &str) -> Hmac<Sha256> {
+        let mut mac = self.key.clone();
+        mac.update(message.as_bytes());
+        mac
     }
 
     /// A token for `user` to call `peer`, valid until `expires`.
     pub fn sign(&self, user: &UserId, peer: &UserId, expires: SystemTime) -> String {
         let claims = Claims { sub: user.to_string(), peer: peer.to_string(), exp: unix_secs(expires) };
-        // HMAC signing of a plain struct cannot fail.
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .expect("HS256 signing with an HMAC key does not fail")
+        let claims = serde_json::to_vec(&claims).expect("claims of strings and a number serialize");
+        let message = format!("{}.{}", URL_SAFE_NO_PAD.encode(HEADER), URL_SAFE_NO_PAD.encode(claims));
+        let signature = self.mac(&message).finalize().into_bytes();
+        format!("{message}.{}", URL_SAFE_NO_PAD.encode(signature))
     }
 
     /// Verifies the signature, algorithm and time claims of `token`.
+    ///
+    /// In this order: the header must name HS256; the signature must match;
+    /// the claims must hold `sub`, `peer` and `exp` (and `nbf`, if present,
+    /// must be a date); `exp` must not have passed and `nbf` must have come,
+    /// with no grace period, since a token is checked once, when the socket
+    /// opens; and an audience (`aud`) is refused, since links name none.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|data| data.claims).map_err(|e| {
-            match e.kind() {
-                ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm => TokenError::BadSignature,
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-                _ => TokenError::Malformed,
-            }
-        })
+        use TokenError::{BadSignature, Malformed};
+        let (message, signature) = token.rsplit_once('.').ok_or(Malformed)?;
+        let (header, claims) = message.rsplit_once('.').ok_or(Malformed)?;
+        let header: serde_json::Map<String, Value> = decode_json(header)?;
+        match header.get("alg").and_then(Value::as_str) {
+            Some("HS256") => {}
+            Some(other) if OTHER_ALGORITHMS.contains(&other) => return Err(BadSignature),
+            _ => return Err(Malformed),
+        }
+        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| Malformed)?;
+        self.mac(message).verify_slice(&signature).map_err(|_| BadSignature)?;
+
+        let claims: serde_json::Map<String, Value> = decode_json(claims)?;
+        let nbf = claims.get("nbf").map(|nbf| numeric_date(nbf).ok_or(Malformed)).transpose()?;
+        let audience = claims.get("aud").is_some_and(|aud| match aud {
+            Value::String(_) => true,
+            Value::Array(items) => items.iter().all(Value::is_string),
+            _ => false,
+        });
+        let claims: Claims = serde_json::from_value(Value::Object(claims)).map_err(|_| Malformed)?;
+        let now = unix_secs(SystemTime::now());
+        if claims.exp < now {
+            return Err(TokenError::Expired);
+        }
+        if nbf.is_some_and(|nbf| nbf > now) {
+            return Err(TokenError::NotYetValid);
+        }
+        if audience {
+            return Err(Malformed);
+        }
+        Ok(claims)
     }
 
     /// The identity of a `/ws` request: from the token, checked against the
@@ -168,6 +217,20 @@ impl LinkSigner {
         let pair = PairId::new(&user, &peer).map_err(|_| TokenError::BadClaims)?;
         Ok(Identity { user, pair })
     }
+}
+
+/// The JSON object in a base64url part of a token.
+fn decode_json(part: &str) -> Result<serde_json::Map<String, Value>, TokenError> {
+    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| TokenError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
+}
+
+/// A JWT NumericDate as whole seconds: a non-negative integer, or a finite
+/// non-negative number rounded (as jsonwebtoken read `nbf`).
+fn numeric_date(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value.as_f64().filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64).map(|f| f.round() as u64)
+    })
 }
 
 /// Why `switchboard link` can't make links.
@@ -264,15 +327,135 @@ mod tests {
             assert!(matches!(s.verify(junk), Err(TokenError::Malformed | TokenError::BadSignature)), "{junk}");
         }
         // Same claims signed with HS512 under the same key: refused, only HS256 counts.
-        let claims = Claims { sub: "alice".into(), peer: "bob".into(), exp: unix_secs(later) };
-        let hs512 =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &EncodingKey::from_secret(KEY.as_bytes()))
-                .unwrap();
+        let claims = serde_json::to_string(&Claims { sub: "alice".into(), peer: "bob".into(), exp: unix_secs(later) });
+        let hs512 = jws(r#"{"typ":"JWT","alg":"HS512"}"#, &claims.unwrap(), |message| {
+            let mut mac = Hmac::<sha2::Sha512>::new_from_slice(KEY.as_bytes()).unwrap();
+            mac.update(message);
+            mac.finalize().into_bytes().to_vec()
+        });
         assert_eq!(s.verify(&hs512).unwrap_err(), TokenError::BadSignature);
         // A signed token whose claims are not a valid pair.
-        let same = Claims { sub: "alice".into(), peer: "alice".into(), exp: unix_secs(later) };
-        let same = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &same, &s.encoding).unwrap();
+        let same = serde_json::to_string(&Claims { sub: "alice".into(), peer: "alice".into(), exp: unix_secs(later) });
+        let same = raw(r#"{"typ":"JWT","alg":"HS256"}"#, &same.unwrap(), KEY);
         assert_eq!(s.identify(Some(&same), None, None).unwrap_err(), TokenError::BadClaims);
+    }
+
+    /// A token with exactly this header and claims JSON, signed with
+    /// HMAC-SHA256 under `key`: whatever the header claims its algorithm is.
+    fn raw(header: &str, claims: &str, key: &str) -> String {
+        jws(header, claims, |message| {
+            let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
+            mac.update(message);
+            mac.finalize().into_bytes().to_vec()
+        })
+    }
+
+    /// `header.claims.signature`, each base64url, signed by `sign`.
+    fn jws(header: &str, claims: &str, sign: impl FnOnce(&[u8]) -> Vec<u8>) -> String {
+        let message = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+        let signature = sign(message.as_bytes());
+        format!("{message}.{}", URL_SAFE_NO_PAD.encode(signature))
+    }
+
+    /// 2100-01-01 and 2001-09-09, in Unix seconds.
+    const FUTURE: u64 = 4_102_444_800;
+    const PAST: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_token_is_byte_for_byte_what_jsonwebtoken_signed() {
+        // Made by jsonwebtoken 10 (HS256, header {"typ":"JWT","alg":"HS256"}),
+        // which signed links before: links already handed out stay valid and
+        // new ones look the same.
+        let token = signer(KEY).sign(&id("alice"), &id("bob"), UNIX_EPOCH + Duration::from_secs(FUTURE));
+        assert_eq!(token, VECTOR);
+        assert_eq!(
+            token,
+            raw(r#"{"typ":"JWT","alg":"HS256"}"#, r#"{"sub":"alice","peer":"bob","exp":4102444800}"#, KEY)
+        );
+    }
+
+    const VECTOR: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsInBlZXIiOiJib2IiLCJleHAiOjQxMDI0NDQ4MDB9.33GH3tZ1v5tcjLppG1xjzRvuiTbGkVNrkazmVGLrmHY";
+
+    #[test]
+    fn verify_answers_as_jsonwebtoken_did() {
+        use TokenError::{BadSignature, Expired, Malformed, NotYetValid};
+        let s = signer(KEY);
+        const H: &str = r#"{"typ":"JWT","alg":"HS256"}"#;
+        let claims = |extra: &str| format!(r#"{{"sub":"alice","peer":"bob","exp":{FUTURE}{extra}}}"#);
+        let ok = claims("");
+        let header = |alg: &str| format!(r#"{{"typ":"JWT","alg":"{alg}"}}"#);
+        let cases: Vec<(String, Result<(), TokenError>)> = vec![
+            (raw(H, &ok, KEY), Ok(())),
+            (raw(r#"{"alg":"HS256"}"#, &ok, KEY), Ok(())),
+            (raw(r#"{"alg":"HS256","typ":"JWT","kid":"k1"}"#, &ok, KEY), Ok(())),
+            (raw(&header("none"), &ok, KEY), Err(Malformed)),
+            (raw(&header("hs256"), &ok, KEY), Err(Malformed)),
+            (raw(r#"{"typ":"JWT"}"#, &ok, KEY), Err(Malformed)),
+            (raw("[]", &ok, KEY), Err(Malformed)),
+            (raw("not json", &ok, KEY), Err(Malformed)),
+            (raw(&header("HS384"), &ok, KEY), Err(BadSignature)),
+            (raw(&header("HS512"), &ok, KEY), Err(BadSignature)),
+            (raw(&header("RS256"), &ok, KEY), Err(BadSignature)),
+            (raw(&header("PS512"), &ok, KEY), Err(BadSignature)),
+            (raw(&header("ES256"), &ok, KEY), Err(BadSignature)),
+            (raw(&header("EdDSA"), &ok, KEY), Err(BadSignature)),
+            (raw(H, &ok, "another secret, also 32 bytes long"), Err(BadSignature)),
+            // The signature is checked before the claims are read.
+            (
+                raw(H, r#"{"sub":"alice","peer":"bob","exp":1}"#, "another secret, also 32 bytes long"),
+                Err(BadSignature),
+            ),
+            (raw(H, "[]", "another secret, also 32 bytes long"), Err(BadSignature)),
+            (raw(H, "[]", KEY), Err(Malformed)),
+            (raw(H, r#"{"sub":"alice","peer":"bob"}"#, KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"peer":"bob","exp":{FUTURE}}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","exp":{FUTURE}}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":5,"peer":"bob","exp":{FUTURE}}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":"{FUTURE}"}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":{FUTURE}.0}}"#), KEY), Err(Malformed)),
+            (raw(H, r#"{"sub":"alice","peer":"bob","exp":-1}"#, KEY), Err(Malformed)),
+            (raw(H, r#"{"sub":"alice","peer":"bob","exp":null}"#, KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":{PAST}}}"#), KEY), Err(Expired)),
+            (raw(H, &claims(&format!(r#","nbf":{FUTURE}"#)), KEY), Err(NotYetValid)),
+            (raw(H, &claims(&format!(r#","nbf":{FUTURE}.0"#)), KEY), Err(NotYetValid)),
+            (raw(H, &claims(&format!(r#","nbf":{PAST}"#)), KEY), Ok(())),
+            (raw(H, &claims(r#","nbf":1.5"#), KEY), Ok(())),
+            (raw(H, &claims(r#","nbf":null"#), KEY), Err(Malformed)),
+            (raw(H, &claims(r#","nbf":"1""#), KEY), Err(Malformed)),
+            (raw(H, &claims(r#","nbf":-1"#), KEY), Err(Malformed)),
+            // An audience is refused: links name none. (A non-string one was ignored.)
+            (raw(H, &claims(r#","aud":"x""#), KEY), Err(Malformed)),
+            (raw(H, &claims(r#","aud":["x"]"#), KEY), Err(Malformed)),
+            (raw(H, &claims(r#","aud":[]"#), KEY), Err(Malformed)),
+            (raw(H, &claims(r#","aud":5"#), KEY), Ok(())),
+            (raw(H, &claims(r#","aud":null"#), KEY), Ok(())),
+            (raw(H, &claims(r#","iss":"x","jti":"y","extra":[1]"#), KEY), Ok(())),
+        ];
+        let wrong: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (token, expected))| {
+                let got = s.verify(token).map(drop);
+                (got != *expected).then(|| format!("case {i}: {got:?}, not {expected:?}"))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:#?}");
+        // The framing: three base64url parts without padding.
+        let good = raw(H, &ok, KEY);
+        let (message, signature) = good.rsplit_once('.').unwrap();
+        let (head, body) = message.split_once('.').unwrap();
+        for (token, expected) in [
+            (format!("{message}."), BadSignature),
+            (format!("{message}.!!"), Malformed),
+            (format!("{message}.{signature}="), Malformed),
+            (format!("{head}.{body}"), Malformed),
+            (format!("{good}.{signature}"), Malformed),
+            (format!("{head}=.{body}.{signature}"), Malformed),
+            (String::new(), Malformed),
+            ("..".to_owned(), Malformed),
+        ] {
+            assert_eq!(s.verify(&token).map(drop), Err(expected), "{token}");
+        }
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub const SETTINGS: &[Setting] = &[
     whole("outbox_messages", "256", 1, None, "per-session outbound queue, in messages"),
     whole("outbox_bytes", "1048576", 1, None, "per-session outbound queue, in bytes"),
     whole("presence_ttl_secs", "15", 3, None, "lifetime of a presence key in Redis"),
-    whole("redis_pool_size", "4", 1, None, "command lanes to Redis, one pooled connection each"),
+    whole("redis_pool_size", "4", 1, None, "command lanes to Redis, one connection each"),
     whole("shutdown_grace_secs", "10", 0, None, "time allowed for sockets to close on shutdown"),
     whole(
         "drain_secs",

@@ -1,13 +1,25 @@
-//! Command lanes: a few tasks, each holding one pooled Redis connection for as
-//! long as it works and sending everything queued for it as one pipeline.
+//! Command lanes: a few tasks, each keeping one Redis connection for as long
+//! as it works and sending everything queued for it as one pipeline.
 //!
-//! Taking a connection from deadpool-redis for every message costs a recycle
-//! check (`UNWATCH` + `PING`, one more round trip) each time. A lane takes one
-//! connection from the pool and keeps it, goes back to the pool only when the
-//! connection breaks, and batches: one write and one round trip carry every
-//! command that queued up meanwhile. Commands for one channel always use the
-//! same lane, and a lane sends in queue order over one connection, so Redis
-//! sees each session's commands in the order it sent them.
+//! A lane connects when it first has work, keeps that connection, and
+//! connects again only after a command failed on it. It batches: one write
+//! and one round trip carry every command that queued up meanwhile. Commands
+//! for one channel always use the same lane, and a lane sends in queue order
+//! over one connection, so Redis sees each session's commands in the order it
+//! sent them.
+//!
+//! Why a plain [`MultiplexedConnection`] per lane rather than a pool or
+//! redis-rs's `ConnectionManager`:
+//! - A lane holds one connection at a time, for as long as it works. A pool
+//!   (deadpool-redis, before) only ever made connections for the lanes; its
+//!   checkout, wait and recycle machinery had nothing to do.
+//! - `ConnectionManager` reconnects by itself after a failure, but when a
+//!   reconnect attempt fails it hands that stale error to the next command
+//!   and only then tries again. Without retries, the first batch after Redis
+//!   comes back would fail; with retries, commands would wait through them
+//!   while Redis is down instead of failing at once, so senders would not
+//!   hear of the outage. A lane that connects when it has work fails fast
+//!   while Redis is down and succeeds with its first batch once Redis is back.
 //!
 //! A command either waits for its reply ([`Lanes::call`]: presence, joins) or
 //! is sent and forgotten ([`Lanes::send`]: relayed messages). A forgotten
@@ -18,7 +30,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
-use deadpool_redis::Pool;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -61,12 +74,20 @@ pub struct Lanes {
 }
 
 impl Lanes {
-    /// Starts `count` lanes on `tracker`, each with a queue of `depth` commands.
-    pub fn start(pool: Pool, count: usize, depth: usize, tracker: &TaskTracker, stop: CancellationToken) -> Self {
+    /// Starts `count` lanes on `tracker`, each with a queue of `depth`
+    /// commands and its own connection to `client`, made with `config`.
+    pub fn start(
+        client: Client,
+        config: AsyncConnectionConfig,
+        count: usize,
+        depth: usize,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Self {
         let senders = (0..count.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(depth.max(1));
-                tracker.spawn(run(pool.clone(), rx, stop.clone()));
+                tracker.spawn(run(client.clone(), config.clone(), rx, stop.clone()));
                 tx
             })
             .collect();
@@ -111,8 +132,8 @@ impl Lanes {
     }
 }
 
-async fn run(pool: Pool, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
-    let mut conn: Option<deadpool_redis::Connection> = None;
+async fn run(client: Client, config: AsyncConnectionConfig, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
+    let mut conn: Option<MultiplexedConnection> = None;
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     loop {
         let received = tokio::select! {
@@ -124,18 +145,20 @@ async fn run(pool: Pool, mut queue: mpsc::Receiver<Job>, stop: CancellationToken
         }
         let connection = match conn.as_mut() {
             Some(c) => c,
-            None => match pool.get().await {
+            None => match client.get_multiplexed_async_connection_with_config(&config).await {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
                     let why = e.to_string();
                     for job in batch.drain(..) {
-                        job.reply.finish(Err(BrokerError::Pool(why.clone())));
+                        job.reply.finish(Err(BrokerError::Connect(why.clone())));
                     }
                     continue;
                 }
             },
         };
+        // Each command gets its own reply: one failing command fails only its job.
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for job in &mut batch {
             pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
         }
@@ -143,7 +166,7 @@ async fn run(pool: Pool, mut queue: mpsc::Receiver<Job>, stop: CancellationToken
             Ok(values) => {
                 for (job, value) in batch.drain(..).zip(values) {
                     let reply = match value {
-                        redis::Value::ServerError(e) => Err(BrokerError::Command(format!("{e:?}"))),
+                        redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
                         value => Ok(value),
                     };
                     job.reply.finish(reply);
@@ -192,11 +215,12 @@ mod tests {
         // takes the first message and hangs on its reply.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("redis://{}", silent.local_addr().expect("addr"));
-        let pool =
-            deadpool_redis::Config::from_url(url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).expect("pool");
+        let client = Client::open(url).expect("client");
+        // No timeouts: the lane hangs on the silent server for as long as the test needs.
+        let config = AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None);
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
-        let lanes = Lanes::start(pool, 1, 1, &tracker, stop.clone());
+        let lanes = Lanes::start(client, config, 1, 1, &tracker, stop.clone());
         let failures = Arc::new(Failures::default());
         let origin: Arc<dyn RelayFailure> = failures.clone();
 

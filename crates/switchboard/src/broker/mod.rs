@@ -26,9 +26,9 @@ pub enum BrokerError {
     /// Redis is unreachable or answered with an error.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    /// No connection could be taken from the pool.
-    #[error("redis pool: {0}")]
-    Pool(String),
+    /// A command lane could not connect to Redis.
+    #[error("redis connect: {0}")]
+    Connect(String),
     /// A command failed, or its connection did.
     #[error("redis command: {0}")]
     Command(String),

@@ -1,6 +1,12 @@
-//! The Redis broker: commands (PUBLISH, presence scripts) through lanes over a
-//! deadpool-redis pool (see [`super::lanes`]), and one dedicated subscriber
-//! connection per instance.
+//! The Redis broker: commands (PUBLISH, presence scripts) through lanes, each
+//! keeping one connection (see [`super::lanes`] for why not a pool), and one
+//! dedicated subscriber connection per instance.
+//!
+//! Presence scripts go by their SHA1 (`EVALSHA`); only when Redis answers
+//! `NOSCRIPT` (after a restart or `SCRIPT FLUSH`) is the body sent (`EVAL`),
+//! which also puts it back in Redis's script cache. redis-rs's `Script` does
+//! the same, but only on a connection of its own: it can't hand its commands
+//! to a lane's pipeline, so the broker does it here.
 //!
 //! The subscriber task owns the set of live channels with a count of local
 //! sessions each. It SUBSCRIBEs on a channel's first session and UNSUBSCRIBEs
@@ -11,12 +17,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use deadpool_redis::Runtime;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +40,7 @@ pub struct RedisOptions {
     pub prefix: String,
     /// Lifetime of a presence key; sessions refresh it well before.
     pub presence_ttl: Duration,
-    /// Largest number of pooled publish connections.
+    /// Number of command lanes, each with one connection.
     pub pool_size: usize,
 }
 
@@ -58,6 +63,23 @@ impl std::fmt::Debug for RedisBroker {
         f.debug_struct("RedisBroker").field("prefix", &self.prefix).finish_non_exhaustive()
     }
 }
+
+/// A Lua script and its SHA1, by which Redis knows it once it has run it.
+struct Lua {
+    body: &'static str,
+    sha1: String,
+}
+
+impl Lua {
+    fn new(body: &'static str) -> Self {
+        use sha1::{Digest, Sha1};
+        Self { body, sha1: format!("{:x}", Sha1::digest(body.as_bytes())) }
+    }
+}
+
+static CLAIM: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLAIM_LUA));
+static REFRESH_MANY: LazyLock<Lua> = LazyLock::new(|| Lua::new(REFRESH_MANY_LUA));
+static RELEASE: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE_LUA));
 
 /// Sets `KEYS[1]` to `ARGV[1]` for `ARGV[2]` seconds and returns `KEYS[2]`.
 const CLAIM_LUA: &str = r"
@@ -86,8 +108,9 @@ end
 return 0";
 
 impl RedisBroker {
-    /// Builds the pool, starts the subscriber task on `tracker`, and waits up to
-    /// `first_connect` for its first connection (it keeps retrying after that).
+    /// Starts the subscriber task and the lanes on `tracker`, and waits up to
+    /// `first_connect` for the subscriber's first connection (it keeps
+    /// retrying after that). Lanes connect when they first have work.
     pub async fn start(
         options: RedisOptions,
         inbox: Arc<dyn Inbox>,
@@ -96,13 +119,12 @@ impl RedisBroker {
         first_connect: Duration,
     ) -> Result<Self, BrokerError> {
         let client = redis::Client::open(options.url.as_str())?;
-        let mut config = deadpool_redis::Config::from_url(options.url.as_str());
-        let mut pool_config = deadpool_redis::PoolConfig::new(options.pool_size.max(1));
-        pool_config.timeouts.wait = Some(Duration::from_secs(2));
-        pool_config.timeouts.create = Some(Duration::from_secs(2));
-        pool_config.timeouts.recycle = Some(Duration::from_secs(2));
-        config.pool = Some(pool_config);
-        let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| BrokerError::Pool(e.to_string()))?;
+        let lanes_client = client.clone();
+        // A lane that can't connect, or hears nothing back, within 2 s gives
+        // up on that connection: its commands fail and the next batch connects anew.
+        let lane_config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
 
         let ready = Arc::new(AtomicBool::new(false));
         let (commands, rx) = mpsc::unbounded_channel();
@@ -112,7 +134,7 @@ impl RedisBroker {
         tracker.spawn(subscriber.run(rx, shutdown.clone()));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
-        let lanes = Lanes::start(pool, options.pool_size, 1024, tracker, shutdown.clone());
+        let lanes = Lanes::start(lanes_client, lane_config, options.pool_size, 1024, tracker, shutdown.clone());
         Ok(Self { lanes, commands, ready, prefix: options.prefix, ttl_secs: options.presence_ttl.as_secs().max(1) })
     }
 
@@ -124,7 +146,7 @@ impl RedisBroker {
     /// and returns the peer's live session.
     async fn presence(
         &self,
-        script: &str,
+        script: &Lua,
         pair: &PairId,
         user: &UserId,
         session: SessionId,
@@ -134,22 +156,30 @@ impl RedisBroker {
         parse_session(self.eval(pair, script, &[&mine, &peer], &[&session, &ttl]).await?)
     }
 
-    /// Runs a Lua script on the lane of `pair`'s channel.
-    async fn eval(
-        &self,
-        pair: &PairId,
-        script: &str,
-        keys: &[&str],
-        args: &[&str],
-    ) -> Result<redis::Value, BrokerError> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(script).arg(keys.len()).arg(keys).arg(args);
-        self.lanes.call(&pair.channel(&self.prefix), cmd).await
+    /// Runs a Lua script on the lane of `pair`'s channel: by its SHA1, and
+    /// with its body only if Redis no longer has it.
+    async fn eval<K, A>(&self, pair: &PairId, script: &Lua, keys: &[K], args: &[A]) -> Result<redis::Value, BrokerError>
+    where
+        K: redis::ToRedisArgs + Sync,
+        A: redis::ToRedisArgs + Sync,
+    {
+        let lane = pair.channel(&self.prefix);
+        let command = |verb: &str, script: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(script).arg(keys.len()).arg(keys).arg(args);
+            cmd
+        };
+        match self.lanes.call(&lane, command("EVALSHA", &script.sha1)).await {
+            Err(BrokerError::Redis(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.lanes.call(&lane, command("EVAL", script.body)).await
+            }
+            reply => reply,
+        }
     }
 }
 
 fn parse_session(value: redis::Value) -> Result<Option<SessionId>, BrokerError> {
-    let value: Option<String> = redis::from_redis_value(&value)?;
+    let value: Option<String> = redis::from_redis_value(value).map_err(redis::RedisError::from)?;
     Ok(value.and_then(|v| u64::from_str_radix(&v, 16).ok()).filter(|&s| s != 0))
 }
 
@@ -183,7 +213,7 @@ impl Broker for RedisBroker {
         user: &UserId,
         session: SessionId,
     ) -> Result<Option<SessionId>, BrokerError> {
-        self.presence(CLAIM_LUA, pair, user, session).await
+        self.presence(&CLAIM, pair, user, session).await
     }
 
     async fn refresh_presences(
@@ -191,24 +221,23 @@ impl Broker for RedisBroker {
         sessions: &[(&PairId, &UserId, SessionId)],
     ) -> Result<Vec<Option<SessionId>>, BrokerError> {
         let Some((first_pair, ..)) = sessions.first() else { return Ok(Vec::new()) };
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(REFRESH_MANY_LUA).arg(sessions.len() * 2);
+        let mut keys = Vec::with_capacity(sessions.len() * 2);
         for (pair, user, _) in sessions {
             let (mine, peer) = self.keys(pair, user);
-            cmd.arg(mine).arg(peer);
+            keys.push(mine);
+            keys.push(peer);
         }
-        cmd.arg(self.ttl_secs);
-        for (_, _, session) in sessions {
-            cmd.arg(format!("{session:x}"));
-        }
-        let peers: Vec<String> =
-            redis::from_redis_value(&self.lanes.call(&first_pair.channel(&self.prefix), cmd).await?)?;
+        let mut args = Vec::with_capacity(sessions.len() + 1);
+        args.push(self.ttl_secs.to_string());
+        args.extend(sessions.iter().map(|(_, _, session)| format!("{session:x}")));
+        let peers: Vec<String> = redis::from_redis_value(self.eval(first_pair, &REFRESH_MANY, &keys, &args).await?)
+            .map_err(redis::RedisError::from)?;
         Ok(peers.iter().map(|p| u64::from_str_radix(p, 16).ok().filter(|&s| s != 0)).collect())
     }
 
     async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {
         let key = pair.presence_key(&self.prefix, user);
-        self.eval(pair, RELEASE_LUA, &[&key], &[&format!("{session:x}")]).await.map(drop)
+        self.eval(pair, &RELEASE, &[&key], &[&format!("{session:x}")]).await.map(drop)
     }
 
     fn is_ready(&self) -> bool {
