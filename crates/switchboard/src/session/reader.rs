@@ -19,7 +19,7 @@
 //! task stays small.
 //!
 //! The socket is a [`Source`]: a `TcpStream` in the server. With the
-//! `fuzzing` feature, [`scripted`] adds one that hands out bytes from memory,
+//! `fuzzing` feature, `scripted` adds one that hands out bytes from memory,
 //! so that the fuzz target drives this same code.
 
 use std::io;
