@@ -5,8 +5,8 @@
 //! A peer's signaling follows the file names:
 //!
 //! ```text
-//! socket ─▶ routes::ws ─▶ session::inbound ─▶ session ─▶ broker (publish) ─▶ Redis channel {prefix}:pair:{lower}:{higher}
-//!                                                                            │
+//! socket ─▶ routes::ws ─▶ session::reader ─▶ session ─▶ broker (publish) ─▶ Redis channel {prefix}:pair:{lower}:{higher}
+//!                                                                           │
 //! socket ◀─ session::writer ◀─ session::handle ◀─ registry ◀─ broker (subscribe) ◀┘
 //! ```
 //!
@@ -16,9 +16,10 @@
 //! - [`pair`]: user IDs, pairs, channel and key names.
 //! - [`protocol`]: client frame checks, server events, close codes.
 //! - [`session`]: one socket in one task: setup, then a loop that reads
-//!   frames (from `session::inbound`, which holds no buffer while the client
+//!   frames (from `session::reader`, which holds no buffer while the client
 //!   is quiet) and writes what the outbox in `session::handle` collected (as
-//!   one batch per write, encoded by `session::writer`), then cleanup.
+//!   one batch per write, built by `session::writer`), then cleanup.
+//!   `session::wire` holds the RFC 6455 framing both sides need.
 //! - [`broker`]: the [`broker::Broker`] trait, the in-memory broker, the Redis broker
 //!   and the envelope that carries the sender's identity next to the client's bytes.
 //! - [`metrics`]: Prometheus series at `/metrics`.

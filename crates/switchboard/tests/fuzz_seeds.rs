@@ -1,6 +1,9 @@
 //! The fuzz targets of `fuzz/` on stable Rust: every seed input, then a few
 //! thousand deterministic mutations of them, through the same harness
-//! (`fuzz/src/harness.rs`) that `cargo +nightly fuzz run` drives.
+//! (`fuzz/src/harness.rs`) that `cargo +nightly fuzz run` drives. The
+//! `frames` target reads through the session's own reader, fed from memory by
+//! `session::reader::scripted` (the `fuzzing` feature, which this crate's
+//! dev-dependency on itself turns on for its tests).
 
 #[path = "../fuzz/src/harness.rs"]
 #[allow(dead_code)]

@@ -1,7 +1,9 @@
 //! What each fuzz target does with its input, and the properties it checks.
 //!
-//! - [`frames`]: raw client bytes through the session's own reading path:
-//!   fastwebsockets' reader (server role, the session's settings), then
+//! - [`frames`]: raw client bytes through the session's own read path: the
+//!   buffer-free `session::reader` (its mask check, and the fastwebsockets
+//!   reader it drops once that reader's buffer is proven empty), fed from
+//!   memory by `session::reader::scripted` in three arrival patterns, then
 //!   `session::frames::Assembler`, then `protocol::check_client_frame`.
 //! - [`client_frame`]: one message straight into `check_client_frame`, checked
 //!   against `serde_json` as an independent oracle.
@@ -12,44 +14,125 @@
 //! Every function panics when a property fails; libFuzzer reports that as a crash.
 
 use std::convert::Infallible;
-use std::sync::OnceLock;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use axum::extract::Query;
 use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
-use fastwebsockets::{Frame, Role};
+use fastwebsockets::{Frame, OpCode, Role, WebSocketError};
 use futures_util::FutureExt;
 use switchboard::auth::{LinkSigner, Secret};
 use switchboard::pair::{PairId, UserId, MAX_ID_LEN};
 use switchboard::protocol::{check_client_frame, FrameError, RESERVED_TYPES};
 use switchboard::routes::ws::{authorize, identify, WsQuery};
 use switchboard::session::frames::{on_error, Assembler, Incoming};
+use switchboard::session::reader::scripted::{self, Scripted, Step};
+use switchboard::session::reader::Unmasked;
 
-/// Feeds `data` to the server's frame reader as if a client sent it. The first
+/// Feeds `data` to the session's read path as if a client sent it. The first
 /// byte picks the message size limit (1 to 4081 bytes) so that limits are hit.
+///
+/// The rest is read three times, arriving whole, a byte at a time with a wait
+/// before each, and in a mix of both that the input itself decides. Each time:
+/// - the frames are those one long-lived fastwebsockets reader (the session's
+///   settings) reads from the same bytes, until the session would stop;
+/// - no frame comes out once an unmasked header has arrived, and the read
+///   fails then (1002);
+/// - after each frame, the reader holds a buffer exactly when bytes past that
+///   frame's end have arrived (so a quiet socket holds none);
+/// - a read waits only where the arrival pattern makes it wait;
+/// - no message over the limit or with invalid UTF-8 gets through, and every
+///   message passes [`client_frame`].
 pub fn frames(data: &[u8]) {
     let Some((&knob, stream)) = data.split_first() else { return };
     let limit = 1 + usize::from(knob) * 16;
-    let (mut reader, _writer) = fastwebsockets::after_handshake_split(stream, tokio::io::sink(), Role::Server);
-    // As in `session::run_session`.
-    reader.set_auto_close(false);
-    reader.set_auto_pong(true);
-    reader.set_max_message_size(limit + 1);
+    let expected = long_lived_reader(stream, limit);
+    let layout = Layout::of(stream);
+    let mut rng = Rng::seeded(stream);
+    let mixed = Arrival {
+        leftover: rng.below(stream.len().min(64) + 1),
+        steps: (0..stream.len() / 4 + 1)
+            .map(|_| match rng.below(4) {
+                0 => Step::Stall,
+                n => Step::Bytes(1 + rng.below([0, 8, 300, 5000][n])),
+            })
+            .collect(),
+    };
+    let whole = Arrival { leftover: 0, steps: Vec::new() };
+    let bytewise = Arrival { leftover: 0, steps: [Step::Stall, Step::Bytes(1)].repeat(stream.len()) };
+    for arrival in [whole, bytewise, mixed] {
+        read_path(stream, limit, &arrival, &expected, &layout);
+    }
+}
+
+/// How the bytes of a stream arrive.
+struct Arrival {
+    /// Bytes the HTTP server read past the upgrade request.
+    leftover: usize,
+    /// How the rest arrives.
+    steps: Vec<Step>,
+}
+
+/// A frame as the reader hands it out.
+type Read = (bool, OpCode, Vec<u8>);
+
+/// Reads `stream` as `session::Live::serve` does, with the bytes arriving as
+/// `arrival` says, and checks the properties listed at [`frames`].
+fn read_path(stream: &[u8], limit: usize, arrival: &Arrival, expected: &Expected, layout: &Layout) {
+    let (leftover, rest) = stream.split_at(arrival.leftover);
+    let source = Arc::new(Scripted::new(rest.to_vec(), arrival.steps.iter().copied()));
+    // As in `session::open`: fastwebsockets refuses frames of `limit + 1` bytes or more.
+    let mut frames = scripted::frames(source.clone(), leftover, limit + 1);
     let mut assembler = Assembler::new(limit);
-    let mut obligations = |_: Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
-    // Every frame takes at least two bytes, so this bounds the loop.
-    for _ in 0..=stream.len() / 2 {
-        // An in-memory reader never waits: the read finishes in one poll.
-        let Some(read) = reader.read_frame(&mut obligations).now_or_never() else {
-            panic!("reading from memory should not pend");
+    let stalls = arrival.steps.iter().filter(|&&s| s == Step::Stall).count();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut waits = 0;
+    let mut returned = 0;
+    loop {
+        let read = loop {
+            let mut next = std::pin::pin!(frames.next());
+            if let Poll::Ready(read) = next.as_mut().poll(&mut cx) {
+                break read;
+            }
+            // Dropped, as `Live::serve`'s `select!` drops it when other work wins.
+            waits += 1;
+            assert!(waits <= stalls, "a read waits with every byte there");
         };
+        let arrived = leftover.len() + source.taken();
+        assert!(!layout.unmasked_within(arrived) || read.is_err(), "a frame came out after an unmasked header");
+        // The session's own steps: `Live::serve`.
         let incoming = match read {
-            Ok(frame) => assembler.push(frame),
-            Err(e) => match on_error(&e) {
-                Some(incoming) => Some(incoming),
-                None => return, // end of input
-            },
+            Ok(frame) => {
+                let end = layout.end_of_returned(returned);
+                let got: Read = (frame.fin, frame.opcode, frame.payload.to_vec());
+                assert_eq!(
+                    expected.frames.get(returned),
+                    Some(&got),
+                    "frame {returned} differs from a long-lived reader's"
+                );
+                returned += 1;
+                assert_eq!(
+                    frames.holds_buffer(),
+                    arrived != end,
+                    "after frame {returned} (ending at byte {end}) with {arrived} bytes arrived"
+                );
+                assembler.push(frame)
+            }
+            Err(e) => {
+                if is_unmasked(&e) {
+                    assert!(layout.unmasked_within(arrived), "refused as unmasked, but every header so far is masked");
+                } else {
+                    assert_eq!(returned, expected.frames.len(), "stopped early: {e}");
+                    assert_eq!(format!("{:?}", on_error(&e)), expected.end, "stopped with {e}");
+                }
+                match on_error(&e) {
+                    Some(incoming) => Some(incoming),
+                    None => return, // the socket is gone
+                }
+            }
         };
         match incoming {
             None => {}
@@ -61,6 +144,109 @@ pub fn frames(data: &[u8]) {
             // The session ends on each of these.
             Some(Incoming::Binary | Incoming::TooBig | Incoming::Protocol | Incoming::Close(_)) => return,
         }
+    }
+}
+
+fn is_unmasked(error: &WebSocketError) -> bool {
+    matches!(error, WebSocketError::IoError(e) if e.get_ref().is_some_and(|inner| inner.is::<Unmasked>()))
+}
+
+/// What one fastwebsockets reader, kept for the whole stream, reads.
+struct Expected {
+    /// Its frames, pings left out (it answers them).
+    frames: Vec<Read>,
+    /// What the session makes of the error it stops with (`on_error`, as text).
+    end: String,
+}
+
+/// Reads `stream` with one fastwebsockets reader, set up as the session sets up its own.
+fn long_lived_reader(stream: &[u8], limit: usize) -> Expected {
+    let (mut reader, _writer) = fastwebsockets::after_handshake_split(stream, tokio::io::sink(), Role::Server);
+    reader.set_auto_close(false);
+    reader.set_auto_pong(true);
+    reader.set_max_message_size(limit + 1);
+    let mut obligations = |_: Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
+    let mut frames = Vec::new();
+    // Every frame takes at least two bytes, so this bounds the loop.
+    for _ in 0..=stream.len() / 2 {
+        // An in-memory reader never waits: the read finishes in one poll.
+        let Some(read) = reader.read_frame(&mut obligations).now_or_never() else {
+            panic!("reading from memory should not pend");
+        };
+        match read {
+            Ok(frame) => frames.push((frame.fin, frame.opcode, frame.payload.to_vec())),
+            Err(e) => return Expected { frames, end: format!("{:?}", on_error(&e)) },
+        }
+    }
+    unreachable!("more frames than pairs of bytes")
+}
+
+/// Where the frames of a stream lie, by RFC 6455 section 5.2 alone (written
+/// here again, apart from the server's `session::wire`).
+struct Layout {
+    frames: Vec<Placed>,
+}
+
+struct Placed {
+    /// Where its header ends and its payload ends (this may be past the stream's end).
+    header_end: usize,
+    end: usize,
+    opcode: u8,
+    masked: bool,
+}
+
+impl Layout {
+    /// The frames of `stream` whose header is all there.
+    fn of(stream: &[u8]) -> Layout {
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while let [first, second, ..] = stream[at.min(stream.len())..] {
+            let masked = second & 0x80 != 0;
+            let (extended, short) = match second & 0x7f {
+                126 => (2, None),
+                127 => (8, None),
+                n => (0, Some(u64::from(n))),
+            };
+            let header_end = at + 2 + extended + if masked { 4 } else { 0 };
+            if header_end > stream.len() {
+                break;
+            }
+            let length = short.unwrap_or_else(|| {
+                stream[at + 2..at + 2 + extended].iter().fold(0u64, |n, &b| (n << 8) | u64::from(b))
+            });
+            let end = usize::try_from(length).ok().and_then(|l| header_end.checked_add(l)).unwrap_or(usize::MAX);
+            frames.push(Placed { header_end, end, opcode: first & 0x0f, masked });
+            at = end;
+        }
+        Layout { frames }
+    }
+
+    /// Where the `n`th frame the reader hands out ends (it answers pings itself).
+    fn end_of_returned(&self, n: usize) -> usize {
+        let mut handed = self.frames.iter().filter(|f| f.opcode != 0x9);
+        handed.nth(n).expect("the reader handed out a frame that is not there").end
+    }
+
+    /// Whether a header without the mask bit is all within the first `arrived` bytes.
+    fn unmasked_within(&self, arrived: usize) -> bool {
+        self.frames.iter().take_while(|f| f.header_end <= arrived).any(|f| !f.masked)
+    }
+}
+
+/// xorshift64*, seeded from the input (FNV-1a), so an input always arrives the same way.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded(data: &[u8]) -> Rng {
+        let hash = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        Rng(hash | 1)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1) as u64) as usize
     }
 }
 

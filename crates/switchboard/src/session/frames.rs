@@ -90,10 +90,7 @@ impl Assembler {
                     Err(_) => Some(Incoming::Protocol),
                 }
             }
-            OpCode::Close => {
-                let code = (frame.payload.len() >= 2).then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]));
-                Some(Incoming::Close(code))
-            }
+            OpCode::Close => Some(Incoming::Close(super::wire::close_code(&frame.payload))),
             OpCode::Ping | OpCode::Pong => None,
         }
     }
@@ -111,7 +108,7 @@ pub fn on_error(error: &WebSocketError) -> Option<Incoming> {
         | WebSocketError::PingFrameTooLarge
         | WebSocketError::InvalidCloseFrame
         | WebSocketError::InvalidCloseCode => Some(Incoming::Protocol),
-        WebSocketError::IoError(e) if e.get_ref().is_some_and(|inner| inner.is::<super::inbound::Unmasked>()) => {
+        WebSocketError::IoError(e) if e.get_ref().is_some_and(|inner| inner.is::<super::reader::Unmasked>()) => {
             Some(Incoming::Protocol)
         }
         _ => None,

@@ -12,7 +12,7 @@
 //! A quiet session's task holds only `Live` and its wait: setup and cleanup
 //! await large futures (Redis calls, the close handshake), so they run boxed
 //! and take that memory only while they run; a read under way is boxed too
-//! (see [`inbound::Frames`]). Pings come from the instance's heartbeat, not
+//! (see [`reader::Frames`]). Pings come from the instance's heartbeat, not
 //! from a timer per socket.
 
 pub mod clock;
@@ -20,12 +20,13 @@ pub mod echo;
 pub mod frames;
 pub mod handle;
 pub mod heartbeat;
-pub mod inbound;
 pub mod limits;
 pub mod outbox;
 pub mod peer;
 pub mod presence;
+pub mod reader;
 pub mod registry;
+pub mod wire;
 pub mod writer;
 
 use std::future::Future;
@@ -49,9 +50,9 @@ use crate::protocol::{self, close, CloseReason, ServerEvent};
 use crate::state::{AppState, SocketPermit};
 use frames::{Assembler, Incoming};
 use handle::SessionHandle;
-use inbound::{FrameResult, Frames, Inbound};
 use limits::{RateLimit, Verdict};
 use outbox::Work;
+use reader::{FrameResult, Frames, Reader};
 
 /// How long a closing socket may take to finish the close handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -131,7 +132,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
     };
     // The upgraded connection is our own `TcpStream` (see `app::serve`): taking
     // it back lets the reading side wait for bytes without holding a buffer
-    // (see `inbound`). Reading and writing both go through `&TcpStream`, so
+    // (see `reader`). Reading and writing both go through `&TcpStream`, so
     // one `Arc` serves both sides.
     let parts = match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => parts,
@@ -169,7 +170,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
             tracing::warn!(error = %e, user = %user, session = %sid, "session refused: broker unavailable");
             state.registry.remove(&channel, id);
             let reason = CloseReason::BrokerUnavailable;
-            let _ = write_all(&stream, &writer::close(reason.code(), reason.text())).await;
+            let _ = write_all(&stream, &wire::close(reason.code(), reason.text())).await;
             crate::metrics::session_closed(reason.label());
             return None;
         }
@@ -186,7 +187,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
         }
         .to_bytes()
     };
-    let joined = match write_all(&stream, &writer::text(&welcome)).await {
+    let joined = match write_all(&stream, &wire::text(&welcome)).await {
         Ok(()) => {
             crate::metrics::messages_out(1, welcome.len());
             broker.publish(&channel, envelope::encode(Kind::Join, user, id, b"")).await.map_err(|e| e.to_string())
@@ -207,7 +208,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
     let leftover = Box::from(&parts.read_buf[..]);
     drop(parts.read_buf);
     // fastwebsockets refuses frames of `max_message_size` bytes or more.
-    let inbound = Inbound::new(stream.clone(), leftover, handle.clone(), state.settings.max_message_bytes + 1);
+    let inbound = Reader::new(stream.clone(), leftover, handle.clone(), state.settings.max_message_bytes + 1);
     let live = Live {
         frames: Frames::new(inbound),
         stream,
@@ -398,8 +399,8 @@ impl Live {
     async fn finish(mut self: Box<Self>, end: End) {
         let frame = match &end {
             _ if self.broken => None,
-            End::ClientClosed(code) => Some(writer::close(*code, "")),
-            End::Server(reason) => Some(writer::close(reason.code(), reason.text())),
+            End::ClientClosed(code) => Some(wire::close(*code, "")),
+            End::Server(reason) => Some(wire::close(reason.code(), reason.text())),
             End::Gone => None,
         };
         let stream = &*self.stream;

@@ -2,20 +2,25 @@
 //!
 //! fastwebsockets' reader allocates an 8 KiB buffer when it is made and keeps
 //! it for its life: with a reader per socket, that buffer was most of an idle
-//! connection's memory. [`Inbound`] makes a reader only when bytes arrive, and
+//! connection's memory. [`Reader`] makes a reader only when bytes arrive, and
 //! drops it again as soon as its buffer is provably empty. That is when every
 //! frame whose bytes the reader took from the socket has come back out of it.
 //!
 //! To know where frames end, the bytes pass through a `Metered` reader
-//! that follows the frame headers ([`Boundaries`]) as they go by. While no
-//! reader exists, [`Inbound`] waits with a one-byte peek, which holds no
-//! buffer and leaves the byte in the socket.
+//! that follows the frame headers ([`Boundaries`], with [`wire::Header`]) as
+//! they go by; it also refuses a frame without the mask bit. While no reader
+//! exists, [`Reader`] waits with a one-byte peek, which holds no buffer and
+//! leaves the byte in the socket.
 //!
-//! [`Inbound::next_frame`] keeps its place across calls, but a call must not
-//! be dropped half way: fastwebsockets loses a frame's header when its future
-//! is dropped mid-frame. The session reads through [`Frames`], which keeps a
-//! read under way alive while other work runs, and boxes it so that a quiet
-//! session's task stays small.
+//! A read keeps its place across calls, but a call must not be dropped half
+//! way: fastwebsockets loses a frame's header when its future is dropped
+//! mid-frame. The session reads through [`Frames`], which keeps a read under
+//! way alive while other work runs, and boxes it so that a quiet session's
+//! task stays small.
+//!
+//! The socket is a [`Source`]: a `TcpStream` in the server. With the
+//! `fuzzing` feature, `scripted` adds one that hands out bytes from memory,
+//! so that the fuzz target drives this same code.
 
 use std::io;
 use std::pin::Pin;
@@ -30,12 +35,46 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::handle::SessionHandle;
+use super::wire::{self, Header};
+
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod scripted;
+
+/// What a [`Reader`] reads: a socket, read through a shared reference (as
+/// `&TcpStream` is), so that the writing side can share it.
+pub trait Source: Send + Sync + 'static {
+    /// Waits until bytes are waiting, and copies some into `buf` without
+    /// taking them. Returns how many it copied: 0 at the end of the stream.
+    fn poll_peek(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<usize>>;
+
+    /// Takes bytes that are waiting into `buf` (none at the end of the stream).
+    fn poll_take(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Source for TcpStream {
+    fn poll_peek(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<usize>> {
+        TcpStream::poll_peek(self, cx, buf)
+    }
+
+    fn poll_take(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.poll_read_ready(cx))?;
+            match self.try_read_buf(buf) {
+                Ok(_) => return Poll::Ready(Ok(())),
+                // The readiness was stale; polling again registers for the next one.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
 
 /// Where the frames that passed through a `Metered` reader end.
 #[derive(Debug, Default)]
 pub struct Boundaries {
     /// The current frame's header bytes seen so far.
-    head: [u8; 14],
+    head: [u8; wire::MAX_HEADER],
     have: usize,
     /// Payload bytes of the current frame still to come.
     payload_left: u64,
@@ -61,12 +100,12 @@ impl Boundaries {
             self.head[self.have] = bytes[0];
             self.have += 1;
             bytes = &bytes[1..];
-            if let Some((need, len)) = header(&self.head[..self.have]) {
-                if self.have == need {
-                    self.unmasked |= self.head[1] & 0x80 == 0;
+            if let Some(header) = Header::parse(&self.head[..self.have]) {
+                if self.have == header.len {
+                    self.unmasked |= !header.masked;
                     self.have = 0;
-                    self.payload_left = len;
-                    if len == 0 {
+                    self.payload_left = header.payload_len;
+                    if header.payload_len == 0 {
                         self.complete += 1;
                     }
                 }
@@ -91,29 +130,6 @@ impl Boundaries {
     }
 }
 
-/// A frame header's length and its payload length, once `head` holds enough
-/// of it to tell. RFC 6455 section 5.2.
-fn header(head: &[u8]) -> Option<(usize, u64)> {
-    let (&second, _) = head.get(1).zip(head.first())?;
-    let masked = second & 0x80 != 0;
-    let code = second & 0x7f;
-    let extended = match code {
-        126 => 2,
-        127 => 8,
-        _ => 0,
-    };
-    let need = 2 + extended + if masked { 4 } else { 0 };
-    if head.len() < need {
-        return None;
-    }
-    let len = match extended {
-        0 => u64::from(code),
-        2 => u64::from(u16::from_be_bytes([head[2], head[3]])),
-        _ => u64::from_be_bytes(head[2..10].try_into().expect("eight bytes")),
-    };
-    Some((need, len))
-}
-
 /// The error a read ends with when the client sent an unmasked frame.
 #[derive(Debug)]
 pub struct Unmasked;
@@ -135,28 +151,19 @@ struct Seen {
 
 /// The socket as a fastwebsockets reader sees it: bytes left over from the
 /// HTTP request first, then the socket, all followed by [`Boundaries`].
-struct Metered {
-    socket: Arc<TcpStream>,
+struct Metered<S> {
+    socket: Arc<S>,
     leftover: Bytes,
     boundaries: Boundaries,
     seen: Arc<Seen>,
 }
 
-impl AsyncRead for Metered {
+impl<S: Source> AsyncRead for Metered<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
         if this.leftover.is_empty() {
-            let socket = &*this.socket;
-            loop {
-                ready!(socket.poll_read_ready(cx))?;
-                match socket.try_read_buf(buf) {
-                    Ok(_) => break,
-                    // The readiness was stale; polling again registers for the next one.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            }
+            ready!(this.socket.poll_take(cx, buf))?;
         } else {
             let n = this.leftover.len().min(buf.remaining());
             buf.put_slice(&this.leftover[..n]);
@@ -174,12 +181,12 @@ impl AsyncRead for Metered {
 }
 
 /// Reads a socket's frames, with a fastwebsockets reader only while bytes are in flight.
-pub struct Inbound {
-    socket: Arc<TcpStream>,
+pub struct Reader<S = TcpStream> {
+    socket: Arc<S>,
     /// A box, not `Bytes`: smaller while empty, which is nearly always.
     leftover: Box<[u8]>,
     /// Boxed: it exists only while bytes are in flight.
-    reader: Option<Box<WebSocketRead<Metered>>>,
+    reader: Option<Box<WebSocketRead<Metered<S>>>>,
     /// Shared with the current reader's [`Metered`]; made with it.
     seen: Option<Arc<Seen>>,
     /// Frames the current reader has handed back, answered pings included.
@@ -188,38 +195,32 @@ pub struct Inbound {
     max_message_size: u32,
 }
 
-impl Inbound {
+impl<S: Source> Reader<S> {
     /// Reads `socket`, starting with `leftover` (bytes the HTTP server read past
     /// the upgrade request). Pings are answered through `handle`; frames of
     /// `max_message_size` bytes or more are refused by fastwebsockets.
-    pub fn new(
-        socket: Arc<TcpStream>,
-        leftover: Box<[u8]>,
-        handle: Arc<SessionHandle>,
-        max_message_size: usize,
-    ) -> Self {
+    pub fn new(socket: Arc<S>, leftover: Box<[u8]>, handle: Arc<SessionHandle>, max_message_size: usize) -> Self {
         let max_message_size = u32::try_from(max_message_size).unwrap_or(u32::MAX);
         Self { socket, leftover, reader: None, seen: None, returned: 0, handle, max_message_size }
     }
 
     /// Whether a fastwebsockets reader (and its buffer) exists right now.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     fn holds_buffer(&self) -> bool {
         self.reader.is_some()
     }
 
     /// Polls until bytes are waiting (true) or the client hung up (false).
-    /// While no reader exists, this is a one-byte peek: `poll_peek` waits in
-    /// the socket's single reader slot, which also drops the waker the HTTP
-    /// connection's task left there (`peek().await` would queue beside it and
-    /// keep that task's memory alive for the socket's life).
+    /// While no reader exists, this is a one-byte peek: on a `TcpStream`,
+    /// `poll_peek` waits in the socket's single reader slot, which also drops
+    /// the waker the HTTP connection's task left there (`peek().await` would
+    /// queue beside it and keep that task's memory alive for the socket's life).
     fn poll_arrival(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         if self.reader.is_some() || !self.leftover.is_empty() {
             return Poll::Ready(Ok(true));
         }
-        let socket = &*self.socket;
         let mut one = [0u8; 1];
-        let peeked = ready!(socket.poll_peek(cx, &mut ReadBuf::new(&mut one)))?;
+        let peeked = ready!(self.socket.poll_peek(cx, &mut ReadBuf::new(&mut one)))?;
         Poll::Ready(Ok(peeked > 0))
     }
 
@@ -286,33 +287,33 @@ fn owned(frame: Frame<'_>) -> Frame<'static> {
 /// A frame read from a socket, or why none could be.
 pub type FrameResult = Result<Frame<'static>, WebSocketError>;
 
-/// A read under way: it owns the [`Inbound`] and gives it back with the frame.
-type Reading = Pin<Box<dyn Future<Output = (FrameResult, Inbound)> + Send>>;
+/// A read under way: it owns the [`Reader`] and gives it back with the frame.
+type Reading<S> = Pin<Box<dyn Future<Output = (FrameResult, Reader<S>)> + Send>>;
 
-/// The frames of an [`Inbound`], read so that a quiet socket costs little.
+/// The frames of a [`Reader`], read so that a quiet socket costs little.
 ///
-/// While the client is quiet, this holds the [`Inbound`] and a peek waits in
+/// While the client is quiet, this holds the [`Reader`] and a peek waits in
 /// the socket. Once bytes arrive, the read (fastwebsockets' reader and its
 /// future) moves into a box that lives only until the frame is out, so the
 /// session's task doesn't carry a read's state while it waits.
 ///
 /// [`Frames::next`] is cancel-safe: dropping it (in a `select!`) keeps the
 /// read under way, and the next call picks it up.
-pub struct Frames {
-    state: State,
+pub struct Frames<S = TcpStream> {
+    state: State<S>,
 }
 
-enum State {
-    Quiet(Inbound),
-    Reading(Reading),
+enum State<S> {
+    Quiet(Reader<S>),
+    Reading(Reading<S>),
     /// Only while switching between the two.
     Moving,
 }
 
-impl Frames {
-    /// Reads the frames of `inbound`.
-    pub fn new(inbound: Inbound) -> Self {
-        Self { state: State::Quiet(inbound) }
+impl<S: Source> Frames<S> {
+    /// Reads the frames of `reader`.
+    pub fn new(reader: Reader<S>) -> Self {
+        Self { state: State::Quiet(reader) }
     }
 
     /// The next frame. Cancel-safe.
@@ -323,21 +324,21 @@ impl Frames {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<FrameResult> {
         loop {
             match &mut self.state {
-                State::Quiet(inbound) => {
-                    if !ready!(inbound.poll_arrival(cx))? {
+                State::Quiet(reader) => {
+                    if !ready!(reader.poll_arrival(cx))? {
                         return Poll::Ready(Err(WebSocketError::UnexpectedEOF));
                     }
-                    let State::Quiet(mut inbound) = std::mem::replace(&mut self.state, State::Moving) else {
+                    let State::Quiet(mut reader) = std::mem::replace(&mut self.state, State::Moving) else {
                         unreachable!("matched above")
                     };
                     self.state = State::Reading(Box::pin(async move {
-                        let frame = inbound.read_frame().await;
-                        (frame, inbound)
+                        let frame = reader.read_frame().await;
+                        (frame, reader)
                     }));
                 }
                 State::Reading(read) => {
-                    let (frame, inbound) = ready!(read.as_mut().poll(cx));
-                    self.state = State::Quiet(inbound);
+                    let (frame, reader) = ready!(read.as_mut().poll(cx));
+                    self.state = State::Quiet(reader);
                     return Poll::Ready(frame);
                 }
                 State::Moving => unreachable!("never left between polls"),
@@ -348,6 +349,15 @@ impl Frames {
     /// Whether a read is under way (its bytes partly taken from the socket).
     pub fn mid_read(&self) -> bool {
         matches!(self.state, State::Reading(_))
+    }
+
+    /// Whether a fastwebsockets reader (and its buffer) exists right now.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn holds_buffer(&self) -> bool {
+        match &self.state {
+            State::Quiet(reader) => reader.holds_buffer(),
+            State::Reading(_) | State::Moving => true,
+        }
     }
 }
 
@@ -425,7 +435,7 @@ mod tests {
     }
 
     /// A connected socket pair: our side split as the session splits it, and the client's end.
-    async fn pair() -> (Inbound, tokio::net::TcpStream, Arc<SessionHandle>) {
+    async fn pair() -> (Reader, tokio::net::TcpStream, Arc<SessionHandle>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
@@ -433,7 +443,7 @@ mod tests {
         let (a, b) = (crate::pair::UserId::parse("a").expect("id"), crate::pair::UserId::parse("b").expect("id"));
         let pair = crate::pair::PairId::new(&a, &b).expect("two users");
         let handle = Arc::new(SessionHandle::new(1, a, pair, 16, 1 << 20));
-        (Inbound::new(Arc::new(read), Box::default(), handle.clone(), 1 << 20), client, handle)
+        (Reader::new(Arc::new(read), Box::default(), handle.clone(), 1 << 20), client, handle)
     }
 
     #[tokio::test]
@@ -490,9 +500,9 @@ mod tests {
     async fn bytes_read_past_the_upgrade_request_come_first() {
         use tokio::io::AsyncWriteExt;
         let (inbound, mut client, handle) = pair().await;
-        let Inbound { socket, .. } = inbound;
+        let Reader { socket, .. } = inbound;
         let early = frame(true, 5).into_boxed_slice();
-        let mut inbound = Inbound::new(socket, early, handle, 1 << 20);
+        let mut inbound = Reader::new(socket, early, handle, 1 << 20);
         client.write_all(&frame(true, 6)).await.expect("write");
         assert_eq!(inbound.next_frame().await.expect("early").payload.len(), 5);
         assert_eq!(inbound.next_frame().await.expect("later").payload.len(), 6);
