@@ -88,16 +88,6 @@ impl PairId {
         }
     }
 
-    /// The ID that sorts first (byte-wise).
-    pub fn lower(&self) -> &UserId {
-        &self.lower
-    }
-
-    /// The ID that sorts last (byte-wise).
-    pub fn higher(&self) -> &UserId {
-        &self.higher
-    }
-
     /// The member of the pair that is not `user`.
     pub fn other(&self, user: &UserId) -> &UserId {
         if *user == self.lower {

@@ -364,7 +364,9 @@ fn ids_and_channels(text: &str) {
         if let Some(pair) = PairId::from_channel(prefix, text) {
             // Exactly one pair per channel name: parsing inverts `channel`.
             assert_eq!(pair.channel(prefix), text);
-            assert!(pair.lower() < pair.higher());
+            // Sorted: the lower ID first.
+            let ids: Vec<&str> = text[prefix.len() + ":pair:".len()..].split(':').collect();
+            assert!(ids.len() == 2 && ids[0] < ids[1], "{text}");
         }
     }
 }

@@ -41,9 +41,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::broker::envelope::{self, Kind};
-use crate::broker::Waiting;
-use crate::pair::Identity;
-use crate::protocol::{self, close, CloseReason, ServerEvent};
+use crate::broker::{BrokerError, SessionId, Waiting};
+use crate::pair::{Identity, UserId};
+use crate::protocol::{self, CloseReason, ServerEvent};
 // Upward: the route that upgraded the socket hands the session the instance's
 // shared state; `state.rs` sits above the session only because it holds the
 // session registry.
@@ -53,6 +53,7 @@ use handle::SessionHandle;
 use limits::{RateLimit, Verdict};
 use outbox::Work;
 use reader::{FrameResult, Frames, Reader};
+use writer::{write_all, write_some};
 
 /// How long a closing socket may take to finish the close handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -122,7 +123,41 @@ pub fn run(
 /// client. Boxed, the live session takes no room twice in the task's future.
 async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) -> Option<Box<Live>> {
     let Identity { user, pair } = identity;
-    let sid = Sid(id);
+    let (stream, leftover) = take_socket(socket, &user, Sid(id)).await?;
+    crate::metrics::session_opened();
+    let settings = &state.settings;
+    let channel: Arc<str> = pair.channel(&settings.channel_prefix).into();
+    let handle = Arc::new(SessionHandle::new(id, user, pair, settings.outbox_messages, settings.outbox_bytes));
+    let joined = join(&state, &handle, &channel, &stream).await?;
+    // A session that opened while the server began to stop closes at once.
+    if let Some(reason) = state.stop_reason() {
+        handle.close(reason);
+    }
+    // fastwebsockets refuses frames of `max_message_size` bytes or more.
+    let reader = Reader::new(stream.clone(), leftover, handle.clone(), settings.max_message_bytes + 1);
+    let live = Live {
+        frames: Frames::new(reader),
+        stream,
+        joined,
+        assembler: Assembler::new(settings.max_message_bytes),
+        limit: RateLimit::new(settings.rate_per_sec, settings.rate_burst),
+        turn_refresh: crate::turn::Refresh::new(settings.ice_servers.refresh_every()),
+        broken: false,
+        channel,
+        handle,
+        state,
+    };
+    Some(Box::new(live))
+}
+
+/// Finishes the upgrade and takes the connection back from hyper, with the
+/// bytes hyper read past the request (a client that didn't wait for the 101).
+///
+/// The upgraded connection is our own `TcpStream` (see `app::serve`): taking
+/// it back lets the reading side wait for bytes without holding a buffer (see
+/// `reader`). Reading and writing both go through `&TcpStream`, so one `Arc`
+/// serves both sides.
+async fn take_socket(socket: UpgradeFut, user: &UserId, sid: Sid) -> Option<(Arc<TcpStream>, Box<[u8]>)> {
     let ws = match socket.await {
         Ok(ws) => ws,
         Err(e) => {
@@ -130,67 +165,40 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
             return None;
         }
     };
-    // The upgraded connection is our own `TcpStream` (see `app::serve`): taking
-    // it back lets the reading side wait for bytes without holding a buffer
-    // (see `reader`). Reading and writing both go through `&TcpStream`, so
-    // one `Arc` serves both sides.
-    let parts = match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => parts,
-        Err(_) => {
-            tracing::error!("upgraded connection is not a TCP stream");
-            return None;
-        }
+    let Ok(parts) = ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() else {
+        tracing::error!("upgraded connection is not a TCP stream");
+        return None;
     };
-    crate::metrics::session_opened();
-    let stream = Arc::new(parts.io.into_inner());
+    // Copied out: the `Bytes` holds the server's whole read buffer.
+    let leftover = Box::from(&parts.read_buf[..]);
+    Some((Arc::new(parts.io.into_inner()), leftover))
+}
 
-    let channel: Arc<str> = pair.channel(&state.settings.channel_prefix).into();
-    let handle =
-        Arc::new(SessionHandle::new(id, user, pair, state.settings.outbox_messages, state.settings.outbox_bytes));
-    let (user, pair) = (&handle.user, &handle.pair);
-
-    // Register and subscribe before anything can be announced.
-    state.registry.insert(&channel, handle.clone());
-    let broker = &state.broker;
-    let setup = async {
-        broker.subscribe(&channel).await?;
-        let peer_session = match broker.claim_presence(pair, user, id).await {
-            Ok(p) => p,
-            Err(e) => {
-                broker.unsubscribe(&channel);
-                return Err(e);
-            }
-        };
-        Ok(peer_session)
-    }
-    .await;
-    let peer_session = match setup {
-        Ok(p) => p,
+/// Registers and subscribes the session before anything can be announced,
+/// claims its presence, writes the welcome and announces the join. `None`:
+/// the broker refused the session, which is closed with 1013. `Some(false)`:
+/// the welcome or the join failed, and the session ends at once.
+async fn join(state: &AppState, handle: &Arc<SessionHandle>, channel: &Arc<str>, stream: &TcpStream) -> Option<bool> {
+    let (id, user, sid) = (handle.id, &handle.user, Sid(handle.id));
+    state.registry.insert(channel, handle.clone());
+    let peer_session = match subscribe_and_claim(state, handle, channel).await {
+        Ok(peer) => peer,
         Err(e) => {
             tracing::warn!(error = %e, user = %user, session = %sid, "session refused: broker unavailable");
-            state.registry.remove(&channel, id);
+            state.registry.remove(channel, id);
             let reason = CloseReason::BrokerUnavailable;
-            let _ = write_all(&stream, &wire::close(reason.code(), reason.text())).await;
+            let _ = write_all(stream, &wire::close(reason.code(), reason.text())).await;
             crate::metrics::session_closed(reason.label());
             return None;
         }
     };
-    let peer_online = state.registry.finish_setup(&handle, peer_session);
-    let welcome = {
-        let ice_servers = state.settings.ice_servers.for_user(user);
-        ServerEvent::Welcome {
-            user_id: user.as_str(),
-            peer_id: pair.other(user).as_str(),
-            polite: pair.is_polite(user),
-            peer_online,
-            ice_servers: &ice_servers,
-        }
-        .to_bytes()
-    };
-    let joined = match write_all(&stream, &wire::text(&welcome)).await {
+    let peer_online = state.registry.finish_setup(handle, peer_session);
+    let welcome = welcome(state, handle, peer_online);
+    let joined = match write_all(stream, &wire::text(&welcome)).await {
         Ok(()) => {
             crate::metrics::messages_out(1, welcome.len());
-            broker.publish(&channel, envelope::encode(Kind::Join, user, id, b"")).await.map_err(|e| e.to_string())
+            let join = envelope::encode(Kind::Join, user, id, b"");
+            state.broker.publish(channel, join).await.map_err(|e| e.to_string())
         }
         Err(e) => Err(e.to_string()),
     };
@@ -198,30 +206,33 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
         tracing::warn!(error = %e, user = %user, session = %sid, "session setup failed");
     }
     tracing::debug!(peer_online, user = %user, session = %sid, "session open");
-    // A session that opened while the server began to stop closes at once.
-    if let Some(reason) = state.stop_reason() {
-        handle.close(reason);
-    }
+    Some(joined.is_ok())
+}
 
-    // Bytes the HTTP server read past the request (a client that didn't wait for
-    // the 101). Copied out: the `Bytes` holds the server's whole read buffer.
-    let leftover = Box::from(&parts.read_buf[..]);
-    drop(parts.read_buf);
-    // fastwebsockets refuses frames of `max_message_size` bytes or more.
-    let inbound = Reader::new(stream.clone(), leftover, handle.clone(), state.settings.max_message_bytes + 1);
-    let live = Live {
-        frames: Frames::new(inbound),
-        stream,
-        joined: joined.is_ok(),
-        assembler: Assembler::new(state.settings.max_message_bytes),
-        limit: RateLimit::new(state.settings.rate_per_sec, state.settings.rate_burst),
-        turn_refresh: crate::turn::Refresh::new(state.settings.ice_servers.refresh_every()),
-        broken: false,
-        channel,
-        handle,
-        state,
-    };
-    Some(Box::new(live))
+/// Subscribes to the pair's channel and claims the user's presence; returns
+/// the peer's live session, if any. On failure nothing stays subscribed.
+async fn subscribe_and_claim(
+    state: &AppState,
+    handle: &SessionHandle,
+    channel: &Arc<str>,
+) -> Result<Option<SessionId>, BrokerError> {
+    let broker = &state.broker;
+    broker.subscribe(channel).await?;
+    broker.claim_presence(&handle.pair, &handle.user, handle.id).await.inspect_err(|_| broker.unsubscribe(channel))
+}
+
+/// The welcome event for `handle`'s client.
+fn welcome(state: &AppState, handle: &SessionHandle, peer_online: bool) -> Bytes {
+    let (user, pair) = (&handle.user, &handle.pair);
+    let ice_servers = state.settings.ice_servers.for_user(user);
+    ServerEvent::Welcome {
+        user_id: user.as_str(),
+        peer_id: pair.other(user).as_str(),
+        polite: pair.is_polite(user),
+        peer_online,
+        ice_servers: &ice_servers,
+    }
+    .to_bytes()
 }
 
 /// What a session between setup and cleanup holds.
@@ -311,8 +322,7 @@ impl Live {
                 Some(Incoming::TooBig) => return End::Server(CloseReason::TooBig),
                 Some(Incoming::Protocol) => return End::Server(CloseReason::Protocol),
                 Some(Incoming::Close(code)) => {
-                    let valid = code.filter(|c| (1000..5000).contains(c) && *c != 1005 && *c != 1006);
-                    return End::ClientClosed(valid.unwrap_or(close::NORMAL));
+                    return End::ClientClosed(wire::reply_code(code));
                 }
             }
         }
@@ -461,28 +471,6 @@ async fn clean_up(state: &AppState, handle: &SessionHandle, channel: &str, end: 
     }
     crate::metrics::session_closed(end.label());
     tracing::debug!(reason = end.label(), user = %handle.user, session = %Sid(handle.id), "session closed");
-}
-
-/// Writes some of `buf`; how much, it says.
-async fn write_some(stream: &TcpStream, buf: &[u8]) -> std::io::Result<usize> {
-    loop {
-        stream.writable().await?;
-        match stream.try_write(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            done => return done,
-        }
-    }
-}
-
-/// Writes all of `buf`.
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        match write_some(stream, buf).await? {
-            0 => return Err(std::io::ErrorKind::WriteZero.into()),
-            n => buf = &buf[n..],
-        }
-    }
-    Ok(())
 }
 
 /// Reads and drops raw bytes until the client hangs up.

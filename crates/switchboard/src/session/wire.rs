@@ -90,6 +90,13 @@ pub fn text(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The code to answer a client's close frame with: its own, when it is one
+/// an endpoint may send (RFC 6455 7.4: 1000–4999 except the reserved 1005
+/// and 1006), else 1000.
+pub fn reply_code(code: Option<u16>) -> u16 {
+    code.filter(|c| (1000..5000).contains(c) && *c != 1005 && *c != 1006).unwrap_or(crate::protocol::close::NORMAL)
+}
+
 /// The status code of a close frame's `payload`, if it has one (its first two bytes).
 pub fn close_code(payload: &[u8]) -> Option<u16> {
     (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
@@ -98,6 +105,15 @@ pub fn close_code(payload: &[u8]) -> Option<u16> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_close_code_is_answered_in_kind_unless_it_is_reserved() {
+        assert_eq!(reply_code(Some(4001)), 4001);
+        assert_eq!(reply_code(Some(1001)), 1001);
+        for reserved in [None, Some(999), Some(1005), Some(1006), Some(5000)] {
+            assert_eq!(reply_code(reserved), 1000, "{reserved:?}");
+        }
+    }
 
     /// Reads `wire` back with fastwebsockets, as a client would.
     pub(in crate::session) async fn parse(wire: Vec<u8>) -> Vec<(OpCode, Vec<u8>)> {

@@ -4,10 +4,12 @@
 //! fastwebsockets' writer makes one `write` system call per frame and keeps a
 //! buffer for the socket's life; encoding a whole batch here (with
 //! [`wire::encode`]) makes one call per batch and keeps nothing between
-//! batches.
+//! batches. `write_some` and `write_all` write through a shared
+//! `&TcpStream` (tokio implements `AsyncWrite` only for an owned one).
 
 use bytes::Bytes;
 use fastwebsockets::OpCode;
+use tokio::net::TcpStream;
 
 use super::outbox::Work;
 use super::wire;
@@ -42,6 +44,28 @@ pub fn batch(work: &Work) -> Batch {
     Batch { bytes, texts: work.frames.len(), text_bytes }
 }
 
+/// Writes some of `buf`; how much, it says.
+pub async fn write_some(stream: &TcpStream, buf: &[u8]) -> std::io::Result<usize> {
+    loop {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            done => return done,
+        }
+    }
+}
+
+/// Writes all of `buf`.
+pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match write_some(stream, buf).await? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => buf = &buf[n..],
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,7 +73,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_reads_back_as_the_frames_it_holds_in_order() {
-        use fastwebsockets::OpCode;
         let sizes = [0usize, 1, 125, 126, 127, 65535, 65536, 70_000];
         let work = Work {
             pong: Some(Box::from(&b"p"[..])),
