@@ -5,32 +5,38 @@
 //! A peer's signaling follows the file names:
 //!
 //! ```text
-//! socket ─▶ routes::ws ─▶ session::reader ─▶ session ─▶ broker (publish) ─▶ Redis channel {prefix}:pair:{lower}:{higher}
-//!                                                                           │
-//! socket ◀─ session::writer ◀─ session::handle ◀─ registry ◀─ broker (subscribe) ◀┘
+//! socket ─▶ app (accept) ─▶ routes::ws ─▶ session (the task) ─▶ session::reader + wire ─▶ session::frames
+//!   ─▶ session::limits ─▶ protocol (check) ─▶ broker::envelope ─▶ broker::lanes ─▶ Redis channel {prefix}:pair:{lower}:{higher}
+//!                                                                                          │
+//! socket ◀─ session::writer + wire ◀─ session::outbox ◀─ session::handle ◀─ session::registry ◀─ broker::redis (subscriber) ◀┘
 //! ```
 //!
-//! - [`config`]: settings from defaults, a TOML file and `SWITCHBOARD_*` variables.
-//! - [`app`]: the router and [`app::run`], which serves a listener until shutdown.
-//! - [`routes`]: `/ws` (query checks and the upgrade), health probes, page files.
-//! - [`pair`]: user IDs, pairs, channel and key names.
-//! - [`protocol`]: client frame checks, server events, close codes.
+//! Floors run one way: [`routes`] → [`state`] → [`session`] → [`broker`] →
+//! the leaves. The broker delivers into its own [`broker::Inbox`] trait and
+//! knows no client events; `tests/layers.rs` checks the imports.
+//!
+//! - [`app`]: the router and [`app::run`], which serves a listener through
+//!   the instance's phases until shutdown.
+//! - [`routes`]: HTTP only: `/ws` (query checks and the upgrade), health
+//!   probes, page files.
+//! - [`state`]: [`state::AppState`], the lifecycle [`state::Phase`] and the
+//!   socket cap.
 //! - [`session`]: one socket in one task: setup, then a loop that reads
 //!   frames (from `session::reader`, which holds no buffer while the client
-//!   is quiet) and writes what the outbox in `session::handle` collected (as
-//!   one batch per write, built by `session::writer`), then cleanup.
-//!   `session::wire` holds the RFC 6455 framing both sides need.
-//! - [`broker`]: the [`broker::Broker`] trait, the in-memory broker, the Redis broker
-//!   and the envelope that carries the sender's identity next to the client's bytes.
-//! - [`metrics`]: Prometheus series at `/metrics`.
-//! - [`registry`]: which local sessions belong to which pair channel; fans out
-//!   what the broker receives without ever waiting on a socket.
-//! - [`presence`]: one task per instance that keeps every local session's
-//!   presence alive and reports peers whose replica died.
-//! - [`heartbeat`]: one task per instance that pings silent sockets and closes
-//!   those that stay silent.
-//! - [`auth`], [`origin`], [`turn`]: signed links, the `Origin` check, and
-//!   TURN credentials (see `docs/security.md`).
+//!   is quiet) and writes what its outbox collected (as one batch per write,
+//!   built by `session::writer`), then cleanup. `session::wire` holds the
+//!   RFC 6455 framing both sides need. Beside it: the registry (the broker's
+//!   inbox), the handle other tasks touch (outbox, echo window, peer view),
+//!   and two instance-wide tasks, presence upkeep and the heartbeat.
+//! - [`broker`]: the [`broker::Broker`] and [`broker::Inbox`] traits, the
+//!   in-memory broker, the Redis broker with its command lanes, and the
+//!   envelope that carries the sender's identity next to the client's bytes.
+//! - Leaves: [`pair`] (IDs, pairs, channel and key names, [`pair::Identity`]),
+//!   [`protocol`] (client frame checks, server events, close codes and
+//!   reasons), [`auth`], [`origin`] and [`turn`] (signed links, the `Origin`
+//!   check, TURN credentials; see `docs/security.md`), [`config`] (settings
+//!   from defaults, a TOML file and `SWITCHBOARD_*` variables), [`metrics`]
+//!   (Prometheus series at `/metrics`) and [`error`] (HTTP errors by fault).
 
 pub mod app;
 pub mod auth;
