@@ -31,6 +31,15 @@ use super::lanes::Lanes;
 use super::{Broker, BrokerError, Inbox, RelayFailure, SessionId, Waiting};
 use crate::pair::{PairId, UserId};
 
+/// Connect and response timeout of a command lane's connection.
+const LANE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Commands a lane may hold before senders wait for room.
+const LANE_QUEUE: usize = 1024;
+/// The subscriber's first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The subscriber's longest wait between reconnects.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// How the Redis broker is set up.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -123,8 +132,8 @@ impl RedisBroker {
         // A lane that can't connect, or hears nothing back, within 2 s gives
         // up on that connection: its commands fail and the next batch connects anew.
         let lane_config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)));
+            .set_connection_timeout(Some(LANE_TIMEOUT))
+            .set_response_timeout(Some(LANE_TIMEOUT));
 
         let ready = Arc::new(AtomicBool::new(false));
         let (commands, rx) = mpsc::unbounded_channel();
@@ -134,7 +143,7 @@ impl RedisBroker {
         tracker.spawn(subscriber.run(rx, shutdown.clone()));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
-        let lanes = Lanes::start(lanes_client, lane_config, options.pool_size, 1024, tracker, shutdown.clone());
+        let lanes = Lanes::start(lanes_client, lane_config, options.pool_size, LANE_QUEUE, tracker, shutdown.clone());
         Ok(Self { lanes, commands, ready, prefix: options.prefix, ttl_secs: options.presence_ttl.as_secs().max(1) })
     }
 
@@ -263,7 +272,7 @@ enum Ended {
 
 impl Subscriber {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = FIRST_BACKOFF;
         let mut connected_before = false;
         loop {
             let connect = tokio::select! {
@@ -272,7 +281,7 @@ impl Subscriber {
             };
             let ended = match connect {
                 Ok(pubsub) => {
-                    backoff = Duration::from_millis(100);
+                    backoff = FIRST_BACKOFF;
                     let ended = self.connected(pubsub, &mut commands, &shutdown, connected_before).await;
                     connected_before = true;
                     ended
@@ -293,7 +302,7 @@ impl Subscriber {
             }
             // Wait out the backoff while still answering commands.
             let until = tokio::time::Instant::now() + backoff;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
