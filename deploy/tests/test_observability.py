@@ -199,7 +199,10 @@ def test_doc_drain_matches_the_manifests():
 def test_doc_lists_the_servers_reason_labels():
     """Every close and reject reason the server can put in a `reason` label."""
     src = REPO / "crates" / "switchboard" / "src"
-    closes = set(re.findall(r'label: "(\w+)"', (src / "session" / "handle.rs").read_text()))
+    protocol = (src / "protocol.rs").read_text()
+    labels = protocol[protocol.index("pub fn label(self)"):]
+    labels = labels[:labels.index("\n    }\n")]
+    closes = set(re.findall(r'Self::\w+ => "(\w+)"', labels))
     closes |= set(re.findall(r'End::\w+(?:\(_\))? => "(\w+)"', (src / "session" / "mod.rs").read_text()))
     rejects = set(re.findall(r'ApiError::\w+(?: \{ \.\. \})? => "(\w+)"', (src / "error.rs").read_text()))
     rejects |= set(re.findall(r'FrameError::\w+\(_\) => "(\w+)"', (src / "protocol.rs").read_text()))
