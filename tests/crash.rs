@@ -30,9 +30,8 @@ mod upkeep {
     //! The instance-wide presence upkeep against a real Redis, one step at a time.
 
     use std::sync::Arc;
-    use std::time::Duration;
 
-    use switchboard::broker::redis::{RedisBroker, RedisOptions};
+    use switchboard::broker::redis::RedisBroker;
     use switchboard::broker::Broker;
     use switchboard::pair::{PairId, UserId};
     use switchboard::session::handle::SessionHandle;
@@ -40,7 +39,6 @@ mod upkeep {
     use switchboard::session::registry::Registry;
     use switchboard_tests::RedisServer;
     use tokio_util::sync::CancellationToken;
-    use tokio_util::task::TaskTracker;
 
     struct Upkeep {
         broker: RedisBroker,
@@ -61,23 +59,7 @@ mod upkeep {
     }
 
     async fn broker(redis: &RedisServer) -> (RedisBroker, CancellationToken) {
-        let stop = CancellationToken::new();
-        let options = RedisOptions {
-            url: redis.url(),
-            prefix: "upkeep".into(),
-            presence_ttl: Duration::from_secs(30),
-            pool_size: 2,
-        };
-        let broker = RedisBroker::start(
-            options,
-            Arc::new(Registry::new()),
-            stop.clone(),
-            &TaskTracker::new(),
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("broker");
-        (broker, stop)
+        redis.broker("upkeep").await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,14 +87,9 @@ async fn the_envelope_carries_the_sender_and_the_exact_bytes() {
 mod scripts_and_lanes {
     //! How the broker talks to Redis: scripts by SHA1, one reply per pipelined command.
 
-    use std::sync::Arc;
-    use std::time::Duration;
-
     use switchboard::broker::lanes::Lanes;
-    use switchboard::broker::redis::{RedisBroker, RedisOptions};
     use switchboard::broker::Broker;
     use switchboard::pair::{PairId, UserId};
-    use switchboard::session::registry::Registry;
     use switchboard_tests::RedisServer;
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
@@ -111,22 +106,7 @@ mod scripts_and_lanes {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn presence_scripts_go_by_sha1_and_survive_a_script_flush() {
         let redis = RedisServer::start().await;
-        let stop = CancellationToken::new();
-        let options = RedisOptions {
-            url: redis.url(),
-            prefix: "sha".into(),
-            presence_ttl: Duration::from_secs(30),
-            pool_size: 2,
-        };
-        let broker = RedisBroker::start(
-            options,
-            Arc::new(Registry::new()),
-            stop.clone(),
-            &TaskTracker::new(),
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("broker");
+        let (broker, stop) = redis.broker("sha").await;
         let (alice, bob) = (UserId::parse("alice").unwrap(), UserId::parse("bob").unwrap());
         let pair = PairId::new(&alice, &bob).unwrap();
         let round = || async {

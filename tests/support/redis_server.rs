@@ -37,6 +37,26 @@ fn patient() -> redis::AsyncConnectionConfig {
 }
 
 impl RedisServer {
+    /// A Redis broker on this server (two lanes, 30 s presence, its own
+    /// empty registry), as an instance starts it; cancel the token to stop it.
+    pub async fn broker(
+        &self,
+        prefix: &str,
+    ) -> (switchboard::broker::redis::RedisBroker, tokio_util::sync::CancellationToken) {
+        use switchboard::broker::redis::{RedisBroker, RedisOptions};
+        let stop = tokio_util::sync::CancellationToken::new();
+        let options = RedisOptions {
+            url: self.url(),
+            prefix: prefix.into(),
+            presence_ttl: Duration::from_secs(30),
+            pool_size: 2,
+        };
+        let registry = std::sync::Arc::new(switchboard::session::registry::Registry::new());
+        let tracker = tokio_util::task::TaskTracker::new();
+        let started = RedisBroker::start(options, registry, stop.clone(), &tracker, Duration::from_secs(5)).await;
+        (started.expect("broker"), stop)
+    }
+
     /// Starts `redis-server` on a free port and waits until it answers PING.
     pub async fn start() -> Self {
         for _ in 0..5 {
