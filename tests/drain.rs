@@ -73,11 +73,17 @@ async fn a_drained_user_who_never_returns_is_reported_gone_after_the_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_no_socket_open_a_drain_ends_at_once() {
+async fn a_ctrl_c_with_no_socket_open_ends_the_drain_at_once() {
     // A drain far longer than the test's deadline: only an early end passes.
     let instance =
         Instance::start(switchboard::config::Settings { drain: Duration::from_secs(600), ..settings(None) }).await;
-    instance.stop().await;
+    let (alice, _) = instance.join("alice", "bob").await;
+    instance.interrupt();
+    let addr = instance.addr;
+    switchboard_tests::eventually("readyz 503", || async { http_get(addr, "/readyz").await.0 == 503 }).await;
+    // The last socket leaves: nothing is left to drain.
+    drop(alice);
+    instance.finished().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -254,3 +254,31 @@ async fn sigterm_without_drain_closes_sockets_with_1001_and_exits_0() {
     let (exit, _) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
     assert_eq!(exit.code(), Some(0));
 }
+
+/// Waits for `server` to exit, failing the test after [`DEADLINE`].
+async fn exits_soon(server: Process) -> std::process::ExitStatus {
+    let waiting = tokio::task::spawn_blocking(move || server.wait());
+    tokio::time::timeout(DEADLINE, waiting).await.expect("the process exits in time").unwrap().0
+}
+
+#[tokio::test]
+async fn ctrl_c_with_no_socket_open_exits_at_once() {
+    // A drain longer than the test's deadline: only skipping it passes.
+    let server = Process::spawn(&[("SWITCHBOARD_DRAIN_SECS", "60")]);
+    server.sigint();
+    assert_eq!(exits_soon(server).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_second_ctrl_c_closes_open_sockets_at_once() {
+    let server = Process::spawn(&[("SWITCHBOARD_DRAIN_SECS", "60")]);
+    let mut ws = Client::connect(&server.ws_url("alice", "bob")).await.unwrap();
+    assert!(ws.recv_text().await.contains("\"welcome\""));
+    server.sigint();
+    let addr = server.addr;
+    switchboard_tests::eventually("readyz 503", || async { http_get(addr, "/readyz").await.0 == 503 }).await;
+    server.sigint();
+    let closed = ws.expect_closed().await;
+    assert_eq!(closed.code, Some(1012), "expected close 1012, got {closed:?}");
+    assert_eq!(exits_soon(server).await.code(), Some(0));
+}

@@ -27,7 +27,7 @@ pub struct Instance {
     pub addr: SocketAddr,
     max_message_bytes: usize,
     /// Shutdown requests, as SIGINT or SIGTERM would make them.
-    requests: tokio::sync::mpsc::UnboundedSender<()>,
+    requests: tokio::sync::mpsc::UnboundedSender<switchboard::app::StopRequest>,
     task: tokio::task::JoinHandle<Result<(), switchboard::app::RunError>>,
 }
 
@@ -49,7 +49,7 @@ impl Instance {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (requests, rx) = tokio::sync::mpsc::unbounded_channel();
-        let requested = futures_util::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|()| ((), rx)) });
+        let requested = futures_util::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|r| (r, rx)) });
         let max_message_bytes = settings.max_message_bytes;
         let task = tokio::spawn(switchboard::app::run(listener, settings, requested));
         let instance = Self { addr, max_message_bytes, requests, task };
@@ -97,12 +97,22 @@ impl Instance {
 
     /// Asks the instance to shut down, as a SIGTERM would, without waiting.
     pub fn request_stop(&self) {
-        let _ = self.requests.send(());
+        let _ = self.requests.send(switchboard::app::StopRequest::Terminate);
+    }
+
+    /// Asks the instance to shut down, as a Ctrl-C would, without waiting.
+    pub fn interrupt(&self) {
+        let _ = self.requests.send(switchboard::app::StopRequest::Interrupt);
     }
 
     /// Shuts the instance down and waits for `run` to return.
     pub async fn stop(self) {
         self.request_stop();
+        self.finished().await;
+    }
+
+    /// Waits for `run` to return, after a request to stop.
+    pub async fn finished(self) {
         tokio::time::timeout(DEADLINE, self.task).await.expect("instance stops").unwrap().unwrap();
     }
 }

@@ -136,7 +136,16 @@ impl Process {
 
     /// SIGTERM: the process drains and stops.
     pub fn sigterm(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        self.signal("-TERM");
+    }
+
+    /// SIGINT, as Ctrl-C sends it.
+    pub fn sigint(&self) {
+        self.signal("-INT");
+    }
+
+    fn signal(&self, which: &str) {
+        let status = Command::new("kill").args([which, &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
     }
 

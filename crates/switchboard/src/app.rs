@@ -54,17 +54,28 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Who asks the instance to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    /// An orchestrator (SIGTERM): the drain runs its whole span, so that load
+    /// balancers see `/readyz` 503 before the listener closes.
+    Terminate,
+    /// A person at a terminal (SIGINT, Ctrl-C): the drain ends as soon as no
+    /// socket is left, at once when there is none.
+    Interrupt,
+}
+
 /// Serves on `listener` through the instance's [`Phase`]s. The first item of
-/// `requests` (SIGTERM, say) starts the shutdown: at once (close 1001) when
-/// `drain` is zero, otherwise a paced drain: `/readyz` answers 503 while
-/// serving goes on for `drain` (or until no socket is left), then sockets
-/// close with 1012 at random moments spread over another `drain`. A second
-/// item closes every socket at once. Returns once every socket is gone or
-/// the grace period ran out.
+/// `requests` starts the shutdown: at once (close 1001) when `drain` is
+/// zero, otherwise a paced drain: `/readyz` answers 503 while serving goes
+/// on for `drain` (for an [`StopRequest::Interrupt`], only while a socket is
+/// left), then sockets close with 1012 at random moments spread over another
+/// `drain`. A second item closes every socket at once. Returns once every
+/// socket is gone or the grace period ran out.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
-    requests: impl Stream<Item = ()> + Send + 'static,
+    requests: impl Stream<Item = StopRequest> + Send + 'static,
 ) -> Result<(), RunError> {
     crate::metrics::handle();
     // The broker outlives the drain: sessions relay until they close, and
@@ -136,11 +147,11 @@ fn start_upkeep(
 
 /// Waits for the first shutdown request, then drains (or not) and closes
 /// every session. A second request cuts the drain short.
-async fn shut_down(state: AppState, mut requests: std::pin::Pin<Box<dyn Stream<Item = ()> + Send>>) {
-    if requests.next().await.is_none() {
+async fn shut_down(state: AppState, mut requests: std::pin::Pin<Box<dyn Stream<Item = StopRequest> + Send>>) {
+    let Some(first) = requests.next().await else {
         // No one can ask any more: serve until the process ends.
-        std::future::pending::<()>().await;
-    }
+        return std::future::pending::<()>().await;
+    };
     state.lifecycle.advance(Phase::Draining);
     let again = async move {
         if requests.next().await.is_none() {
@@ -157,9 +168,15 @@ async fn shut_down(state: AppState, mut requests: std::pin::Pin<Box<dyn Stream<I
     }
     tracing::info!(drain_secs = drain.as_secs_f64(), sessions = state.registry.len(), "draining: /readyz is 503");
     // New sockets are refused from now on, so once the session tasks are
-    // all gone there is nothing left to drain.
+    // all gone there is nothing left to drain; only a person is in a hurry.
     state.sessions.close();
-    let emptied = state.sessions.wait();
+    let emptied = async {
+        if first == StopRequest::Interrupt {
+            state.sessions.wait().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
     let hurried = tokio::select! {
         () = tokio::time::sleep(drain) => false,
         () = emptied => {

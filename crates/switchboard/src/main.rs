@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use switchboard::app::StopRequest;
 use switchboard::cli::{Cli, Command, LinkArgs};
 use switchboard::config::{self, Settings};
 
@@ -94,7 +95,7 @@ fn print_links(settings: &Settings, args: &LinkArgs) -> ExitCode {
 /// One item per SIGINT or SIGTERM: the first starts the shutdown, a second
 /// closes every socket at once.
 #[cfg(unix)]
-fn shutdown_requests() -> impl futures_util::Stream<Item = ()> + Send + 'static {
+fn shutdown_requests() -> impl futures_util::Stream<Item = StopRequest> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
     let listen = |kind: SignalKind| signal(kind).map_err(|e| eprintln!("switchboard: cannot watch signals: {e}")).ok();
     let signals = (listen(SignalKind::interrupt()), listen(SignalKind::terminate()));
@@ -111,19 +112,19 @@ fn shutdown_requests() -> impl futures_util::Stream<Item = ()> + Send + 'static 
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = int_fut => {}
-            _ = term_fut => {}
-        }
-        Some(((), (int, term)))
+        let request = tokio::select! {
+            _ = int_fut => StopRequest::Interrupt,
+            _ = term_fut => StopRequest::Terminate,
+        };
+        Some((request, (int, term)))
     })
 }
 
 /// One item per Ctrl-C.
 #[cfg(not(unix))]
-fn shutdown_requests() -> impl futures_util::Stream<Item = ()> + Send + 'static {
+fn shutdown_requests() -> impl futures_util::Stream<Item = StopRequest> + Send + 'static {
     futures_util::stream::unfold((), |()| async {
         let _ = tokio::signal::ctrl_c().await;
-        Some(((), ()))
+        Some((StopRequest::Interrupt, ()))
     })
 }
