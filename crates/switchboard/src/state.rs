@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
@@ -65,7 +65,17 @@ impl Lifecycle {
 }
 
 /// One of the instance's `SWITCHBOARD_MAX_SOCKETS` slots, given back on drop.
-pub type SocketPermit = OwnedSemaphorePermit;
+///
+/// Not tokio's `OwnedSemaphorePermit`: that holds its own `Arc` and a count
+/// (16 bytes), and every session task keeps its permit for the socket's whole
+/// life; this is the one pointer of the state the session holds anyway.
+pub struct SocketPermit(AppState);
+
+impl Drop for SocketPermit {
+    fn drop(&mut self) {
+        self.0.sockets.add_permits(1);
+    }
+}
 
 /// State shared by every request and session.
 #[derive(Clone)]
@@ -84,7 +94,7 @@ pub struct Shared {
     /// Tracks session tasks so shutdown can wait for them.
     pub sessions: TaskTracker,
     /// Free socket slots.
-    sockets: Arc<Semaphore>,
+    sockets: Semaphore,
 }
 
 impl std::ops::Deref for AppState {
@@ -97,7 +107,7 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// State over `broker` and `registry`, serving.
     pub fn new(settings: Settings, registry: Arc<Registry>, broker: Arc<dyn Broker>) -> Self {
-        let sockets = Arc::new(Semaphore::new(settings.max_sockets.min(Semaphore::MAX_PERMITS)));
+        let sockets = Semaphore::new(settings.max_sockets.min(Semaphore::MAX_PERMITS));
         Self(Arc::new(Shared {
             settings,
             registry,
@@ -120,7 +130,9 @@ impl AppState {
 
     /// Takes a socket slot, or `None` when the instance is full.
     pub fn try_open_socket(&self) -> Option<SocketPermit> {
-        self.sockets.clone().try_acquire_owned().ok()
+        // Forgotten here, given back by the permit's `Drop`.
+        self.sockets.try_acquire().ok()?.forget();
+        Some(SocketPermit(self.clone()))
     }
 
     /// How sessions close when the instance closes them: 1012 after a drain
