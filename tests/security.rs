@@ -121,6 +121,33 @@ async fn malformed_tokens_are_401() {
     node.stop().await;
 }
 
+/// A token with these claims, signed with the server's key (HS256).
+fn signed_claims(claims: &serde_json::Value) -> String {
+    let message = format!("{}.{}", b64url(br#"{"typ":"JWT","alg":"HS256"}"#), b64url(claims.to_string().as_bytes()));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(KEY.as_bytes()).unwrap();
+    mac.update(message.as_bytes());
+    format!("{message}.{}", b64url(&mac.finalize().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_beyond_the_longest_link_lifetime_or_with_an_audience_are_401_with_their_reason() {
+    let node = signed_instance().await;
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let forever = signed_claims(&json!({"sub": "alice", "peer": "bob", "exp": u64::MAX}));
+    unauthorized(&node, &format!("token={forever}"), "longest link lifetime").await;
+    let eleven_years = signed_claims(&json!({"sub": "alice", "peer": "bob", "exp": now + 11 * 366 * 86400}));
+    unauthorized(&node, &format!("token={eleven_years}"), "longest link lifetime").await;
+    let audience = signed_claims(&json!({"sub": "alice", "peer": "bob", "exp": now + 3600, "aud": "other-app"}));
+    unauthorized(&node, &format!("token={audience}"), "audience (aud)").await;
+    let later = signed_claims(&json!({"sub": "alice", "peer": "bob", "exp": now + 3600, "nbf": now + 600}));
+    unauthorized(&node, &format!("token={later}"), "not valid yet").await;
+    // Registered claims links don't use are ignored: this one opens.
+    let extra = signed_claims(&json!({"sub": "alice", "peer": "bob", "exp": now + 3600, "iat": now, "iss": "app"}));
+    let (_alice, welcome) = join_signed(&node, &format!("token={extra}")).await;
+    assert_eq!(welcome["userID"], "alice");
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_token_is_401() {
     let node = signed_instance().await;
