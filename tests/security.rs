@@ -355,3 +355,26 @@ async fn pages_never_pass_their_link_on_as_a_referer() {
         assert!(head.contains("\r\nx-content-type-options: nosniff\r\n"), "{path}: {head}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_have_a_content_security_policy_and_may_not_be_framed() {
+    // Issue 16: no CSP, no frame-ancestors. The browser tests (tests/e2e) fail on
+    // any CSP violation, so this policy is known to let the pages work.
+    let node = Instance::start(settings()).await;
+    for path in ["/", "/call?userID=alice&peerID=bob", "/call.js", "/switchboard.js", "/style.css"] {
+        let response = http_get_raw(node.addr, path).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
+        let head = response.split("\r\n\r\n").next().unwrap_or_default().to_ascii_lowercase();
+        let csp = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-security-policy: "))
+            .unwrap_or_else(|| panic!("{path}: no Content-Security-Policy in {head}"));
+        let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
+        for wanted in ["default-src 'none'", "script-src 'self'", "connect-src 'self'", "frame-ancestors 'none'"] {
+            assert!(directives.contains(&wanted), "{path}: {csp} lacks {wanted}");
+        }
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval") && !csp.contains('*'), "{csp}");
+        assert!(head.contains("\r\nx-frame-options: deny\r\n"), "{path}: {head}");
+    }
+    node.stop().await;
+}
