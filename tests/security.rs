@@ -239,6 +239,54 @@ async fn forbidden_origin_is_403_and_own_pages_and_non_browsers_are_allowed() {
     node.stop().await;
 }
 
+/// Opens `/ws?{query}` with these `Host` and `Origin` headers, as a page whose
+/// domain name was made to resolve to this server (DNS rebinding) would.
+async fn open_as(node: &Instance, query: &str, host: &str, origin: &str) -> Result<Client, WsError> {
+    let mut request = format!("ws://{}/ws?{query}", node.addr).into_client_request().unwrap();
+    request.headers_mut().insert("host", HeaderValue::from_str(host).unwrap());
+    request.headers_mut().insert("origin", HeaderValue::from_str(origin).unwrap());
+    Client::connect_request(request).await
+}
+
+fn status_of(result: Result<Client, WsError>) -> u16 {
+    match result {
+        Ok(_) => 101,
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP answer, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_rebinding_a_forged_host_matching_the_origin_is_403() {
+    // Issue 16: the same-origin check compared Origin with Host, which a
+    // rebinding page controls, and the welcome carries TURN credentials.
+    let port = 8080;
+    let rebound = (format!("evil.example:{port}"), format!("http://evil.example:{port}"));
+    // With SWITCHBOARD_PUBLIC_URL set (as an operator would, through the settings).
+    let mut s = Settings::load_with_env(None, &[("SWITCHBOARD_PUBLIC_URL", "https://call.example.com")]).unwrap();
+    s.listen = "127.0.0.1:0".parse().unwrap();
+    s.drain = Duration::ZERO;
+    let node = Instance::start(s).await;
+    let q = "userID=alice&peerID=bob";
+    assert_eq!(status_of(open_as(&node, q, &rebound.0, &rebound.1).await), 403);
+    assert_eq!(status_of(open_as(&node, q, "call.example.com", "https://evil.example").await), 403);
+    let mut own = open_as(&node, q, "call.example.com", "https://call.example.com").await.expect("the public origin");
+    assert_eq!(own.recv_json().await["type"], "welcome");
+    node.stop().await;
+    // Without it: Host counts only when it is an IP address or localhost.
+    let node = Instance::start(settings()).await;
+    assert_eq!(status_of(open_as(&node, q, &rebound.0, &rebound.1).await), 403);
+    assert_eq!(status_of(open_as(&node, q, "call.example.com", "https://call.example.com").await), 403);
+    let addr = node.addr.to_string();
+    let mut own = open_as(&node, q, &addr, &format!("http://{addr}")).await.expect("an IP address");
+    assert_eq!(own.recv_json().await["type"], "welcome");
+    let local = format!("localhost:{}", node.addr.port());
+    let mut other =
+        open_as(&node, "userID=bob&peerID=alice", &local, &format!("http://{local}")).await.expect("localhost");
+    assert_eq!(other.recv_json().await["type"], "welcome");
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listed_origins_are_allowed_and_star_allows_all() {
     let mut s = settings();

@@ -455,7 +455,8 @@ impl Values {
             None => None,
         };
         let allowed_origins = crate::origin::AllowedOrigins::parse(&self.text_or_empty("allowed_origins")?)
-            .map_err(|why| self.bad("allowed_origins", format!("must list origins: {why}")))?;
+            .map_err(|why| self.bad("allowed_origins", format!("must list origins: {why}")))?
+            .with_public_url(public_url.as_deref());
         let turn_urls: Vec<String> = self
             .text_or_empty("turn_urls")?
             .split(',')
