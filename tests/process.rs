@@ -114,6 +114,37 @@ fn at_the_open_file_limit_it_warns_at_start_and_logs_failed_accepts_about_once_a
     drop(held);
 }
 
+#[tokio::test]
+async fn metrics_listen_moves_metrics_off_the_public_listener_and_stops_with_the_rest() {
+    let server = Process::spawn(&[("SWITCHBOARD_METRICS_LISTEN", "127.0.0.1:0"), ("SWITCHBOARD_DRAIN_SECS", "0")]);
+    let line = server.output().wait_for("the /metrics address", |l| json_fields(l)["message"] == "serving /metrics");
+    let metrics_addr: std::net::SocketAddr = json_fields(&line)["metrics_addr"].as_str().unwrap().parse().unwrap();
+    assert_ne!(metrics_addr.port(), server.addr.port());
+    assert_eq!(http_get(server.addr, "/metrics").await.0, 404, "the public listener no longer serves /metrics");
+    assert_eq!(http_get(server.addr, "/healthz").await.0, 200);
+    let (status, body) = http_get(metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("# TYPE switchboard_"), "{body}");
+    assert_eq!(http_get(metrics_addr, "/healthz").await.0, 404, "the metrics listener serves /metrics alone");
+    assert_eq!(http_get(metrics_addr, "/").await.0, 404);
+    server.sigterm();
+    let (exit, _) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert!(std::net::TcpStream::connect(metrics_addr).is_err(), "the metrics listener closed with the process");
+    // Unset, /metrics stays where it was.
+    let plain = Process::spawn(&[]);
+    assert_eq!(http_get(plain.addr, "/metrics").await.0, 200);
+}
+
+#[test]
+fn a_metrics_address_in_use_stops_the_server_naming_the_setting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, stderr) = run(&[("SWITCHBOARD_METRICS_LISTEN", &addr), ("SWITCHBOARD_LISTEN", "127.0.0.1:0")], &[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains(&format!("cannot listen on {addr} (SWITCHBOARD_METRICS_LISTEN)")), "{stderr}");
+}
+
 /// A TOML file in a fresh temporary folder.
 fn config_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("sb-process-{}-{name}", std::process::id()));

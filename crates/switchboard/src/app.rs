@@ -46,17 +46,42 @@ pub enum RunError {
     /// Serving HTTP failed.
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
+    /// `SWITCHBOARD_METRICS_LISTEN` could not be bound.
+    #[error("cannot listen on {0} (SWITCHBOARD_METRICS_LISTEN): {1}")]
+    MetricsListen(std::net::SocketAddr, std::io::Error),
 }
 
-/// The HTTP routes over `state`.
+/// The HTTP routes over `state`. `/metrics` is among them unless
+/// `SWITCHBOARD_METRICS_LISTEN` gives it a listener of its own (then it is a 404 here).
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/ws", get(routes::ws::upgrade))
         .route("/healthz", get(routes::health::healthz))
-        .route("/readyz", get(routes::health::readyz))
-        .route("/metrics", get(routes::health::metrics))
-        .merge(routes::assets::router())
-        .with_state(state)
+        .route("/readyz", get(routes::health::readyz));
+    if state.settings.metrics_listen.is_none() {
+        router = router.route("/metrics", get(routes::health::metrics));
+    }
+    router.merge(routes::assets::router()).with_state(state)
+}
+
+/// Serves `/metrics` alone on `addr` until `stop`, on `background`.
+async fn start_metrics(
+    addr: std::net::SocketAddr,
+    stop: &CancellationToken,
+    background: &TaskTracker,
+) -> Result<(), RunError> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| RunError::MetricsListen(addr, e))?;
+    let metrics_addr = listener.local_addr()?;
+    tracing::info!(%metrics_addr, "serving /metrics");
+    let router = Router::new().route("/metrics", get(routes::health::metrics));
+    let stop = stop.clone();
+    background.spawn(async move {
+        let served = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "the /metrics listener failed");
+        }
+    });
+    Ok(())
 }
 
 /// Serves on `listener` through the instance's [`Phase`]s. The first item of
@@ -76,6 +101,9 @@ pub async fn run(
     // announce their leave on the way out.
     let broker_stop = CancellationToken::new();
     let background = TaskTracker::new();
+    if let Some(addr) = settings.metrics_listen {
+        start_metrics(addr, &broker_stop, &background).await?;
+    }
     let registry = Arc::new(Registry::new());
     let broker = start_broker(&settings, registry.clone(), &broker_stop, &background).await?;
     start_upkeep(&settings, &registry, &broker, &broker_stop, &background);

@@ -58,6 +58,11 @@ const fn whole(key: &'static str, default: &'static str, min: u64, max: u64, hel
 pub const SETTINGS: &[Setting] = &[
     text("listen", Some("127.0.0.1:8080"), "address to listen on; port 0 picks a free port"),
     text(
+        "metrics_listen",
+        None,
+        "serve /metrics on this address only, e.g. 127.0.0.1:9090, and 404 on LISTEN; unset = /metrics on LISTEN",
+    ),
+    text(
         "public_url",
         None,
         "where users reach the server, e.g. https://call.example.com: the start of `switchboard link` URLs \
@@ -223,6 +228,8 @@ pub enum LogFormat {
 pub struct Settings {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Where `/metrics` is served instead of `listen`, if set.
+    pub metrics_listen: Option<SocketAddr>,
     /// Where users reach the server (`http(s)://host[:port][/path]`, without a trailing slash).
     pub public_url: Option<String>,
     /// Redis URL; `None` selects the in-memory broker.
@@ -403,6 +410,12 @@ impl Values {
         let listen = listen_text.parse().map_err(|_| {
             self.bad("listen", format!("must be a socket address such as 127.0.0.1:8080, not {listen_text:?}"))
         })?;
+        let metrics_listen = match self.text("metrics_listen")? {
+            Some(text) => Some(text.trim().parse().map_err(|_| {
+                self.bad("metrics_listen", format!("must be a socket address such as 127.0.0.1:9090, not {text:?}"))
+            })?),
+            None => None,
+        };
         let public_url = self.text("public_url")?.map(|u| u.trim().trim_end_matches('/').to_owned());
         if let Some(url) = &public_url {
             if !valid_public_url(url) {
@@ -480,6 +493,7 @@ impl Values {
         };
         Ok(Settings {
             listen,
+            metrics_listen,
             public_url,
             redis_url,
             channel_prefix,
@@ -580,6 +594,7 @@ mod tests {
     fn bad_values_name_their_key() {
         for (key, value) in [
             ("SWITCHBOARD_LISTEN", "nowhere"),
+            ("SWITCHBOARD_METRICS_LISTEN", "localhost"),
             ("SWITCHBOARD_REDIS_URL", "http://x"),
             ("SWITCHBOARD_MAX_MESSAGE_BYTES", "lots"),
             ("SWITCHBOARD_MAX_MESSAGE_BYTES", "0"),
