@@ -66,7 +66,7 @@ pub const SETTINGS: &[Setting] = &[
         "public_url",
         None,
         "where users reach the server, e.g. https://call.example.com: the start of `switchboard link` URLs \
-         and of the \"open\" line at start; unset = http:// and the listen address",
+         and of the \"open\" line at start, and the origin /ws accepts; unset = http:// and the listen address",
     ),
     text("redis_url", None, "redis://host:port/db; unset = in-memory broker, one instance only"),
     text("channel_prefix", Some("switchboard"), "start of every Redis channel and key"),
