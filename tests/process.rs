@@ -58,6 +58,93 @@ fn numbers_are_whole_numbers_within_their_range() {
     );
 }
 
+#[test]
+fn numbers_past_their_upper_bound_stop_the_server() {
+    // Issue 16: a drain of 2^64-1 s never ended; 100000 worker threads were started.
+    for (key, value, range) in [
+        ("SWITCHBOARD_DRAIN_SECS", "18446744073709551615", "0 and 3600"),
+        ("SWITCHBOARD_WORKER_THREADS", "100000", "0 and 256"),
+        ("SWITCHBOARD_PRESENCE_TTL_SECS", "9999999999", "3 and 3600"),
+    ] {
+        let (code, _, stderr) = run(&[(key, value)], &[]);
+        assert_eq!(code, Some(2), "{key}={value}");
+        assert_eq!(
+            stderr.trim_end(),
+            format!("switchboard: configuration error: {key} must be between {range}, not {value}")
+        );
+    }
+}
+
+/// The binary under `sh -c 'ulimit -n {nofile}'`, like [`command`].
+fn command_with_open_file_limit(nofile: u32) -> std::process::Command {
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c").arg(format!("ulimit -n {nofile} && exec \"$0\"")).arg(command().get_program());
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        if name.starts_with("SWITCHBOARD_") || name == "RUST_LOG" || name == "NO_COLOR" {
+            sh.env_remove(key);
+        }
+    }
+    sh.env("SWITCHBOARD_LOG_FORMAT", "json");
+    sh
+}
+
+fn json_fields(line: &str) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(line).map(|v| v["fields"].clone()).unwrap_or_default()
+}
+
+#[test]
+fn at_the_open_file_limit_it_warns_at_start_and_logs_failed_accepts_about_once_a_second() {
+    let server = Process::start(command_with_open_file_limit(64));
+    // MAX_SOCKETS (50000 by default) can't be reached with 64 descriptors.
+    let warning = server.output().wait_for("the open-file warning", |l| json_fields(l)["open_file_limit"] == 64);
+    assert!(warning.contains("SWITCHBOARD_MAX_SOCKETS=50000 exceeds"), "{warning}");
+    // Connections past the limit wait in the backlog: every accept fails (EMFILE).
+    let held: Vec<std::net::TcpStream> = (0..100).map(|_| std::net::TcpStream::connect(server.addr).unwrap()).collect();
+    let summary = server.output().wait_for("a failed-accept line with a count", |l| {
+        json_fields(l)["message"] == "accept failed" && json_fields(l)["suppressed"].as_u64().is_some_and(|n| n > 0)
+    });
+    // Before it, one line for the first failure; the 50 ms retries in between are counted, not logged.
+    let lines = server.output().lines();
+    let failed: Vec<&String> = lines.iter().filter(|l| json_fields(l)["message"] == "accept failed").collect();
+    assert_eq!(failed[0..2], [failed[0], &summary], "{failed:#?}");
+    assert_eq!(json_fields(failed[0])["suppressed"], 0, "{}", failed[0]);
+    let suppressed = json_fields(&summary)["suppressed"].as_u64().unwrap();
+    assert!((1..=25).contains(&suppressed), "about 20 retries a second, not {suppressed}: {summary}");
+    drop(held);
+}
+
+#[tokio::test]
+async fn metrics_listen_moves_metrics_off_the_public_listener_and_stops_with_the_rest() {
+    let server = Process::spawn(&[("SWITCHBOARD_METRICS_LISTEN", "127.0.0.1:0"), ("SWITCHBOARD_DRAIN_SECS", "0")]);
+    let line = server.output().wait_for("the /metrics address", |l| json_fields(l)["message"] == "serving /metrics");
+    let metrics_addr: std::net::SocketAddr = json_fields(&line)["metrics_addr"].as_str().unwrap().parse().unwrap();
+    assert_ne!(metrics_addr.port(), server.addr.port());
+    assert_eq!(http_get(server.addr, "/metrics").await.0, 404, "the public listener no longer serves /metrics");
+    assert_eq!(http_get(server.addr, "/healthz").await.0, 200);
+    let (status, body) = http_get(metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("# TYPE switchboard_"), "{body}");
+    assert_eq!(http_get(metrics_addr, "/healthz").await.0, 404, "the metrics listener serves /metrics alone");
+    assert_eq!(http_get(metrics_addr, "/").await.0, 404);
+    server.sigterm();
+    let (exit, _) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert!(std::net::TcpStream::connect(metrics_addr).is_err(), "the metrics listener closed with the process");
+    // Unset, /metrics stays where it was.
+    let plain = Process::spawn(&[]);
+    assert_eq!(http_get(plain.addr, "/metrics").await.0, 200);
+}
+
+#[test]
+fn a_metrics_address_in_use_stops_the_server_naming_the_setting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, stderr) = run(&[("SWITCHBOARD_METRICS_LISTEN", &addr), ("SWITCHBOARD_LISTEN", "127.0.0.1:0")], &[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains(&format!("cannot listen on {addr} (SWITCHBOARD_METRICS_LISTEN)")), "{stderr}");
+}
+
 /// A TOML file in a fresh temporary folder.
 fn config_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("sb-process-{}-{name}", std::process::id()));

@@ -121,6 +121,33 @@ async fn malformed_tokens_are_401() {
     node.stop().await;
 }
 
+/// A token with these claims, signed with the server's key (HS256).
+fn signed_claims(claims: &serde_json::Value) -> String {
+    let message = format!("{}.{}", b64url(br#"{"typ":"JWT","alg":"HS256"}"#), b64url(claims.to_string().as_bytes()));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(KEY.as_bytes()).unwrap();
+    mac.update(message.as_bytes());
+    format!("{message}.{}", b64url(&mac.finalize().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_beyond_the_longest_link_lifetime_or_with_an_audience_are_401_with_their_reason() {
+    let node = signed_instance().await;
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let forever = signed_claims(&json!({"sub": "alice", "peer": "bob", "exp": u64::MAX}));
+    unauthorized(&node, &format!("token={forever}"), "longest link lifetime").await;
+    let eleven_years = signed_claims(&json!({"sub": "alice", "peer": "bob", "exp": now + 11 * 366 * 86400}));
+    unauthorized(&node, &format!("token={eleven_years}"), "longest link lifetime").await;
+    let audience = signed_claims(&json!({"sub": "alice", "peer": "bob", "exp": now + 3600, "aud": "other-app"}));
+    unauthorized(&node, &format!("token={audience}"), "audience (aud)").await;
+    let later = signed_claims(&json!({"sub": "alice", "peer": "bob", "exp": now + 3600, "nbf": now + 600}));
+    unauthorized(&node, &format!("token={later}"), "not valid yet").await;
+    // Registered claims links don't use are ignored: this one opens.
+    let extra = signed_claims(&json!({"sub": "alice", "peer": "bob", "exp": now + 3600, "iat": now, "iss": "app"}));
+    let (_alice, welcome) = join_signed(&node, &format!("token={extra}")).await;
+    assert_eq!(welcome["userID"], "alice");
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_token_is_401() {
     let node = signed_instance().await;
@@ -209,6 +236,54 @@ async fn forbidden_origin_is_403_and_own_pages_and_non_browsers_are_allowed() {
     let mut bob = open(&node, "userID=bob&peerID=alice", None).await.expect("no origin upgrades");
     assert_eq!(bob.recv_json().await["type"], "welcome");
     assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    node.stop().await;
+}
+
+/// Opens `/ws?{query}` with these `Host` and `Origin` headers, as a page whose
+/// domain name was made to resolve to this server (DNS rebinding) would.
+async fn open_as(node: &Instance, query: &str, host: &str, origin: &str) -> Result<Client, WsError> {
+    let mut request = format!("ws://{}/ws?{query}", node.addr).into_client_request().unwrap();
+    request.headers_mut().insert("host", HeaderValue::from_str(host).unwrap());
+    request.headers_mut().insert("origin", HeaderValue::from_str(origin).unwrap());
+    Client::connect_request(request).await
+}
+
+fn status_of(result: Result<Client, WsError>) -> u16 {
+    match result {
+        Ok(_) => 101,
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP answer, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_rebinding_a_forged_host_matching_the_origin_is_403() {
+    // Issue 16: the same-origin check compared Origin with Host, which a
+    // rebinding page controls, and the welcome carries TURN credentials.
+    let port = 8080;
+    let rebound = (format!("evil.example:{port}"), format!("http://evil.example:{port}"));
+    // With SWITCHBOARD_PUBLIC_URL set (as an operator would, through the settings).
+    let mut s = Settings::load_with_env(None, &[("SWITCHBOARD_PUBLIC_URL", "https://call.example.com")]).unwrap();
+    s.listen = "127.0.0.1:0".parse().unwrap();
+    s.drain = Duration::ZERO;
+    let node = Instance::start(s).await;
+    let q = "userID=alice&peerID=bob";
+    assert_eq!(status_of(open_as(&node, q, &rebound.0, &rebound.1).await), 403);
+    assert_eq!(status_of(open_as(&node, q, "call.example.com", "https://evil.example").await), 403);
+    let mut own = open_as(&node, q, "call.example.com", "https://call.example.com").await.expect("the public origin");
+    assert_eq!(own.recv_json().await["type"], "welcome");
+    node.stop().await;
+    // Without it: Host counts only when it is an IP address or localhost.
+    let node = Instance::start(settings()).await;
+    assert_eq!(status_of(open_as(&node, q, &rebound.0, &rebound.1).await), 403);
+    assert_eq!(status_of(open_as(&node, q, "call.example.com", "https://call.example.com").await), 403);
+    let addr = node.addr.to_string();
+    let mut own = open_as(&node, q, &addr, &format!("http://{addr}")).await.expect("an IP address");
+    assert_eq!(own.recv_json().await["type"], "welcome");
+    let local = format!("localhost:{}", node.addr.port());
+    let mut other =
+        open_as(&node, "userID=bob&peerID=alice", &local, &format!("http://{local}")).await.expect("localhost");
+    assert_eq!(other.recv_json().await["type"], "welcome");
     node.stop().await;
 }
 
@@ -327,4 +402,27 @@ async fn pages_never_pass_their_link_on_as_a_referer() {
         assert!(head.contains("\r\nreferrer-policy: no-referrer\r\n"), "{path}: {head}");
         assert!(head.contains("\r\nx-content-type-options: nosniff\r\n"), "{path}: {head}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_have_a_content_security_policy_and_may_not_be_framed() {
+    // Issue 16: no CSP, no frame-ancestors. The browser tests (tests/e2e) fail on
+    // any CSP violation, so this policy is known to let the pages work.
+    let node = Instance::start(settings()).await;
+    for path in ["/", "/call?userID=alice&peerID=bob", "/call.js", "/switchboard.js", "/style.css"] {
+        let response = http_get_raw(node.addr, path).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
+        let head = response.split("\r\n\r\n").next().unwrap_or_default().to_ascii_lowercase();
+        let csp = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-security-policy: "))
+            .unwrap_or_else(|| panic!("{path}: no Content-Security-Policy in {head}"));
+        let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
+        for wanted in ["default-src 'none'", "script-src 'self'", "connect-src 'self'", "frame-ancestors 'none'"] {
+            assert!(directives.contains(&wanted), "{path}: {csp} lacks {wanted}");
+        }
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval") && !csp.contains('*'), "{csp}");
+        assert!(head.contains("\r\nx-frame-options: deny\r\n"), "{path}: {head}");
+    }
+    node.stop().await;
 }

@@ -31,6 +31,11 @@ const HTTP_GRACE: Duration = Duration::from_secs(5);
 const BACKGROUND_GRACE: Duration = Duration::from_secs(2);
 /// Pause after a failed `accept` (out of file descriptors and the like).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// After the first failed `accept` is logged, at most one more line per this span.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
+/// File descriptors the process needs besides its sockets: listener, Redis
+/// lanes and subscriber, runtime, logs, and connections still in their handshake.
+pub const FD_RESERVE: u64 = 64;
 
 /// Why the server could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -41,17 +46,42 @@ pub enum RunError {
     /// Serving HTTP failed.
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
+    /// `SWITCHBOARD_METRICS_LISTEN` could not be bound.
+    #[error("cannot listen on {0} (SWITCHBOARD_METRICS_LISTEN): {1}")]
+    MetricsListen(std::net::SocketAddr, std::io::Error),
 }
 
-/// The HTTP routes over `state`.
+/// The HTTP routes over `state`. `/metrics` is among them unless
+/// `SWITCHBOARD_METRICS_LISTEN` gives it a listener of its own (then it is a 404 here).
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/ws", get(routes::ws::upgrade))
         .route("/healthz", get(routes::health::healthz))
-        .route("/readyz", get(routes::health::readyz))
-        .route("/metrics", get(routes::health::metrics))
-        .merge(routes::assets::router())
-        .with_state(state)
+        .route("/readyz", get(routes::health::readyz));
+    if state.settings.metrics_listen.is_none() {
+        router = router.route("/metrics", get(routes::health::metrics));
+    }
+    router.merge(routes::assets::router()).with_state(state)
+}
+
+/// Serves `/metrics` alone on `addr` until `stop`, on `background`.
+async fn start_metrics(
+    addr: std::net::SocketAddr,
+    stop: &CancellationToken,
+    background: &TaskTracker,
+) -> Result<(), RunError> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| RunError::MetricsListen(addr, e))?;
+    let metrics_addr = listener.local_addr()?;
+    tracing::info!(%metrics_addr, "serving /metrics");
+    let router = Router::new().route("/metrics", get(routes::health::metrics));
+    let stop = stop.clone();
+    background.spawn(async move {
+        let served = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "the /metrics listener failed");
+        }
+    });
+    Ok(())
 }
 
 /// Who asks the instance to stop.
@@ -82,6 +112,9 @@ pub async fn run(
     // announce their leave on the way out.
     let broker_stop = CancellationToken::new();
     let background = TaskTracker::new();
+    if let Some(addr) = settings.metrics_listen {
+        start_metrics(addr, &broker_stop, &background).await?;
+    }
     let registry = Arc::new(Registry::new());
     let broker = start_broker(&settings, registry.clone(), &broker_stop, &background).await?;
     start_upkeep(&settings, &registry, &broker, &broker_stop, &background);
@@ -92,6 +125,14 @@ pub async fn run(
     let broker_kind = if state.settings.redis_url.is_some() { "redis" } else { "memory" };
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(%addr, broker = broker_kind, workers, "listening");
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) => {
+            if let Some(warning) = fd_limit_warning(state.settings.max_sockets, soft) {
+                tracing::warn!(max_sockets = state.settings.max_sockets, open_file_limit = soft, "{warning}");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot read the open-file limit"),
+    }
 
     let server = serve(listener, router(state.clone()), state.settings.handshake_timeout, state.clone());
     let (served, ()) = tokio::join!(server, shut_down(state.clone(), Box::pin(requests)));
@@ -228,13 +269,16 @@ async fn serve(listener: TcpListener, router: Router, head_timeout: Duration, st
     builder.timer(TokioTimer::new()).header_read_timeout(head_timeout);
     let closing = state.lifecycle.reached(Phase::Closing);
     tokio::pin!(closing);
+    let mut failures = AcceptFailures::default();
     loop {
         let stream = tokio::select! {
             () = closing.as_mut() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    if let Some(suppressed) = failures.log_now(std::time::Instant::now()) {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
@@ -262,4 +306,71 @@ async fn serve(listener: TcpListener, router: Router, head_timeout: Duration, st
     connections.close();
     let _ = tokio::time::timeout(HTTP_GRACE, connections.wait()).await;
     Ok(())
+}
+
+/// The warning for a `max_sockets` that the open-file limit `nofile` (soft)
+/// does not allow, counting [`FD_RESERVE`] for everything but the sockets.
+pub fn fd_limit_warning(max_sockets: usize, nofile: u64) -> Option<String> {
+    let room = nofile.saturating_sub(FD_RESERVE);
+    (max_sockets as u64 > room).then(|| {
+        format!(
+            "SWITCHBOARD_MAX_SOCKETS={max_sockets} exceeds what the open-file limit ({nofile}) allows, about {room} \
+             sockets: raise the limit (ulimit -n, LimitNOFILE=, the container's nofile) or lower the setting"
+        )
+    })
+}
+
+/// Which failed `accept`s are logged: the first at once, then at most one per
+/// [`ACCEPT_LOG_EVERY`], carrying the count of those not logged in between
+/// (at the open-file limit, `accept` fails every [`ACCEPT_BACKOFF`]).
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    logged_at: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl AcceptFailures {
+    /// For a failure at `now`: `Some(failures not logged since the last line)`
+    /// when this one is to be logged, `None` when it is counted instead.
+    fn log_now(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.logged_at {
+            Some(at) if now.saturating_duration_since(at) < ACCEPT_LOG_EVERY => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.logged_at = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_accepts_are_logged_once_then_once_a_second_with_a_count() {
+        let start = std::time::Instant::now();
+        let mut failures = AcceptFailures::default();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // A failure every 50 ms for 2.5 s: three lines, not fifty.
+        let logged: Vec<(u64, u64)> =
+            (0..50).filter_map(|i| failures.log_now(at(i * 50)).map(|suppressed| (i * 50, suppressed))).collect();
+        assert_eq!(logged, [(0, 0), (1000, 19), (2000, 19)]);
+        // After a quiet spell the next failure is logged at once, with what was left uncounted.
+        assert_eq!(failures.log_now(at(10_000)), Some(9));
+        assert_eq!(failures.log_now(at(10_001)), None);
+    }
+
+    #[test]
+    fn warns_when_max_sockets_exceeds_the_open_file_limit() {
+        assert_eq!(fd_limit_warning(50_000, 1_048_576), None);
+        assert_eq!(fd_limit_warning(1000, 1000 + FD_RESERVE), None);
+        let warning = fd_limit_warning(50_000, 1024).unwrap();
+        assert!(warning.contains("SWITCHBOARD_MAX_SOCKETS=50000") && warning.contains("(1024)"), "{warning}");
+        assert!(warning.contains(&format!("about {} sockets", 1024 - FD_RESERVE)), "{warning}");
+        assert!(fd_limit_warning(1, 10).is_some());
+    }
 }

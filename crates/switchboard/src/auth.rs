@@ -22,7 +22,9 @@
 //! well-kept JWT crate offers HMAC alone. The checks are those jsonwebtoken
 //! made before (`Validation::new(HS256)` with `exp` and `sub` required, `nbf`
 //! checked, no leeway), in its order, with the same answers; the unit tests
-//! pin them with tokens it signed and refused. Header fields other than `alg`
+//! pin them with tokens it signed and refused. Two checks go further (issue
+//! 16): an `exp` beyond [`MAX_LINK_TTL`] from now is refused, and an `aud`
+//! gets its own reason instead of "malformed". Header fields other than `alg`
 //! are not read.
 
 use std::fmt;
@@ -96,6 +98,13 @@ pub enum TokenError {
     /// `nbf` lies in the future.
     #[error("the token is not valid yet")]
     NotYetValid,
+    /// `exp` lies further ahead than the longest link lifetime, [`MAX_LINK_TTL`].
+    #[error("the token's expiry is further away than the longest link lifetime (10 years)")]
+    TooLong,
+    /// The claims name an audience (`aud`): call links are issued for none,
+    /// and RFC 7519 (4.1.3) has a token refused by a party not in its audience.
+    #[error("the token names an audience (aud), which call links never do")]
+    Audience,
     /// The claims hold IDs that are invalid, or the same user twice.
     #[error("the token's claims are not a valid pair of IDs")]
     BadClaims,
@@ -161,7 +170,10 @@ impl LinkSigner {
     /// the claims must hold `sub`, `peer` and `exp` (and `nbf`, if present,
     /// must be a date); `exp` must not have passed and `nbf` must have come,
     /// with no grace period, since a token is checked once, when the socket
-    /// opens; and an audience (`aud`) is refused, since links name none.
+    /// opens; `exp` must lie within [`MAX_LINK_TTL`] from now (no link is made
+    /// for longer, so a later one is a mistake or a forgery meant to last);
+    /// and an audience (`aud`) is refused, since links name none (RFC 7519
+    /// 4.1.3). Other claims (`iat`, `iss`, `jti`, ...) are ignored.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         use TokenError::{BadSignature, Malformed};
         let (message, signature) = token.rsplit_once('.').ok_or(Malformed)?;
@@ -190,8 +202,11 @@ impl LinkSigner {
         if nbf.is_some_and(|nbf| nbf > now) {
             return Err(TokenError::NotYetValid);
         }
+        if claims.exp > now.saturating_add(MAX_LINK_TTL.as_secs()) {
+            return Err(TokenError::TooLong);
+        }
         if audience {
-            return Err(Malformed);
+            return Err(TokenError::Audience);
         }
         Ok(claims)
     }
@@ -378,10 +393,12 @@ mod tests {
 
     #[test]
     fn verify_answers_as_jsonwebtoken_did() {
-        use TokenError::{BadSignature, Expired, Malformed, NotYetValid};
+        use TokenError::{Audience, BadSignature, Expired, Malformed, NotYetValid};
         let s = signer(KEY);
+        // Within the longest link lifetime from now (a later expiry is refused, see below).
+        let soon = unix_secs(SystemTime::now()) + 86400;
         const H: &str = r#"{"typ":"JWT","alg":"HS256"}"#;
-        let claims = |extra: &str| format!(r#"{{"sub":"alice","peer":"bob","exp":{FUTURE}{extra}}}"#);
+        let claims = |extra: &str| format!(r#"{{"sub":"alice","peer":"bob","exp":{soon}{extra}}}"#);
         let ok = claims("");
         let header = |alg: &str| format!(r#"{{"typ":"JWT","alg":"{alg}"}}"#);
         let cases: Vec<(String, Result<(), TokenError>)> = vec![
@@ -408,11 +425,11 @@ mod tests {
             (raw(H, "[]", "another secret, also 32 bytes long"), Err(BadSignature)),
             (raw(H, "[]", KEY), Err(Malformed)),
             (raw(H, r#"{"sub":"alice","peer":"bob"}"#, KEY), Err(Malformed)),
-            (raw(H, &format!(r#"{{"peer":"bob","exp":{FUTURE}}}"#), KEY), Err(Malformed)),
-            (raw(H, &format!(r#"{{"sub":"alice","exp":{FUTURE}}}"#), KEY), Err(Malformed)),
-            (raw(H, &format!(r#"{{"sub":5,"peer":"bob","exp":{FUTURE}}}"#), KEY), Err(Malformed)),
-            (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":"{FUTURE}"}}"#), KEY), Err(Malformed)),
-            (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":{FUTURE}.0}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"peer":"bob","exp":{soon}}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","exp":{soon}}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":5,"peer":"bob","exp":{soon}}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":"{soon}"}}"#), KEY), Err(Malformed)),
+            (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":{soon}.0}}"#), KEY), Err(Malformed)),
             (raw(H, r#"{"sub":"alice","peer":"bob","exp":-1}"#, KEY), Err(Malformed)),
             (raw(H, r#"{"sub":"alice","peer":"bob","exp":null}"#, KEY), Err(Malformed)),
             (raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":{PAST}}}"#), KEY), Err(Expired)),
@@ -423,10 +440,10 @@ mod tests {
             (raw(H, &claims(r#","nbf":null"#), KEY), Err(Malformed)),
             (raw(H, &claims(r#","nbf":"1""#), KEY), Err(Malformed)),
             (raw(H, &claims(r#","nbf":-1"#), KEY), Err(Malformed)),
-            // An audience is refused: links name none. (A non-string one was ignored.)
-            (raw(H, &claims(r#","aud":"x""#), KEY), Err(Malformed)),
-            (raw(H, &claims(r#","aud":["x"]"#), KEY), Err(Malformed)),
-            (raw(H, &claims(r#","aud":[]"#), KEY), Err(Malformed)),
+            // An audience is refused, with its own reason: links name none. (A non-string one was ignored.)
+            (raw(H, &claims(r#","aud":"x""#), KEY), Err(Audience)),
+            (raw(H, &claims(r#","aud":["x"]"#), KEY), Err(Audience)),
+            (raw(H, &claims(r#","aud":[]"#), KEY), Err(Audience)),
             (raw(H, &claims(r#","aud":5"#), KEY), Ok(())),
             (raw(H, &claims(r#","aud":null"#), KEY), Ok(())),
             (raw(H, &claims(r#","iss":"x","jti":"y","extra":[1]"#), KEY), Ok(())),
@@ -455,6 +472,33 @@ mod tests {
             ("..".to_owned(), Malformed),
         ] {
             assert_eq!(s.verify(&token).map(drop), Err(expected), "{token}");
+        }
+    }
+
+    #[test]
+    fn expiry_beyond_the_longest_link_lifetime_is_refused() {
+        use TokenError::{Audience, NotYetValid, TooLong};
+        let s = signer(KEY);
+        const H: &str = r#"{"typ":"JWT","alg":"HS256"}"#;
+        let now = unix_secs(SystemTime::now());
+        let max = MAX_LINK_TTL.as_secs();
+        let with_exp =
+            |exp: u64, extra: &str| raw(H, &format!(r#"{{"sub":"alice","peer":"bob","exp":{exp}{extra}}}"#), KEY);
+        // The longest link `switchboard link` makes is accepted; a minute more, or forever, is not.
+        assert_eq!(s.verify(&with_exp(now + max - 60, "")).map(drop), Ok(()));
+        assert_eq!(s.verify(&with_exp(now + max + 60, "")).map(drop), Err(TooLong));
+        assert_eq!(s.verify(&with_exp(u64::MAX, "")).map(drop), Err(TooLong));
+        assert_eq!(s.verify(&with_exp(FUTURE * 10, "")).map(drop), Err(TooLong));
+        let [link, _] = call_links(&s, "http://x", "alice", "bob", MAX_LINK_TTL, SystemTime::now()).unwrap();
+        assert!(s.verify(link.url.rsplit_once("token=").unwrap().1).is_ok());
+        // Registered claims that links don't use are ignored; nbf is honoured.
+        let hour = now + 3600;
+        assert_eq!(s.verify(&with_exp(hour, &format!(r#","iat":{now},"iss":"app","jti":"1""#))).map(drop), Ok(()));
+        assert_eq!(s.verify(&with_exp(hour, &format!(r#","nbf":{}"#, now + 600))).map(drop), Err(NotYetValid));
+        assert_eq!(s.verify(&with_exp(hour, r#","aud":"app""#)).map(drop), Err(Audience));
+        // Each refusal says why, in words of its own.
+        for (error, words) in [(TooLong, "longest link lifetime"), (Audience, "audience (aud)")] {
+            assert!(error.to_string().contains(words), "{error}");
         }
     }
 

@@ -22,12 +22,13 @@ use crate::turn::{IceServers, Turn};
 pub enum Kind {
     /// Text, checked by the code that uses it.
     Text,
-    /// A whole number from `min` to `max` (no upper bound but the type's when `None`).
+    /// A whole number from `min` to `max`. Every one has an upper bound: an
+    /// unbounded drain, thread count or TTL is a mistake, not a setting.
     Whole {
         /// Smallest value allowed.
         min: u64,
         /// Largest value allowed.
-        max: Option<u64>,
+        max: u64,
     },
 }
 
@@ -48,7 +49,7 @@ const fn text(key: &'static str, default: Option<&'static str>, help: &'static s
     Setting { key, default, kind: Kind::Text, help }
 }
 
-const fn whole(key: &'static str, default: &'static str, min: u64, max: Option<u64>, help: &'static str) -> Setting {
+const fn whole(key: &'static str, default: &'static str, min: u64, max: u64, help: &'static str) -> Setting {
     Setting { key, default: Some(default), kind: Kind::Whole { min, max }, help }
 }
 
@@ -57,37 +58,42 @@ const fn whole(key: &'static str, default: &'static str, min: u64, max: Option<u
 pub const SETTINGS: &[Setting] = &[
     text("listen", Some("127.0.0.1:8080"), "address to listen on; port 0 picks a free port"),
     text(
+        "metrics_listen",
+        None,
+        "serve /metrics on this address only, e.g. 127.0.0.1:9090, and 404 on LISTEN; unset = /metrics on LISTEN",
+    ),
+    text(
         "public_url",
         None,
         "where users reach the server, e.g. https://call.example.com: the start of `switchboard link` URLs \
-         and of the \"open\" line at start; unset = http:// and the listen address",
+         and of the \"open\" line at start, and the origin /ws accepts; unset = http:// and the listen address",
     ),
     text("redis_url", None, "redis://host:port/db; unset = in-memory broker, one instance only"),
     text("channel_prefix", Some("switchboard"), "start of every Redis channel and key"),
-    whole("max_message_bytes", "65536", 1, Some(16 << 20), "largest client message, in bytes"),
+    whole("max_message_bytes", "65536", 1, 16 << 20, "largest client message, in bytes"),
     text("log_format", Some("text"), "text | json"),
     text("ice_servers", Some("[]"), "JSON array of RTCIceServer objects sent in the welcome"),
     text("static_dir", None, "serve the page files from this folder instead of the embedded copy"),
-    whole("outbox_messages", "256", 1, None, "per-session outbound queue, in messages"),
-    whole("outbox_bytes", "1048576", 1, None, "per-session outbound queue, in bytes"),
-    whole("presence_ttl_secs", "15", 3, None, "lifetime of a presence key in Redis"),
-    whole("redis_pool_size", "4", 1, None, "command lanes to Redis, one connection each"),
-    whole("shutdown_grace_secs", "10", 0, None, "time allowed for sockets to close on shutdown"),
+    whole("outbox_messages", "256", 1, 65536, "per-session outbound queue, in messages"),
+    whole("outbox_bytes", "1048576", 1, 256 << 20, "per-session outbound queue, in bytes"),
+    whole("presence_ttl_secs", "15", 3, 3600, "lifetime of a presence key in Redis"),
+    whole("redis_pool_size", "4", 1, 64, "command lanes to Redis, one connection each"),
+    whole("shutdown_grace_secs", "10", 0, 3600, "time allowed for sockets to close on shutdown"),
     whole(
         "drain_secs",
         "5",
         0,
-        None,
+        3600,
         "on SIGTERM: seconds of 503 on /readyz while serving, then the same span over which sockets close \
          with 1012; 0 = close at once with 1001",
     ),
-    whole("max_sockets", "50000", 1, None, "open WebSockets per instance; more get HTTP 503"),
-    whole("worker_threads", "0", 0, None, "runtime worker threads; 0 = one per available core"),
-    whole("handshake_timeout_secs", "10", 1, None, "time allowed to send the HTTP request head"),
-    whole("ping_interval_secs", "20", 0, None, "server ping interval; 0 disables pings"),
-    whole("pong_timeout_secs", "20", 0, None, "a socket silent this long after a ping is closed"),
-    whole("rate_per_sec", "50", 1, None, "client messages per second per socket (token bucket refill)"),
-    whole("rate_burst", "200", 1, None, "token bucket size; more drops than this within 10 s closes with 1008"),
+    whole("max_sockets", "50000", 1, 1_000_000, "open WebSockets per instance; more get HTTP 503"),
+    whole("worker_threads", "0", 0, 256, "runtime worker threads; 0 = one per available core"),
+    whole("handshake_timeout_secs", "10", 1, 300, "time allowed to send the HTTP request head"),
+    whole("ping_interval_secs", "20", 0, 3600, "server ping interval; 0 disables pings"),
+    whole("pong_timeout_secs", "20", 0, 3600, "a socket silent this long after a ping is closed"),
+    whole("rate_per_sec", "50", 1, 100_000, "client messages per second per socket (token bucket refill)"),
+    whole("rate_burst", "200", 1, 1_000_000, "token bucket size; more drops than this within 10 s closes with 1008"),
     text("auth_secret", None, "HS256 key (32+ bytes); set = /ws needs a signed token (see `switchboard link`)"),
     text(
         "allowed_origins",
@@ -96,7 +102,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     text("turn_secret", None, "TURN REST shared secret (coturn static-auth-secret); needs TURN_URLS"),
     text("turn_urls", None, "comma-separated turn:/turns: URLs for the TURN credentials"),
-    whole("turn_ttl_secs", "86400", 2, Some(30 * 86400), "lifetime of TURN credentials; fresh ones are pushed at 80%"),
+    whole("turn_ttl_secs", "86400", 2, 30 * 86400, "lifetime of TURN credentials; fresh ones are pushed at 80%"),
 ];
 
 /// The environment variables' prefix.
@@ -175,11 +181,24 @@ fn wrap<'a>(out: &mut String, words: impl IntoIterator<Item = &'a str>, indent: 
     }
 }
 
+/// `min` to `max` as `--help` and README.md show it, e.g. `1–65536`.
+pub fn range_text(min: u64, max: u64) -> String {
+    format!("{min}–{max}")
+}
+
 /// The settings for `--help`: one aligned row per setting, with its default.
 pub fn env_help() -> String {
-    let mut rows: Vec<(String, &str, Option<&str>)> =
-        SETTINGS.iter().map(|s| (env_name(s.key), s.help, s.default)).collect();
-    rows.push(("RUST_LOG".into(), "log filter, e.g. info,switchboard=debug", Some("info")));
+    let mut rows: Vec<(String, String, Option<&str>)> = SETTINGS
+        .iter()
+        .map(|s| {
+            let help = match s.kind {
+                Kind::Whole { min, max } => format!("{} [range: {}]", s.help, range_text(min, max)),
+                Kind::Text => s.help.to_owned(),
+            };
+            (env_name(s.key), help, s.default)
+        })
+        .collect();
+    rows.push(("RUST_LOG".into(), "log filter, e.g. info,switchboard=debug".into(), Some("info")));
     let name_width = rows.iter().map(|(n, ..)| n.len()).max().unwrap_or(0);
     let indent = 2 + name_width + 2;
     let mut out = String::new();
@@ -209,6 +228,8 @@ pub enum LogFormat {
 pub struct Settings {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Where `/metrics` is served instead of `listen`, if set.
+    pub metrics_listen: Option<SocketAddr>,
     /// Where users reach the server (`http(s)://host[:port][/path]`, without a trailing slash).
     pub public_url: Option<String>,
     /// Redis URL; `None` selects the in-memory broker.
@@ -309,12 +330,9 @@ impl Values {
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(self.bad(key, format!("must be a whole number, not {text:?}")));
         }
-        let range = || match max {
-            Some(max) => format!("must be between {min} and {max}, not {text}"),
-            None => format!("must be at least {min}, not {text}"),
-        };
+        let range = || format!("must be between {min} and {max}, not {text}");
         let n: u64 = text.parse().map_err(|_| self.bad(key, range()))?;
-        if n < *min || max.is_some_and(|max| n > max) {
+        if n < *min || n > *max {
             return Err(self.bad(key, range()));
         }
         T::try_from(n).map_err(|_| self.bad(key, format!("is too large: {text}")))
@@ -392,6 +410,12 @@ impl Values {
         let listen = listen_text.parse().map_err(|_| {
             self.bad("listen", format!("must be a socket address such as 127.0.0.1:8080, not {listen_text:?}"))
         })?;
+        let metrics_listen = match self.text("metrics_listen")? {
+            Some(text) => Some(text.trim().parse().map_err(|_| {
+                self.bad("metrics_listen", format!("must be a socket address such as 127.0.0.1:9090, not {text:?}"))
+            })?),
+            None => None,
+        };
         let public_url = self.text("public_url")?.map(|u| u.trim().trim_end_matches('/').to_owned());
         if let Some(url) = &public_url {
             if !valid_public_url(url) {
@@ -444,7 +468,8 @@ impl Values {
             None => None,
         };
         let allowed_origins = crate::origin::AllowedOrigins::parse(&self.text_or_empty("allowed_origins")?)
-            .map_err(|why| self.bad("allowed_origins", format!("must list origins: {why}")))?;
+            .map_err(|why| self.bad("allowed_origins", format!("must list origins: {why}")))?
+            .with_public_url(public_url.as_deref());
         let turn_urls: Vec<String> = self
             .text_or_empty("turn_urls")?
             .split(',')
@@ -468,6 +493,7 @@ impl Values {
         };
         Ok(Settings {
             listen,
+            metrics_listen,
             public_url,
             redis_url,
             channel_prefix,
@@ -568,6 +594,7 @@ mod tests {
     fn bad_values_name_their_key() {
         for (key, value) in [
             ("SWITCHBOARD_LISTEN", "nowhere"),
+            ("SWITCHBOARD_METRICS_LISTEN", "localhost"),
             ("SWITCHBOARD_REDIS_URL", "http://x"),
             ("SWITCHBOARD_MAX_MESSAGE_BYTES", "lots"),
             ("SWITCHBOARD_MAX_MESSAGE_BYTES", "0"),
@@ -721,12 +748,12 @@ mod tests {
         let e = err("SWITCHBOARD_MAX_MESSAGE_BYTES", "-1");
         assert_eq!(e, "configuration error: SWITCHBOARD_MAX_MESSAGE_BYTES must be between 1 and 16777216, not -1");
         let e = err("SWITCHBOARD_PRESENCE_TTL_SECS", "99999999999999999999999");
-        assert!(e.ends_with("must be at least 3, not 99999999999999999999999") || e.contains("too large"), "{e}");
+        assert!(e.ends_with("must be between 3 and 3600, not 99999999999999999999999"), "{e}");
         assert_eq!(
             err("SWITCHBOARD_PRESENCE_TTL_SECS", "-3"),
-            "configuration error: SWITCHBOARD_PRESENCE_TTL_SECS must be at least 3, not -3"
+            "configuration error: SWITCHBOARD_PRESENCE_TTL_SECS must be between 3 and 3600, not -3"
         );
-        assert!(err("SWITCHBOARD_RATE_BURST", "5000000000").contains("too large"));
+        assert!(err("SWITCHBOARD_RATE_BURST", "5000000000").ends_with("must be between 1 and 1000000, not 5000000000"));
         // From the file, the message names the key in the file.
         let file = temp_file("whole", "max_sockets = \"many\"\n");
         let e = Settings::load_with_env(Some(&file), &[]).unwrap_err().to_string();
@@ -739,6 +766,53 @@ mod tests {
         assert!(e.contains("max_sockets in") && e.contains("whole number"), "{e}");
         for e in [e, err("SWITCHBOARD_MAX_MESSAGE_BYTES", "abc")] {
             assert_eq!(e.matches("max_sockets").count() + e.matches("MAX_MESSAGE_BYTES").count(), 1, "{e}");
+        }
+    }
+
+    #[test]
+    fn every_number_has_an_upper_bound_and_values_past_it_are_refused() {
+        // Issue 16: SWITCHBOARD_DRAIN_SECS=2^64-1 never exited, WORKER_THREADS=100000
+        // started that many threads, and huge TTLs made every `SET ... EX` fail.
+        let wholes: Vec<_> = SETTINGS
+            .iter()
+            .filter_map(|s| match s.kind {
+                Kind::Whole { min, max } => Some((s.key, min, max)),
+                Kind::Text => None,
+            })
+            .collect();
+        assert!(wholes.len() >= 15, "{wholes:?}");
+        // Room for the largest message in the largest queue, so each maximum loads on its own.
+        let roomy = ("SWITCHBOARD_OUTBOX_BYTES", "268435456");
+        for (key, min, max) in wholes {
+            let var = env_name(key);
+            assert!(max < u64::from(u32::MAX), "{key}: {max} is no sane bound");
+            for value in [max + 1, u64::MAX] {
+                let value = value.to_string();
+                let err = Settings::load_with_env(None, &[roomy, (&var, &value)]).unwrap_err().to_string();
+                assert_eq!(err, format!("configuration error: {var} must be between {min} and {max}, not {value}"));
+            }
+            let mut vars = vec![(var.as_str(), max.to_string())];
+            if key != "outbox_bytes" {
+                vars.push((roomy.0, roomy.1.to_owned()));
+            }
+            let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Settings::load_with_env(None, &vars).unwrap_or_else(|e| panic!("{key}={max}: {e}"));
+        }
+        let s = Settings::load_with_env(None, &[("SWITCHBOARD_DRAIN_SECS", "3600")]).unwrap();
+        assert_eq!(s.drain, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn readme_and_help_show_each_range() {
+        let readme = repo_file("README.md");
+        let help = env_help().split_whitespace().collect::<Vec<_>>().join(" ");
+        for s in SETTINGS {
+            let Kind::Whole { min, max } = s.kind else { continue };
+            let name = env_name(s.key);
+            let row = readme.lines().find(|l| l.starts_with(&format!("| `{name}` |"))).expect(&name);
+            let range = range_text(min, max);
+            assert!(row.ends_with(&format!(" Range {range}. |")), "README.md's row of {name} lacks its range {range}");
+            assert!(help.contains(&format!("{} [range: {range}]", s.help)), "--help lacks the range of {name}");
         }
     }
 

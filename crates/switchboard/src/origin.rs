@@ -5,9 +5,14 @@
 //! from opening sockets in that user's name (cross-site WebSocket hijacking).
 //!
 //! `SWITCHBOARD_ALLOWED_ORIGINS` decides:
-//! - empty (the default): only the server's own pages, i.e. an `Origin` whose
-//!   `host[:port]` equals the request's `Host` header. The bundled call page
-//!   is served by the same server, so it works out of the box.
+//! - empty (the default): only the server's own pages. Which origin that is
+//!   comes from `SWITCHBOARD_PUBLIC_URL` when it is set. Otherwise an `Origin`
+//!   whose `host[:port]` equals the request's `Host` header passes only when
+//!   that host is an IP address or `localhost`: a page on a domain name
+//!   controls `Host` through DNS rebinding (its name made to resolve to this
+//!   server), so `Origin == Host` proves nothing there. The bundled call page
+//!   works out of the box on `localhost` and IP addresses; on a domain name,
+//!   set `SWITCHBOARD_PUBLIC_URL` (or list the origin).
 //! - a comma-separated list such as `https://app.example.com,http://localhost:3000`:
 //!   those origins, in addition to the server's own pages.
 //! - `*`: any origin (only for services that protect `/ws` with signed links).
@@ -26,6 +31,8 @@ pub struct AllowedOrigins {
     any: bool,
     /// Normalized `scheme://host[:port]` entries.
     list: Vec<String>,
+    /// The origin of `SWITCHBOARD_PUBLIC_URL`, normalized: the server's own pages.
+    public: Option<String>,
 }
 
 /// `scheme://host[:port]` in lower case, without a default port, or `None` if
@@ -78,6 +85,16 @@ impl AllowedOrigins {
         Ok(allowed)
     }
 
+    /// The same, with the origin of `public_url` (`http(s)://host[:port][/path]`)
+    /// as the server's own pages.
+    pub fn with_public_url(mut self, public_url: Option<&str>) -> Self {
+        self.public = public_url.and_then(|url| {
+            let (scheme, rest) = url.split_once("://")?;
+            normalize(&format!("{scheme}://{}", rest.split('/').next()?))
+        });
+        self
+    }
+
     /// Whether every origin is allowed (`*`).
     pub fn allows_any(&self) -> bool {
         self.any
@@ -103,12 +120,25 @@ impl AllowedOrigins {
         let Some(origin) = origin.to_str().ok().and_then(normalize) else {
             return false; // includes `null` (sandboxed frames, file:// pages)
         };
-        if self.list.contains(&origin) {
+        if self.list.contains(&origin) || self.public.as_ref() == Some(&origin) {
             return true;
         }
+        // `Host` is trusted only where DNS can't have pointed a page's name here.
         let host = headers.get(HOST).and_then(|h| h.to_str().ok());
-        host.is_some_and(|host| same_origin(&origin, host))
+        host.is_some_and(|host| same_origin(&origin, host) && is_ip_or_localhost(host))
     }
+}
+
+/// Whether the host of `host[:port]` is an IP address or `localhost` (a name
+/// that never resolves through DNS, RFC 6761), so no other site's page can
+/// share it by DNS rebinding.
+fn is_ip_or_localhost(host: &str) -> bool {
+    let Ok(authority) = host.parse::<axum::http::uri::Authority>() else {
+        return false;
+    };
+    let name = authority.host().to_ascii_lowercase();
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>().is_ok() || name == "localhost" || name.ends_with(".localhost")
 }
 
 /// Whether the normalized `origin` names the server reached through `host`.
@@ -151,8 +181,9 @@ mod tests {
         let allowed = AllowedOrigins::parse("").unwrap();
         assert!(allowed.permits(&headers(None, "127.0.0.1:8080")));
         assert!(allowed.permits(&headers(Some("http://127.0.0.1:8080"), "127.0.0.1:8080")));
-        assert!(allowed.permits(&headers(Some("https://call.example.com"), "call.example.com")));
-        assert!(allowed.permits(&headers(Some("https://call.example.com"), "CALL.example.com:443")));
+        let public = AllowedOrigins::parse("").unwrap().with_public_url(Some("https://call.example.com"));
+        assert!(public.permits(&headers(Some("https://call.example.com"), "call.example.com")));
+        assert!(public.permits(&headers(Some("https://call.example.com"), "CALL.example.com:443")));
         assert!(!allowed.permits(&headers(Some("http://127.0.0.1:8081"), "127.0.0.1:8080")));
         assert!(!allowed.permits(&headers(Some("https://evil.example"), "call.example.com")));
         assert!(!allowed.permits(&headers(Some("http://call.example.com:443"), "call.example.com")));
@@ -163,8 +194,36 @@ mod tests {
     }
 
     #[test]
+    fn dns_rebinding_cannot_pass_the_same_origin_check() {
+        // Issue 16: a page on evil.example whose name was made to resolve to this
+        // server sends `Origin: http://evil.example:8080` and `Host: evil.example:8080`.
+        let rebound = headers(Some("http://evil.example:8080"), "evil.example:8080");
+        let public = AllowedOrigins::parse("").unwrap().with_public_url(Some("https://call.example.com/app/"));
+        assert!(!public.permits(&rebound), "a forged Host matching Origin passed with a public URL set");
+        // Without a public URL, Host equality counts only for IP addresses and localhost.
+        let default = AllowedOrigins::parse("").unwrap();
+        assert!(!default.permits(&rebound));
+        assert!(!default.permits(&headers(Some("https://call.example.com"), "call.example.com")));
+        for host in ["127.0.0.1:8080", "10.1.2.3:80", "[::1]:8080", "localhost:8080", "LocalHost:8080", "a.localhost:1"]
+        {
+            assert!(default.permits(&headers(Some(&format!("http://{host}")), host)), "{host}");
+        }
+        assert!(!default.permits(&headers(Some("http://localhost.evil.example:1"), "localhost.evil.example:1")));
+        // With it, its origin is the server's own, whatever Host says; other origins are not.
+        assert!(public.permits(&headers(Some("https://call.example.com"), "10.0.0.5:8080")));
+        assert!(!public.permits(&headers(Some("http://call.example.com"), "call.example.com")));
+        assert!(!public.permits(&headers(Some("https://evil.example"), "call.example.com")));
+        assert!(public.permits(&headers(Some("http://127.0.0.1:8080"), "127.0.0.1:8080")));
+        let port = AllowedOrigins::parse("").unwrap().with_public_url(Some("http://call.example.com:8443"));
+        assert!(port.permits(&headers(Some("http://call.example.com:8443"), "x")));
+        assert!(!port.permits(&headers(Some("http://call.example.com"), "call.example.com")));
+    }
+
+    #[test]
     fn lists_and_wildcard() {
-        let allowed = AllowedOrigins::parse(" https://app.example.com , http://localhost:3000").unwrap();
+        let allowed = AllowedOrigins::parse(" https://app.example.com , http://localhost:3000")
+            .unwrap()
+            .with_public_url(Some("https://relay.example.com"));
         assert_eq!(allowed.listed(), ["https://app.example.com", "http://localhost:3000"]);
         assert!(allowed.permits(&headers(Some("https://app.example.com"), "relay.example.com")));
         assert!(allowed.permits(&headers(Some("http://localhost:3000"), "relay.example.com")));

@@ -117,6 +117,12 @@ export class Participant {
   static async open(context, label) {
     const page = await context.newPage();
     await page.addInitScript(STATE_LOG_SCRIPT);
+    // Whatever the page's Content-Security-Policy blocks shows in the console (scenarioTest fails on it).
+    await page.addInitScript(() => {
+      document.addEventListener('securitypolicyviolation', (e) => {
+        console.error(`Content Security Policy violation: ${e.violatedDirective} blocked ${e.blockedURI || 'inline'}`);
+      });
+    });
     return new Participant(label, page);
   }
 

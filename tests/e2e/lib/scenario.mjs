@@ -1,6 +1,7 @@
 // A test scenario: owns every process and browser it starts, stops them all at
 // the end (also on failure), and on failure writes screenshots and logs to
 // tests/e2e/artifacts/.
+import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
@@ -110,6 +111,11 @@ export function scenarioTest(name, body, { timeout = 180000, todo } = {}) {
     const scenario = new Scenario(name);
     try {
       await body(scenario, t);
+      for (const p of scenario.participants) {
+        // The pages' Content-Security-Policy must never block what they do.
+        const blocked = p.console.filter((l) => l.includes('Content Security Policy'));
+        assert.deepEqual(blocked, [], `${p.label}: the Content-Security-Policy blocked something`);
+      }
       for (const p of scenario.participants) {
         const n = p.console.filter((l) => l.includes('(watchdog)')).length;
         if (n) t.diagnostic(`${p.label}: the client's stall watchdog had to act ${n} time(s)`);

@@ -27,6 +27,16 @@ pub fn router() -> Router<AppState> {
         )
 }
 
+/// The pages' Content-Security-Policy. The pages load their scripts and the
+/// style sheet from this server, open their WebSocket to it (`connect-src
+/// 'self'` covers `ws:`/`wss:` to the same host), show camera streams
+/// (`srcObject`, no URL) and a `data:` favicon; nothing inline, nothing from
+/// elsewhere. No one may frame them (clickjacking the call controls), and
+/// forms post only here.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data:; media-src 'self' blob: mediastream:; connect-src 'self'; base-uri 'none'; \
+     form-action 'self'; frame-ancestors 'none'";
+
 /// True for a relative path of plain names: no `..`, no hidden files, no backslashes.
 fn is_safe(path: &str) -> bool {
     !path.is_empty() && path.split('/').all(|part| !part.is_empty() && !part.starts_with('.') && !part.contains('\\'))
@@ -57,6 +67,9 @@ async fn serve(State(state): State<AppState>, path: &str) -> Response {
                 // A call page's URL may carry its user's token: never send it on as a Referer.
                 (header::REFERRER_POLICY, "no-referrer".to_owned()),
                 (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+                (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY.to_owned()),
+                // For browsers without CSP's frame-ancestors.
+                (header::X_FRAME_OPTIONS, "DENY".to_owned()),
             ];
             (headers, bytes).into_response()
         }
