@@ -1,7 +1,7 @@
 //! Every kind of bad input gets a clear answer, and nobody else notices.
 
 use serde_json::json;
-use switchboard_tests::{both_brokers, Client, Cluster, Instance};
+use switchboard_tests::{both_brokers, http_head_raw, Client, Cluster, Instance};
 
 both_brokers!(
     bad_queries_get_400_naming_the_parameter,
@@ -152,4 +152,57 @@ async fn unmasked_frame_closes_with_1002(c: &Cluster) {
     assert_eq!(alice.expect_closed().await.code, Some(1002));
     assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
     others.still_relay().await;
+}
+
+/// An upgrade request for `/ws` as user `user`: `method`, the headers of a
+/// valid handshake except those named in `without`, then `extra` lines.
+fn handshake(method: &str, user: &str, without: &[&str], extra: &[&str]) -> String {
+    let headers = [
+        "Host: localhost",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ];
+    let mut request = format!("{method} /ws?userID={user}&peerID=zed HTTP/1.1\r\n");
+    for line in headers.iter().filter(|h| !without.iter().any(|w| h.starts_with(w))).chain(extra) {
+        request.push_str(line);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    request
+}
+
+/// RFC 6455 4.2.1 and 4.2.2: only a complete GET handshake is upgraded; a
+/// request for no WebSocket (or another version) gets 426 saying which one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_complete_get_handshake_is_upgraded() {
+    let c = Cluster::memory().await;
+    let addr = c.node(0).addr;
+    let upgraded = http_head_raw(addr, &handshake("GET", "u1", &[], &[])).await;
+    assert!(upgraded.starts_with("http/1.1 101"), "{upgraded}");
+    let listed =
+        http_head_raw(addr, &handshake("GET", "u2", &["Connection"], &["Connection: keep-alive, Upgrade"])).await;
+    assert!(listed.starts_with("http/1.1 101"), "upgrade is one token of a list: {listed}");
+
+    let refused = [
+        (handshake("HEAD", "u3", &[], &[]), "405", "allow: get"),
+        (handshake("GET", "u3", &["Upgrade"], &["Upgrade: h2c", "HTTP2-Settings: AAMAAABkAAQAAP__"]), "426", ""),
+        (handshake("GET", "u3", &["Upgrade", "Connection"], &[]), "426", ""),
+        (handshake("GET", "u3", &["Sec-WebSocket-Version"], &["Sec-WebSocket-Version: 8"]), "426", ""),
+        (handshake("GET", "u3", &["Connection"], &[]), "400", ""),
+        (handshake("GET", "u3", &["Connection"], &["Connection: keep-alive"]), "400", ""),
+        (handshake("GET", "u3", &["Sec-WebSocket-Key"], &[]), "400", ""),
+    ];
+    for (request, status, header) in refused {
+        let response = http_head_raw(addr, &request).await;
+        let first = request.lines().next().unwrap_or_default();
+        assert!(response.starts_with(&format!("http/1.1 {status}")), "{request:?}: {response}");
+        assert!(response.contains(header), "{first}: {response}");
+        if status == "426" {
+            for header in ["sec-websocket-version: 13", "upgrade: websocket"] {
+                assert!(response.contains(header), "{request:?}: 426 without {header}: {response}");
+            }
+        }
+    }
 }
