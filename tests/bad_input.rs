@@ -13,6 +13,7 @@ both_brokers!(
     huge_declared_length_closes_with_1009_before_any_payload,
     fragmented_message_within_the_limit_is_relayed,
     unmasked_frame_closes_with_1002,
+    reserved_opcodes_close_with_1002,
 );
 
 /// A pair that must keep working while another client misbehaves.
@@ -204,5 +205,55 @@ async fn only_a_complete_get_handshake_is_upgraded() {
                 assert!(response.contains(header), "{request:?}: 426 without {header}: {response}");
             }
         }
+    }
+}
+
+async fn reserved_opcodes_close_with_1002(c: &Cluster) {
+    let mut others = Bystanders::join(c).await;
+    // RFC 6455 5.2: an opcode without a meaning fails the connection, with a close frame.
+    for opcode in [0x3, 0x7, 0xB, 0xF] {
+        let (mut alice, mut bob) = c.alice_and_bob().await;
+        alice.send_raw(&[0x80 | opcode, 0x80, 0, 0, 0, 0]).await;
+        let closed = alice.expect_closed().await;
+        assert_eq!(closed.code, Some(1002), "opcode {opcode:#x}");
+        assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
+        bob.close().await;
+    }
+    others.still_relay().await;
+}
+
+/// RFC 6455 7.4: a valid close code is echoed, one that may not travel on
+/// the wire is a protocol error (1002), and a close without a code gets 1000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_codes_are_echoed_when_valid_and_refused_with_1002_when_not() {
+    let c = Cluster::memory().await;
+    let cases = [
+        (None, 1000),
+        (Some(1000), 1000),
+        (Some(1001), 1001),
+        (Some(1003), 1003),
+        (Some(1008), 1008),
+        (Some(3000), 3000),
+        (Some(4999), 4999),
+        (Some(0), 1002),
+        (Some(999), 1002),
+        (Some(1004), 1002),
+        (Some(1005), 1002),
+        (Some(1006), 1002),
+        (Some(1015), 1002),
+        (Some(1016), 1002),
+        (Some(2999), 1002),
+        (Some(5000), 1002),
+    ];
+    for (code, answer) in cases {
+        let (mut alice, _) = c.node(0).join("alice", "bob").await;
+        // A masked close frame, its mask all zeros.
+        let mut frame = vec![0x88, 0x80, 0, 0, 0, 0];
+        if let Some(code) = code {
+            frame[1] |= 2;
+            frame.extend_from_slice(&u16::to_be_bytes(code));
+        }
+        alice.send_raw(&frame).await;
+        assert_eq!(alice.expect_closed().await.code, Some(answer), "close code {code:?}");
     }
 }

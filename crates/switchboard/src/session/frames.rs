@@ -101,6 +101,8 @@ pub fn on_error(error: &WebSocketError) -> Option<Incoming> {
     match error {
         WebSocketError::FrameTooLarge => Some(Incoming::TooBig),
         WebSocketError::InvalidUTF8
+        // A reserved opcode (0x3–0x7, 0xB–0xF).
+        | WebSocketError::InvalidValue
         | WebSocketError::InvalidFragment
         | WebSocketError::InvalidContinuationFrame
         | WebSocketError::ReservedBitsNotZero
