@@ -8,6 +8,7 @@ both_brokers!(
     invalid_json_gets_an_error_event_and_the_socket_stays_open,
     reserved_types_are_refused_not_forwarded,
     binary_frame_closes_with_1003,
+    binary_first_fragment_closes_with_1003_at_once,
     oversized_frame_closes_with_1009,
     oversized_fragmented_message_closes_with_1009,
     huge_declared_length_closes_with_1009_before_any_payload,
@@ -91,6 +92,17 @@ async fn binary_frame_closes_with_1003(c: &Cluster) {
     let mut others = Bystanders::join(c).await;
     let (mut alice, mut bob) = c.alice_and_bob().await;
     alice.send_binary(vec![1, 2, 3]).await;
+    assert_eq!(alice.expect_closed().await.code, Some(1003));
+    assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
+    others.still_relay().await;
+}
+
+async fn binary_first_fragment_closes_with_1003_at_once(c: &Cluster) {
+    let mut others = Bystanders::join(c).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
+    // The first frame of a binary message, masked with zeros, and no more:
+    // the refusal can't wait for the message to end (it may never).
+    alice.send_raw(&[0x02, 0x83, 0, 0, 0, 0, 1, 2, 3]).await;
     assert_eq!(alice.expect_closed().await.code, Some(1003));
     assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
     others.still_relay().await;
