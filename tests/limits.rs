@@ -52,6 +52,73 @@ async fn a_sustained_flood_closes_with_1008_and_spares_the_others() {
     assert_eq!(dave.recv_text().await, r#"{"type":"offer"}"#);
 }
 
+/// Reads rate_limited events until the socket closes, and checks the close.
+async fn expect_flood_close(client: &mut Client, what: &str) {
+    let mut events = 0;
+    let closed = loop {
+        match client.try_recv_json().await {
+            Ok(event) => {
+                assert_eq!(event["code"], "rate_limited", "{what}: {event}");
+                events += 1;
+            }
+            Err(closed) => break closed,
+        }
+    };
+    assert!(events > 0, "{what}: a drop is said out loud before the close");
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(1008), "rate limit exceeded"), "{what}");
+}
+
+/// A masked frame with an all-zero mask: `first` is FIN, RSV and opcode.
+fn raw_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![first, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_pong_and_continuation_floods_are_held_like_message_floods() {
+    let c = Cluster::redis_with(2, strict_rate).await;
+    let floods = [
+        ("pings", raw_frame(0x89, b"hi"), None),
+        ("pongs", raw_frame(0x8A, b""), None),
+        // One text message that never ends: empty continuation frames.
+        ("continuations", raw_frame(0x00, b""), Some(raw_frame(0x01, br#"{"type":"#))),
+    ];
+    for (what, frame, start) in floods {
+        let (mut alice, mut bob) = c.alice_and_bob().await;
+        let mut flood = start.unwrap_or_default();
+        for _ in 0..2000 {
+            flood.extend_from_slice(&frame);
+        }
+        alice.send_raw(&flood).await;
+        expect_flood_close(&mut alice, what).await;
+        assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}), "{what}");
+        bob.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_and_fragments_within_the_burst_go_unnoticed() {
+    let c = Cluster::redis_with(2, strict_rate).await;
+    let (mut alice, mut bob) = c.alice_and_bob().await;
+    // A burst of three tokens: two messages in eight fragments each, and a
+    // ping after each, take 2 × (1 + 7/16 + 1/16) = 3 tokens.
+    for n in 0..2 {
+        alice.send_fragment(br#"{"type":"candidate","n":"#, true, false).await;
+        for _ in 0..6 {
+            alice.send_fragment(b" ", false, false).await;
+        }
+        alice.send_fragment(format!("{n}}}").as_bytes(), false, true).await;
+        alice.ping(b"still there?").await;
+        assert_eq!(alice.recv_pong().await, b"still there?");
+        let got: serde_json::Value = serde_json::from_str(&bob.recv_text().await).expect("JSON");
+        assert_eq!(got, json!({"type": "candidate", "n": n}));
+    }
+    // Nothing was dropped: Alice's next frame is Bob's reply, no error event.
+    bob.send(r#"{"type":"answer"}"#).await;
+    assert_eq!(alice.recv_text().await, r#"{"type":"answer"}"#);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_over_the_instance_limit_get_503() {
     let c = Cluster::memory_with(|s| s.max_sockets = 2).await;

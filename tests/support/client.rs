@@ -61,6 +61,23 @@ impl Client {
         }
     }
 
+    /// Sends a ping carrying `payload`.
+    pub async fn ping(&mut self, payload: &[u8]) {
+        self.ws.send(Message::Ping(payload.to_vec().into())).await.expect("send ping");
+    }
+
+    /// The next pong's payload, failing on a text frame, a close or the deadline.
+    pub async fn recv_pong(&mut self) -> Vec<u8> {
+        loop {
+            let msg = tokio::time::timeout(DEADLINE, self.ws.next()).await.expect("a pong before the deadline");
+            match msg {
+                Some(Ok(Message::Pong(payload))) => return payload.to_vec(),
+                Some(Ok(Message::Ping(_))) => continue,
+                other => panic!("expected a pong, got {other:?}"),
+            }
+        }
+    }
+
     /// The next text frame, failing on anything else or after the deadline.
     pub async fn recv_text(&mut self) -> String {
         next_text(&mut self.ws).await

@@ -136,6 +136,27 @@ pub async fn http_get_raw(addr: SocketAddr, path: &str) -> String {
     String::from_utf8_lossy(&raw).into_owned()
 }
 
+/// The head of the response (status line and headers, lowercased) to a raw
+/// `request`, which ends with its blank line. Reads only the head, so that an
+/// upgraded connection doesn't keep it waiting.
+pub async fn http_head_raw(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let read_head = async {
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.unwrap() == 0 {
+                break;
+            }
+            raw.push(byte[0]);
+        }
+    };
+    tokio::time::timeout(DEADLINE, read_head).await.expect("a response head before the deadline");
+    String::from_utf8_lossy(&raw).to_ascii_lowercase()
+}
+
 /// Polls `check` until it holds, failing the test after [`DEADLINE`].
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where

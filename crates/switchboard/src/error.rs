@@ -1,6 +1,6 @@
 //! HTTP errors, each saying whose fault it is.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 /// Whose fault a failure is.
@@ -25,9 +25,16 @@ pub enum ApiError {
         /// What is wrong with it.
         why: String,
     },
-    /// `/ws` without a WebSocket upgrade.
-    #[error("this endpoint expects a WebSocket upgrade")]
+    /// `/ws` without a WebSocket upgrade, or one of another version than 13
+    /// (426, with `Upgrade: websocket` and `Sec-WebSocket-Version: 13`).
+    #[error("this endpoint expects a WebSocket upgrade (version 13)")]
     NotUpgrade,
+    /// A WebSocket upgrade whose handshake is incomplete (RFC 6455 4.2.1).
+    #[error("bad WebSocket handshake: {0}")]
+    BadHandshake(&'static str),
+    /// `/ws` with another method than GET (a HEAD, say).
+    #[error("this endpoint takes GET only")]
+    MethodNotAllowed,
     /// The broker can't take new sessions right now.
     #[error("the message broker is unavailable; retry shortly")]
     BrokerUnavailable,
@@ -50,6 +57,7 @@ impl ApiError {
     pub fn fault(&self) -> Fault {
         match self {
             ApiError::BadParam { .. } | ApiError::NotUpgrade => Fault::Client,
+            ApiError::BadHandshake(_) | ApiError::MethodNotAllowed => Fault::Client,
             ApiError::Unauthorized(_) | ApiError::ForbiddenOrigin => Fault::Client,
             ApiError::BrokerUnavailable => Fault::Broker,
             ApiError::ShuttingDown | ApiError::TooManySockets => Fault::Server,
@@ -61,6 +69,8 @@ impl ApiError {
         match self {
             ApiError::BadParam { .. } => "bad_param",
             ApiError::NotUpgrade => "not_upgrade",
+            ApiError::BadHandshake(_) => "bad_handshake",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::BrokerUnavailable => "broker_unavailable",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::TooManySockets => "too_many_sockets",
@@ -71,7 +81,8 @@ impl ApiError {
 
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadParam { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BadParam { .. } | ApiError::BadHandshake(_) => StatusCode::BAD_REQUEST,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
             ApiError::BrokerUnavailable | ApiError::ShuttingDown | ApiError::TooManySockets => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -90,6 +101,20 @@ impl IntoResponse for ApiError {
             Fault::Client => tracing::debug!(error = %self, "request refused"),
             Fault::Broker | Fault::Server => tracing::warn!(error = %self, "request failed"),
         }
-        (status, format!("{self}\n")).into_response()
+        let mut response = (status, format!("{self}\n")).into_response();
+        let headers = response.headers_mut();
+        match self {
+            // RFC 9110 15.5.20 and RFC 6455 4.2.2: say which upgrade, and which version.
+            ApiError::NotUpgrade => {
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            ApiError::MethodNotAllowed => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("GET"));
+            }
+            _ => {}
+        }
+        response
     }
 }

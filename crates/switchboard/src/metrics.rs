@@ -132,6 +132,8 @@ pub const CLOSE_REASONS: &[&str] = &[
 pub const REJECT_REASONS: &[&str] = &[
     "bad_param",
     "not_upgrade",
+    "bad_handshake",
+    "method_not_allowed",
     "shutting_down",
     "too_many_sockets",
     "broker_unavailable",

@@ -6,7 +6,7 @@
 
 use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use fastwebsockets::upgrade::IncomingUpgrade;
 use serde::Deserialize;
@@ -60,9 +60,42 @@ pub fn authorize(settings: &crate::config::Settings, query: &WsQuery) -> Result<
     }
 }
 
-/// Validates the origin and the query and upgrades; the session runs on its own task.
+/// Whether a header of `name` lists `token` (comma-separated, any case).
+fn lists(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value.as_bytes().split(|&b| b == b',').any(|item| item.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// Checks the upgrade request as RFC 6455 4.2.1 describes it (fastwebsockets
+/// looks at the key and the version only): a request that asks for no
+/// WebSocket upgrade, or for another version than 13, gets 426; one that
+/// asks for it with a handshake short of a header gets 400.
+pub fn check_handshake(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    // axum serves HEAD with the GET handler; a HEAD can't be upgraded.
+    if method != Method::GET {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    if !lists(headers, header::UPGRADE, "websocket") {
+        return Err(ApiError::NotUpgrade);
+    }
+    if !lists(headers, header::CONNECTION, "upgrade") {
+        return Err(ApiError::BadHandshake("the Connection header must list upgrade"));
+    }
+    if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+        return Err(ApiError::BadHandshake("Sec-WebSocket-Key is missing"));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return Err(ApiError::NotUpgrade);
+    }
+    Ok(())
+}
+
+/// Validates the origin, the query and the handshake and upgrades; the
+/// session runs on its own task.
 pub async fn upgrade(
     State(state): State<AppState>,
+    method: Method,
     headers: HeaderMap,
     Query(query): Query<WsQuery>,
     upgrade: Result<IncomingUpgrade, StatusCode>,
@@ -71,6 +104,7 @@ pub async fn upgrade(
         return Err(ApiError::ForbiddenOrigin);
     }
     let identity = authorize(&state.settings, &query)?;
+    check_handshake(&method, &headers)?;
     let upgrade = upgrade.map_err(|_| ApiError::NotUpgrade)?;
     // From the start of a drain, new sockets go elsewhere: a load balancer
     // retries another replica on 503 sooner than it notices /readyz.

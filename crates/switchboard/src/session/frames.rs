@@ -3,7 +3,9 @@
 //! fastwebsockets checks each frame's declared length before it allocates
 //! (`max_message_size`); its `FragmentCollector` does not bound the sum of
 //! fragments, so continuation frames are assembled here, and the running total
-//! is checked before each fragment is appended.
+//! is checked before each fragment is appended. A binary message is refused
+//! at its first frame, and a message the rate limit dropped is skipped to its
+//! end (its framing and size still checked).
 
 use bytes::{Bytes, BytesMut};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
@@ -13,7 +15,7 @@ use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 pub enum Incoming {
     /// A whole text message.
     Text(Bytes),
-    /// A binary message (refused with 1003).
+    /// The first frame of a binary message (refused with 1003).
     Binary,
     /// The client's close frame, with its code if it gave one.
     Close(Option<u16>),
@@ -23,12 +25,22 @@ pub enum Incoming {
     Protocol,
 }
 
+/// A fragmented text message under way.
+#[derive(Debug)]
+struct Partial {
+    buf: BytesMut,
+    /// Its bytes so far, kept also while it is skipped.
+    len: usize,
+    /// The rate limit dropped a frame of it: the rest is skipped.
+    dropped: bool,
+}
+
 /// Assembles fragmented messages with a byte limit.
 #[derive(Debug)]
 pub struct Assembler {
     limit: usize,
     /// Boxed: fragmented messages are rare, and an idle session keeps only the pointer.
-    partial: Option<Box<(OpCode, BytesMut)>>,
+    partial: Option<Box<Partial>>,
 }
 
 fn into_bytes(payload: Payload<'_>) -> BytesMut {
@@ -46,44 +58,58 @@ impl Assembler {
 
     /// Feeds one frame; returns a result when a message is complete.
     pub fn push(&mut self, frame: Frame<'_>) -> Option<Incoming> {
+        self.feed(frame, true)
+    }
+
+    /// Feeds a frame the rate limit dropped: the message it belongs to is
+    /// dropped whole, and never comes out. Its framing and size are still
+    /// checked, so that a skipped message can't go on for ever.
+    pub fn skip(&mut self, frame: Frame<'_>) -> Option<Incoming> {
+        self.feed(frame, false)
+    }
+
+    fn feed(&mut self, frame: Frame<'_>, keep: bool) -> Option<Incoming> {
         match frame.opcode {
             OpCode::Text | OpCode::Binary if self.partial.is_some() => Some(Incoming::Protocol),
-            OpCode::Binary => {
-                if frame.fin {
-                    Some(Incoming::Binary)
-                } else {
-                    self.partial = Some(Box::new((OpCode::Binary, BytesMut::new())));
-                    None
-                }
-            }
+            // Refused at once: a binary message is never read through.
+            OpCode::Binary => Some(Incoming::Binary),
             OpCode::Text => {
-                if frame.payload.len() > self.limit {
+                let len = frame.payload.len();
+                if len > self.limit {
                     return Some(Incoming::TooBig);
                 }
-                if frame.fin {
-                    Some(Incoming::Text(into_bytes(frame.payload).freeze()))
-                } else {
-                    self.partial = Some(Box::new((OpCode::Text, into_bytes(frame.payload))));
-                    None
+                match (frame.fin, keep) {
+                    (true, true) => Some(Incoming::Text(into_bytes(frame.payload).freeze())),
+                    (true, false) => None,
+                    (false, _) => {
+                        let buf = if keep { into_bytes(frame.payload) } else { BytesMut::new() };
+                        self.partial = Some(Box::new(Partial { buf, len, dropped: !keep }));
+                        None
+                    }
                 }
             }
             OpCode::Continuation => {
-                let Some((opcode, buf)) = self.partial.as_deref_mut() else {
+                let Some(partial) = self.partial.as_deref_mut() else {
                     return Some(Incoming::Protocol);
                 };
-                if *opcode == OpCode::Text {
-                    if buf.len() + frame.payload.len() > self.limit {
-                        self.partial = None;
-                        return Some(Incoming::TooBig);
-                    }
-                    buf.extend_from_slice(&frame.payload);
+                partial.len += frame.payload.len();
+                if partial.len > self.limit {
+                    self.partial = None;
+                    return Some(Incoming::TooBig);
+                }
+                if !keep && !partial.dropped {
+                    partial.dropped = true;
+                    partial.buf = BytesMut::new();
+                }
+                if !partial.dropped {
+                    partial.buf.extend_from_slice(&frame.payload);
                 }
                 if !frame.fin {
                     return None;
                 }
-                let (opcode, buf) = *self.partial.take()?;
-                if opcode == OpCode::Binary {
-                    return Some(Incoming::Binary);
+                let Partial { buf, dropped, .. } = *self.partial.take()?;
+                if dropped {
+                    return None;
                 }
                 match std::str::from_utf8(&buf) {
                     Ok(_) => Some(Incoming::Text(buf.freeze())),
@@ -101,6 +127,8 @@ pub fn on_error(error: &WebSocketError) -> Option<Incoming> {
     match error {
         WebSocketError::FrameTooLarge => Some(Incoming::TooBig),
         WebSocketError::InvalidUTF8
+        // A reserved opcode (0x3–0x7, 0xB–0xF).
+        | WebSocketError::InvalidValue
         | WebSocketError::InvalidFragment
         | WebSocketError::InvalidContinuationFrame
         | WebSocketError::ReservedBitsNotZero
@@ -143,6 +171,30 @@ mod tests {
         let mut a = Assembler::new(6);
         assert!(a.push(text(false, b"abcd")).is_none());
         assert!(matches!(a.push(cont(true, b"efg")), Some(Incoming::TooBig)));
+    }
+
+    #[test]
+    fn a_binary_message_is_refused_at_its_first_frame() {
+        let mut a = Assembler::new(10);
+        let first = Frame::new(false, OpCode::Binary, None, Payload::Owned(vec![1, 2, 3]));
+        assert!(matches!(a.push(first), Some(Incoming::Binary)));
+    }
+
+    #[test]
+    fn a_dropped_fragment_drops_its_message_but_not_the_next() {
+        let mut a = Assembler::new(6);
+        assert!(a.push(text(false, b"ab")).is_none());
+        assert!(a.skip(cont(false, b"cd")).is_none());
+        assert!(a.push(cont(true, b"ef")).is_none(), "the message was dropped");
+        match a.push(text(true, b"next")) {
+            Some(Incoming::Text(b)) => assert_eq!(&b[..], b"next"),
+            other => panic!("{other:?}"),
+        }
+        assert!(a.skip(text(true, b"gone")).is_none());
+        // A skipped message is still held to the size limit and to framing.
+        assert!(a.skip(text(false, b"abcd")).is_none());
+        assert!(matches!(a.push(cont(false, b"efg")), Some(Incoming::TooBig)));
+        assert!(matches!(a.skip(cont(true, b"x")), Some(Incoming::Protocol)), "no message under way");
     }
 
     #[test]

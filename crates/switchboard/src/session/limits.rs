@@ -1,9 +1,13 @@
-//! Per-socket message rate limit: a token bucket, plus a flood rule.
+//! Per-socket rate limit: a token bucket, plus a flood rule.
 //!
-//! Each client message takes a token; tokens refill at `rate` per second up to
-//! `burst`. A message without a token is dropped (the sender gets
-//! `rate_limited`). More than `burst` drops within one 10-second window is a
-//! flood, and the socket is closed with 1008.
+//! Every client frame but a close takes from the bucket: the first frame of
+//! a message takes a whole token ([`MESSAGE`]); a ping, a pong or a
+//! continuation frame takes a sixteenth ([`FRAME`]), so a client that
+//! fragments its messages or pings now and then never notices, and a flood
+//! of them is held like a flood of messages. Tokens refill at `rate` per
+//! second up to `burst`. A frame without its share is dropped (the sender
+//! gets `rate_limited`). More than `burst` drops within one 10-second window
+//! is a flood, and the socket is closed with 1008.
 
 use std::time::Duration;
 
@@ -12,7 +16,12 @@ use tokio::time::Instant;
 /// The window in which drops are counted for the flood rule.
 pub const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 
-/// What to do with one incoming message.
+/// What the first frame of a message takes from the bucket.
+pub const MESSAGE: f32 = 1.0;
+/// What a ping, a pong or a continuation frame takes (exact in `f32`).
+pub const FRAME: f32 = 1.0 / 16.0;
+
+/// What to do with one incoming frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Relay it.
@@ -26,8 +35,8 @@ pub enum Verdict {
 /// A token bucket with a flood counter.
 #[derive(Debug)]
 pub struct RateLimit {
-    // `f32` is exact for any whole number of tokens a bucket can hold here
-    // (at most 2^24), and keeps every idle socket's limiter small.
+    // `f32` is exact for any number of sixteenths of a token a bucket can
+    // hold here (at most 2^20 tokens), and keeps every idle socket's limiter small.
     rate: f32,
     burst: f32,
     tokens: f32,
@@ -43,13 +52,13 @@ impl RateLimit {
         Self { rate: rate as f32, burst: burst as f32, tokens: burst as f32, last: now, window_start: now, drops: 0 }
     }
 
-    /// Takes a token for a message arriving at `now`.
-    pub fn check(&mut self, now: Instant) -> Verdict {
+    /// Takes `cost` ([`MESSAGE`] or [`FRAME`]) for a frame arriving at `now`.
+    pub fn check(&mut self, now: Instant, cost: f32) -> Verdict {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f32();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= cost {
+            self.tokens -= cost;
             return Verdict::Pass;
         }
         if now.saturating_duration_since(self.window_start) > FLOOD_WINDOW {
@@ -74,16 +83,16 @@ mod tests {
         let t0 = Instant::now();
         let mut limit = RateLimit::new(10, 5);
         for _ in 0..5 {
-            assert_eq!(limit.check(t0), Verdict::Pass);
+            assert_eq!(limit.check(t0, MESSAGE), Verdict::Pass);
         }
-        assert_eq!(limit.check(t0), Verdict::Drop);
+        assert_eq!(limit.check(t0, MESSAGE), Verdict::Drop);
         // 100 ms later one token is back.
-        assert_eq!(limit.check(t0 + Duration::from_millis(100)), Verdict::Pass);
+        assert_eq!(limit.check(t0 + Duration::from_millis(100), MESSAGE), Verdict::Pass);
         let later = t0 + Duration::from_millis(100);
         for _ in 0..4 {
-            assert_eq!(limit.check(later), Verdict::Drop);
+            assert_eq!(limit.check(later, MESSAGE), Verdict::Drop);
         }
-        assert_eq!(limit.check(later), Verdict::Flood, "more than `burst` drops in the window");
+        assert_eq!(limit.check(later, MESSAGE), Verdict::Flood, "more than `burst` drops in the window");
     }
 
     #[test]
@@ -92,10 +101,29 @@ mod tests {
         let mut limit = RateLimit::new(1, 2);
         let mut now = t0;
         for _ in 0..10 {
-            limit.check(now);
-            limit.check(now);
-            assert_ne!(limit.check(now), Verdict::Flood);
+            limit.check(now, MESSAGE);
+            limit.check(now, MESSAGE);
+            assert_ne!(limit.check(now, MESSAGE), Verdict::Flood);
             now += FLOOD_WINDOW + Duration::from_secs(1);
         }
+    }
+
+    #[test]
+    fn control_frames_and_fragments_take_a_sixteenth_and_flood_alike() {
+        let t0 = Instant::now();
+        let mut limit = RateLimit::new(1, 2);
+        for _ in 0..32 {
+            assert_eq!(limit.check(t0, FRAME), Verdict::Pass);
+        }
+        assert_eq!(limit.check(t0, FRAME), Verdict::Drop);
+        assert_eq!(limit.check(t0, FRAME), Verdict::Drop);
+        assert_eq!(limit.check(t0, FRAME), Verdict::Flood, "more than `burst` drops in the window");
+        // A second later there is a token again, for a message.
+        let mut limit = RateLimit::new(1, 2);
+        for _ in 0..31 {
+            limit.check(t0, FRAME);
+        }
+        assert_eq!(limit.check(t0, MESSAGE), Verdict::Drop, "a sixteenth left");
+        assert_eq!(limit.check(t0 + Duration::from_secs(1), MESSAGE), Verdict::Pass);
     }
 }

@@ -50,7 +50,7 @@ use crate::protocol::{self, CloseReason, ServerEvent};
 use crate::state::{AppState, SocketPermit};
 use frames::{Assembler, Incoming};
 use handle::SessionHandle;
-use limits::{RateLimit, Verdict};
+use limits::{RateLimit, Verdict, FRAME, MESSAGE};
 use outbox::Work;
 use reader::{FrameResult, Frames, Reader};
 use writer::{write_all, write_some};
@@ -134,7 +134,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
         handle.close(reason);
     }
     // fastwebsockets refuses frames of `max_message_size` bytes or more.
-    let reader = Reader::new(stream.clone(), leftover, handle.clone(), settings.max_message_bytes + 1);
+    let reader = Reader::new(stream.clone(), leftover, settings.max_message_bytes + 1);
     let live = Live {
         frames: Frames::new(reader),
         stream,
@@ -294,7 +294,31 @@ impl Live {
             let now = Instant::now();
             self.handle.heard(now);
             let incoming = match frame {
-                Ok(frame) => self.assembler.push(frame),
+                // Every frame but a close takes from the rate limit (see `limits`).
+                Ok(frame) => match frame.opcode {
+                    OpCode::Close => self.assembler.push(frame),
+                    opcode => match self.limit.check(now, if opcode == OpCode::Text { MESSAGE } else { FRAME }) {
+                        Verdict::Pass if opcode == OpCode::Ping => {
+                            self.handle.pong(Box::from(&frame.payload[..]));
+                            None
+                        }
+                        Verdict::Pass => self.assembler.push(frame),
+                        Verdict::Drop => {
+                            crate::metrics::reject("rate_limited");
+                            let message = match opcode {
+                                OpCode::Text => "too many messages; this one was dropped",
+                                OpCode::Continuation => "too many frames; this message was dropped",
+                                _ => "too many frames; this one was dropped",
+                            };
+                            self.handle.deliver(ServerEvent::Error { code: "rate_limited", message }.to_bytes());
+                            self.assembler.skip(frame)
+                        }
+                        Verdict::Flood => {
+                            crate::metrics::reject("rate_limited");
+                            return End::Server(CloseReason::Flood);
+                        }
+                    },
+                },
                 Err(e) => match frames::on_error(&e) {
                     Some(incoming) => Some(incoming),
                     None => return End::Gone,
@@ -302,22 +326,11 @@ impl Live {
             };
             match incoming {
                 None => {}
-                Some(Incoming::Text(payload)) => match self.limit.check(now) {
-                    Verdict::Pass => {
-                        if let Some(wait) = self.on_text(payload) {
-                            wait.await;
-                        }
+                Some(Incoming::Text(payload)) => {
+                    if let Some(wait) = self.on_text(payload) {
+                        wait.await;
                     }
-                    Verdict::Drop => {
-                        crate::metrics::reject("rate_limited");
-                        let message = "too many messages; this one was dropped";
-                        self.handle.deliver(ServerEvent::Error { code: "rate_limited", message }.to_bytes());
-                    }
-                    Verdict::Flood => {
-                        crate::metrics::reject("rate_limited");
-                        return End::Server(CloseReason::Flood);
-                    }
-                },
+                }
                 Some(Incoming::Binary) => return End::Server(CloseReason::Binary),
                 Some(Incoming::TooBig) => return End::Server(CloseReason::TooBig),
                 Some(Incoming::Protocol) => return End::Server(CloseReason::Protocol),

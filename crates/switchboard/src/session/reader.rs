@@ -34,7 +34,6 @@ use std::future::Future;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::handle::SessionHandle;
 use super::wire::{self, Header};
 
 #[cfg(any(test, feature = "fuzzing"))]
@@ -189,19 +188,19 @@ pub struct Reader<S = TcpStream> {
     reader: Option<Box<WebSocketRead<Metered<S>>>>,
     /// Shared with the current reader's [`Metered`]; made with it.
     seen: Option<Arc<Seen>>,
-    /// Frames the current reader has handed back, answered pings included.
+    /// Frames the current reader has handed back.
     returned: u64,
-    handle: Arc<SessionHandle>,
     max_message_size: u32,
 }
 
 impl<S: Source> Reader<S> {
     /// Reads `socket`, starting with `leftover` (bytes the HTTP server read past
-    /// the upgrade request). Pings are answered through `handle`; frames of
-    /// `max_message_size` bytes or more are refused by fastwebsockets.
-    pub fn new(socket: Arc<S>, leftover: Box<[u8]>, handle: Arc<SessionHandle>, max_message_size: usize) -> Self {
+    /// the upgrade request). Frames of `max_message_size` bytes or more are
+    /// refused by fastwebsockets. Pings come out like other frames: the
+    /// session charges them to its rate limit before it answers.
+    pub fn new(socket: Arc<S>, leftover: Box<[u8]>, max_message_size: usize) -> Self {
         let max_message_size = u32::try_from(max_message_size).unwrap_or(u32::MAX);
-        Self { socket, leftover, reader: None, seen: None, returned: 0, handle, max_message_size }
+        Self { socket, leftover, reader: None, seen: None, returned: 0, max_message_size }
     }
 
     /// Whether a fastwebsockets reader (and its buffer) exists right now.
@@ -224,7 +223,7 @@ impl<S: Source> Reader<S> {
         Poll::Ready(Ok(peeked > 0))
     }
 
-    /// The next frame, pings answered on the way. The session reads through
+    /// The next frame. The session reads through
     /// [`Frames`], which does the same in two steps.
     #[cfg(test)]
     async fn next_frame(&mut self) -> Result<Frame<'static>, WebSocketError> {
@@ -246,22 +245,19 @@ impl<S: Source> Reader<S> {
             };
             let (mut reader, _) = fastwebsockets::after_handshake_split(metered, tokio::io::sink(), Role::Server);
             reader.set_auto_close(false);
-            reader.set_auto_pong(true);
+            reader.set_auto_pong(false);
             reader.set_max_message_size(self.max_message_size as usize);
             self.seen = Some(seen);
             self.returned = 0;
             self.reader = Some(Box::new(reader));
         }
         let reader = self.reader.as_mut().expect("made above");
-        let handle = &self.handle;
-        let mut pongs = 0;
-        let mut pong = |frame: Frame<'_>| {
-            pongs += 1;
-            handle.pong(Box::from(&frame.payload[..]));
-            std::future::ready(Ok::<(), std::convert::Infallible>(()))
-        };
-        let frame = reader.read_frame(&mut pong).await.map(owned);
-        self.returned += 1 + pongs;
+        // Nothing to send: pings come out like any frame, for the session
+        // to charge to the rate limit and answer, and closes are answered
+        // by the session.
+        let mut nothing = |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
+        let frame = reader.read_frame(&mut nothing).await.map(owned);
+        self.returned += 1;
         let seen = self.seen.as_ref().expect("made with the reader");
         let drained =
             seen.at_boundary.load(Ordering::Relaxed) && seen.complete.load(Ordering::Relaxed) == self.returned;
@@ -435,21 +431,17 @@ mod tests {
     }
 
     /// A connected socket pair: our side split as the session splits it, and the client's end.
-    async fn pair() -> (Reader, tokio::net::TcpStream, Arc<SessionHandle>) {
+    async fn pair() -> (Reader, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
-        let read = server;
-        let (a, b) = (crate::pair::UserId::parse("a").expect("id"), crate::pair::UserId::parse("b").expect("id"));
-        let pair = crate::pair::PairId::new(&a, &b).expect("two users");
-        let handle = Arc::new(SessionHandle::new(1, a, pair, 16, 1 << 20));
-        (Reader::new(Arc::new(read), Box::default(), handle.clone(), 1 << 20), client, handle)
+        (Reader::new(Arc::new(server), Box::default(), 1 << 20), client)
     }
 
     #[tokio::test]
     async fn the_reader_and_its_buffer_exist_only_while_bytes_are_in_flight() {
         use tokio::io::AsyncWriteExt;
-        let (mut inbound, mut client, handle) = pair().await;
+        let (mut inbound, mut client) = pair().await;
         assert!(!inbound.holds_buffer(), "no reader before the first byte");
 
         client.write_all(&frame(true, 300)).await.expect("write");
@@ -464,10 +456,11 @@ mod tests {
         client.write_all(&burst).await.expect("write");
         assert_eq!(inbound.next_frame().await.expect("first").payload.len(), 10);
         assert!(inbound.holds_buffer(), "the rest is buffered");
+        let ping = inbound.next_frame().await.expect("the ping");
+        assert_eq!(ping.opcode, fastwebsockets::OpCode::Ping, "a ping comes out, for the session to charge and answer");
+        assert!(inbound.holds_buffer());
         assert_eq!(inbound.next_frame().await.expect("second").payload.len(), 20);
         assert!(!inbound.holds_buffer());
-        let work = handle.next_work().await.expect("work");
-        assert_eq!(work.pong.as_deref(), Some(&b"hi"[..]), "the ping was answered on the way");
 
         drop(client);
         assert!(inbound.next_frame().await.is_err(), "end of stream");
@@ -476,7 +469,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_dropped_half_way_through_a_frame_loses_nothing() {
         use tokio::io::AsyncWriteExt;
-        let (inbound, mut client, _handle) = pair().await;
+        let (inbound, mut client) = pair().await;
         let mut frames = Frames::new(inbound);
         let whole = frame(true, 70_000);
         // The header and part of the payload, then a `select!` that gives up.
@@ -499,10 +492,10 @@ mod tests {
     #[tokio::test]
     async fn bytes_read_past_the_upgrade_request_come_first() {
         use tokio::io::AsyncWriteExt;
-        let (inbound, mut client, handle) = pair().await;
+        let (inbound, mut client) = pair().await;
         let Reader { socket, .. } = inbound;
         let early = frame(true, 5).into_boxed_slice();
-        let mut inbound = Reader::new(socket, early, handle, 1 << 20);
+        let mut inbound = Reader::new(socket, early, 1 << 20);
         client.write_all(&frame(true, 6)).await.expect("write");
         assert_eq!(inbound.next_frame().await.expect("early").payload.len(), 5);
         assert_eq!(inbound.next_frame().await.expect("later").payload.len(), 6);

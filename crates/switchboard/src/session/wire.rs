@@ -90,11 +90,22 @@ pub fn text(payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The code to answer a client's close frame with: its own, when it is one
-/// an endpoint may send (RFC 6455 7.4: 1000–4999 except the reserved 1005
-/// and 1006), else 1000.
+/// Whether `code` may travel in a close frame (RFC 6455 7.4): the codes
+/// 1000–1003 and 1007–1014 defined so far, and 3000–4999. The rest is
+/// reserved, or must never be sent (1005, 1006, 1015).
+pub fn code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// The code to answer a client's close frame with: its own when it may
+/// travel on the wire, 1000 when it gave none, else 1002 (a protocol error).
 pub fn reply_code(code: Option<u16>) -> u16 {
-    code.filter(|c| (1000..5000).contains(c) && *c != 1005 && *c != 1006).unwrap_or(crate::protocol::close::NORMAL)
+    use crate::protocol::close;
+    match code {
+        None => close::NORMAL,
+        Some(code) if code_allowed(code) => code,
+        Some(_) => close::PROTOCOL_ERROR,
+    }
 }
 
 /// The status code of a close frame's `payload`, if it has one (its first two bytes).
@@ -107,12 +118,14 @@ pub(super) mod tests {
     use super::*;
 
     #[test]
-    fn a_client_close_code_is_answered_in_kind_unless_it_is_reserved() {
-        assert_eq!(reply_code(Some(4001)), 4001);
-        assert_eq!(reply_code(Some(1001)), 1001);
-        for reserved in [None, Some(999), Some(1005), Some(1006), Some(5000)] {
-            assert_eq!(reply_code(reserved), 1000, "{reserved:?}");
+    fn a_client_close_code_is_echoed_when_valid_and_a_protocol_error_when_not() {
+        for valid in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4001, 4999] {
+            assert_eq!(reply_code(Some(valid)), valid);
         }
+        for invalid in [0, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, u16::MAX] {
+            assert_eq!(reply_code(Some(invalid)), 1002, "{invalid}");
+        }
+        assert_eq!(reply_code(None), 1000, "no code");
     }
 
     /// Reads `wire` back with fastwebsockets, as a client would.

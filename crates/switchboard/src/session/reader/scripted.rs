@@ -15,8 +15,6 @@ use std::task::{Context, Poll};
 use tokio::io::ReadBuf;
 
 use super::{Frames, Reader, Source};
-use crate::pair::{PairId, UserId};
-use crate::session::handle::SessionHandle;
 
 /// One step of a [`Scripted`] source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,10 +97,7 @@ impl Source for Scripted {
 
 /// The frames of `source`, read as `session::open` sets a session's reader
 /// up: `leftover` first (the bytes read past the upgrade request), frames of
-/// `max_message_size` bytes or more refused, pings answered to a handle.
+/// `max_message_size` bytes or more refused.
 pub fn frames(source: Arc<Scripted>, leftover: &[u8], max_message_size: usize) -> Frames<Scripted> {
-    let (a, b) = (UserId::parse("a").expect("an ID"), UserId::parse("b").expect("an ID"));
-    let pair = PairId::new(&a, &b).expect("two users");
-    let handle = Arc::new(SessionHandle::new(1, a, pair, 16, 1 << 20));
-    Frames::new(Reader::new(source, Box::from(leftover), handle, max_message_size))
+    Frames::new(Reader::new(source, Box::from(leftover), max_message_size))
 }
