@@ -181,10 +181,11 @@ fn an_unknown_variable_is_a_warning_naming_the_nearest_variable() {
     // Known variables, SWITCHBOARD_CONFIG among them, warn about nothing.
     let file = config_file("known", "channel_prefix = \"x\"\n");
     let server = Process::spawn(&[("SWITCHBOARD_CONFIG", file.to_str().unwrap()), ("SWITCHBOARD_DRAIN_SECS", "0")]);
-    // Warnings come before the listening line, on the same stream.
+    // Name warnings come before the listening line, on the same stream. (Other
+    // warnings may follow it, such as a MAX_SOCKETS above the open-file limit.)
     let lines = server.output().lines();
     assert!(lines.iter().any(|l| l.contains("listening")), "{lines:?}");
-    assert!(!lines.iter().any(|l| l.contains("WARN") || l.contains("unknown")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("unknown") || l.contains("did you mean")), "{lines:?}");
 }
 
 #[test]
