@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::upgrade::UpgradeFut;
-use fastwebsockets::OpCode;
+use fastwebsockets::{Frame, OpCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -294,30 +294,9 @@ impl Live {
             let now = Instant::now();
             self.handle.heard(now);
             let incoming = match frame {
-                // Every frame but a close takes from the rate limit (see `limits`).
-                Ok(frame) => match frame.opcode {
-                    OpCode::Close => self.assembler.push(frame),
-                    opcode => match self.limit.check(now, if opcode == OpCode::Text { MESSAGE } else { FRAME }) {
-                        Verdict::Pass if opcode == OpCode::Ping => {
-                            self.handle.pong(Box::from(&frame.payload[..]));
-                            None
-                        }
-                        Verdict::Pass => self.assembler.push(frame),
-                        Verdict::Drop => {
-                            crate::metrics::reject("rate_limited");
-                            let message = match opcode {
-                                OpCode::Text => "too many messages; this one was dropped",
-                                OpCode::Continuation => "too many frames; this message was dropped",
-                                _ => "too many frames; this one was dropped",
-                            };
-                            self.handle.deliver(ServerEvent::Error { code: "rate_limited", message }.to_bytes());
-                            self.assembler.skip(frame)
-                        }
-                        Verdict::Flood => {
-                            crate::metrics::reject("rate_limited");
-                            return End::Server(CloseReason::Flood);
-                        }
-                    },
+                Ok(frame) => match self.admit(frame, now) {
+                    Ok(incoming) => incoming,
+                    Err(end) => return end,
                 },
                 Err(e) => match frames::on_error(&e) {
                     Some(incoming) => Some(incoming),
@@ -337,6 +316,37 @@ impl Live {
                 Some(Incoming::Close(code)) => {
                     return End::ClientClosed(wire::reply_code(code));
                 }
+            }
+        }
+    }
+
+    /// Charges a frame to the rate limit and hands what passes to the
+    /// assembler. Every frame but a close takes from the limit (see
+    /// `limits`); a ping that passes is answered here.
+    fn admit(&mut self, frame: Frame<'static>, now: Instant) -> Result<Option<Incoming>, End> {
+        let opcode = frame.opcode;
+        if opcode == OpCode::Close {
+            return Ok(self.assembler.push(frame));
+        }
+        match self.limit.check(now, if opcode == OpCode::Text { MESSAGE } else { FRAME }) {
+            Verdict::Pass if opcode == OpCode::Ping => {
+                self.handle.pong(Box::from(&frame.payload[..]));
+                Ok(None)
+            }
+            Verdict::Pass => Ok(self.assembler.push(frame)),
+            Verdict::Drop => {
+                crate::metrics::reject("rate_limited");
+                let message = match opcode {
+                    OpCode::Text => "too many messages; this one was dropped",
+                    OpCode::Continuation => "too many frames; this message was dropped",
+                    _ => "too many frames; this one was dropped",
+                };
+                self.handle.deliver(ServerEvent::Error { code: "rate_limited", message }.to_bytes());
+                Ok(self.assembler.skip(frame))
+            }
+            Verdict::Flood => {
+                crate::metrics::reject("rate_limited");
+                Err(End::Server(CloseReason::Flood))
             }
         }
     }
