@@ -136,9 +136,9 @@ mod scripts_and_lanes {
     #[tokio::test]
     async fn a_refused_command_fails_alone_in_its_pipeline() {
         let redis = RedisServer::start().await;
-        let client = redis::Client::open(redis.url()).unwrap();
+        let target = switchboard::broker::target::Target::standalone(&redis.url(), None).unwrap();
         let stop = CancellationToken::new();
-        let lanes = Lanes::start(client, redis::AsyncConnectionConfig::new(), 1, 8, &TaskTracker::new(), stop.clone());
+        let lanes = Lanes::start(target, redis::AsyncConnectionConfig::new(), 1, 8, &TaskTracker::new(), stop.clone());
         let mut bad = redis::cmd("INCR");
         bad.arg("k");
         let () = redis::cmd("SET").arg("k").arg("not a number").query_async(&mut redis.conn().await).await.unwrap();

@@ -46,7 +46,7 @@ impl RedisServer {
         use switchboard::broker::redis::{RedisBroker, RedisOptions};
         let stop = tokio_util::sync::CancellationToken::new();
         let options = RedisOptions {
-            url: self.url(),
+            target: switchboard::broker::target::Target::standalone(&self.url(), None).expect("target"),
             prefix: prefix.into(),
             presence_ttl: Duration::from_secs(30),
             pool_size: 2,

@@ -16,8 +16,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisOptions};
+use crate::broker::target::Target;
+use crate::broker::tls::Tls;
 use crate::broker::{Broker, BrokerError, Inbox};
-use crate::config::Settings;
+use crate::config::{RedisMode, Settings};
 use crate::routes;
 use crate::session::registry::Registry;
 use crate::state::{AppState, Phase};
@@ -160,8 +162,24 @@ async fn start_broker(
     let Some(url) = &settings.redis_url else {
         return Ok(Arc::new(MemoryBroker::new(inbox)));
     };
+    let ca_pem = match &settings.redis_ca_file {
+        Some(path) => Some(
+            tokio::fs::read(path)
+                .await
+                .map_err(|e| BrokerError::Connect(format!("SWITCHBOARD_REDIS_CA_FILE {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let tls = if ca_pem.is_some() || url.contains("rediss://") { Some(Tls::new(ca_pem)?) } else { None };
+    let target = match settings.redis_mode {
+        RedisMode::Standalone => Target::standalone(url, tls)?,
+        RedisMode::Sentinel => {
+            Target::sentinel(url, settings.redis_sentinel_master.as_deref().unwrap_or_default(), tls)?
+        }
+        RedisMode::Cluster => return Err(BrokerError::Connect("cluster mode is not built yet".into())),
+    };
     let options = RedisOptions {
-        url: url.clone(),
+        target,
         prefix: settings.channel_prefix.clone(),
         presence_ttl: settings.presence_ttl,
         pool_size: settings.redis_pool_size,

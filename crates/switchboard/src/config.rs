@@ -68,7 +68,15 @@ pub const SETTINGS: &[Setting] = &[
         "where users reach the server, e.g. https://call.example.com: the start of `switchboard link` URLs \
          and of the \"open\" line at start, and the origin /ws accepts; unset = http:// and the listen address",
     ),
-    text("redis_url", None, "redis://host:port/db; unset = in-memory broker, one instance only"),
+    text(
+        "redis_url",
+        None,
+        "redis:// or rediss:// URL (user:password@ for ACL users); in sentinel and cluster modes a \
+         comma-separated list (the Sentinels, or seed nodes); unset = in-memory broker, one instance only",
+    ),
+    text("redis_mode", Some("standalone"), "standalone | sentinel | cluster"),
+    text("redis_sentinel_master", None, "sentinel mode: the name of the Sentinels' master set"),
+    text("redis_ca_file", None, "PEM file of the CA that signed Redis's TLS certificate; unset = the system's roots"),
     text("channel_prefix", Some("switchboard"), "start of every Redis channel and key"),
     whole("max_message_bytes", "65536", 1, 16 << 20, "largest client message, in bytes"),
     text("log_format", Some("text"), "text | json"),
@@ -232,8 +240,15 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Where users reach the server (`http(s)://host[:port][/path]`, without a trailing slash).
     pub public_url: Option<String>,
-    /// Redis URL; `None` selects the in-memory broker.
+    /// Redis URL (a comma-separated list in sentinel and cluster modes);
+    /// `None` selects the in-memory broker. May hold a password: never log it.
     pub redis_url: Option<String>,
+    /// How `redis_url` is read.
+    pub redis_mode: RedisMode,
+    /// Sentinel mode: the master set's name.
+    pub redis_sentinel_master: Option<String>,
+    /// The CA that signed Redis's TLS certificates, if not the system's roots.
+    pub redis_ca_file: Option<PathBuf>,
     /// Start of every Redis channel and key.
     pub channel_prefix: String,
     /// Largest client message, in bytes.
@@ -274,6 +289,17 @@ pub struct Settings {
     pub auth: Option<crate::auth::LinkSigner>,
     /// Browser origins allowed to open `/ws`.
     pub allowed_origins: crate::origin::AllowedOrigins,
+}
+
+/// How the Redis broker reaches Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One server.
+    Standalone,
+    /// The master that Sentinels name.
+    Sentinel,
+    /// A Redis Cluster, with sharded pub/sub.
+    Cluster,
 }
 
 /// A configuration value that can't be used; the message names where it came from.
@@ -426,9 +452,34 @@ impl Values {
             }
         }
         let redis_url = self.text("redis_url")?;
+        let redis_mode = match self.text_or_empty("redis_mode")?.as_str() {
+            "standalone" => RedisMode::Standalone,
+            "sentinel" => RedisMode::Sentinel,
+            "cluster" => RedisMode::Cluster,
+            other => {
+                return Err(self.bad("redis_mode", format!("must be standalone, sentinel or cluster, not {other:?}")))
+            }
+        };
         if let Some(url) = &redis_url {
-            redis::parse_redis_url(url)
-                .ok_or_else(|| self.bad("redis_url", format!("must be a redis:// URL, not {url:?}")))?;
+            let urls: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+            // The URL is not repeated: it may hold a password.
+            for (i, one) in urls.iter().enumerate() {
+                if redis::parse_redis_url(one).is_none() {
+                    return Err(self.bad(
+                        "redis_url",
+                        format!("URL {} of {} is not a redis:// or rediss:// URL", i + 1, urls.len()),
+                    ));
+                }
+            }
+            if urls.len() > 1 && redis_mode == RedisMode::Standalone {
+                return Err(
+                    self.bad("redis_url", "must be one URL in standalone mode (set SWITCHBOARD_REDIS_MODE for more)")
+                );
+            }
+        }
+        let redis_sentinel_master = self.text("redis_sentinel_master")?;
+        if redis_mode == RedisMode::Sentinel && redis_url.is_some() && redis_sentinel_master.is_none() {
+            return Err(self.bad("redis_sentinel_master", "must name the master set in sentinel mode"));
         }
         let channel_prefix = self.text_or_empty("channel_prefix")?;
         if channel_prefix.is_empty() || channel_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
@@ -496,6 +547,9 @@ impl Values {
             metrics_listen,
             public_url,
             redis_url,
+            redis_mode,
+            redis_sentinel_master,
+            redis_ca_file: self.text("redis_ca_file")?.map(PathBuf::from),
             channel_prefix,
             max_message_bytes,
             log_format,

@@ -35,6 +35,10 @@ pub mod names {
     pub const PUBLISH_SECONDS: &str = "switchboard_broker_publish_seconds";
     /// Counter: broker subscriber reconnections.
     pub const RECONNECTS: &str = "switchboard_broker_reconnects_total";
+    /// Counter: subscriber connections given up because Redis stopped answering `PING`.
+    pub const PROBE_FAILURES: &str = "switchboard_broker_probe_failures_total";
+    /// Counter: `SUBSCRIBE` commands Redis answered with an error.
+    pub const SUBSCRIBE_REFUSED: &str = "switchboard_broker_subscribe_refused_total";
     /// Gauge: pair channels with at least one local session (subscriptions, with Redis).
     pub const PAIR_SUBSCRIPTIONS: &str = "switchboard_pair_subscriptions";
     /// Histogram: from a session receiving the first offer to it sending the first answer.
@@ -104,6 +108,8 @@ fn describe() {
     describe_counter!(REPLACED, "Sessions replaced by a newer session of the same user");
     describe_histogram!(PUBLISH_SECONDS, Unit::Seconds, "Time to publish one message to the broker");
     describe_counter!(RECONNECTS, "Broker subscriber reconnections");
+    describe_counter!(PROBE_FAILURES, "Broker subscriber connections given up because Redis stopped answering PING");
+    describe_counter!(SUBSCRIBE_REFUSED, "SUBSCRIBE commands Redis answered with an error");
     describe_gauge!(PAIR_SUBSCRIPTIONS, "Pair channels with at least one local session");
     describe_histogram!(
         CALL_SETUP_SECONDS,
@@ -151,7 +157,17 @@ fn register() {
     for name in [OPEN_SOCKETS, PAIR_SUBSCRIPTIONS] {
         gauge!(name).increment(0.0);
     }
-    for name in [SESSIONS_OPENED, MESSAGES_IN, MESSAGES_OUT, BYTES_IN, BYTES_OUT, REPLACED, RECONNECTS] {
+    for name in [
+        SESSIONS_OPENED,
+        MESSAGES_IN,
+        MESSAGES_OUT,
+        BYTES_IN,
+        BYTES_OUT,
+        REPLACED,
+        RECONNECTS,
+        PROBE_FAILURES,
+        SUBSCRIBE_REFUSED,
+    ] {
         counter!(name).increment(0);
     }
     for reason in CLOSE_REASONS {
@@ -206,6 +222,16 @@ pub fn publish_latency(elapsed: Duration) {
 /// The broker's subscriber reconnected.
 pub fn broker_reconnect() {
     counter!(names::RECONNECTS).increment(1);
+}
+
+/// The subscriber gave up a connection that stopped answering `PING`.
+pub fn broker_probe_failed() {
+    counter!(names::PROBE_FAILURES).increment(1);
+}
+
+/// Redis refused a `SUBSCRIBE`.
+pub fn broker_subscribe_refused() {
+    counter!(names::SUBSCRIBE_REFUSED).increment(1);
 }
 
 /// A pair channel got its first local session.

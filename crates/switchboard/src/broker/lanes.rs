@@ -31,11 +31,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client};
+use redis::AsyncConnectionConfig;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::target::Target;
 use super::{BrokerError, RelayFailure, Waiting};
 
 /// Most commands sent as one pipeline.
@@ -75,9 +76,9 @@ pub struct Lanes {
 
 impl Lanes {
     /// Starts `count` lanes on `tracker`, each with a queue of `depth`
-    /// commands and its own connection to `client`, made with `config`.
+    /// commands and its own connection to `target`, made with `config`.
     pub fn start(
-        client: Client,
+        target: Target,
         config: AsyncConnectionConfig,
         count: usize,
         depth: usize,
@@ -87,7 +88,7 @@ impl Lanes {
         let senders = (0..count.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(depth.max(1));
-                tracker.spawn(run(client.clone(), config.clone(), rx, stop.clone()));
+                tracker.spawn(run(target.clone(), config.clone(), rx, stop.clone()));
                 tx
             })
             .collect();
@@ -132,7 +133,7 @@ impl Lanes {
     }
 }
 
-async fn run(client: Client, config: AsyncConnectionConfig, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
+async fn run(target: Target, config: AsyncConnectionConfig, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
     let mut conn: Option<MultiplexedConnection> = None;
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -145,10 +146,13 @@ async fn run(client: Client, config: AsyncConnectionConfig, mut queue: mpsc::Rec
         }
         let connection = match conn.as_mut() {
             Some(c) => c,
-            None => match client.get_multiplexed_async_connection_with_config(&config).await {
+            None => match target.command_connection(&config).await {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
-                    let why = e.to_string();
+                    let why = match e {
+                        BrokerError::Connect(why) => why,
+                        e => e.to_string(),
+                    };
                     for job in batch.drain(..) {
                         job.reply.finish(Err(BrokerError::Connect(why.clone())));
                     }
@@ -215,12 +219,12 @@ mod tests {
         // takes the first message and hangs on its reply.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("redis://{}", silent.local_addr().expect("addr"));
-        let client = Client::open(url).expect("client");
+        let target = Target::standalone(&url, None).expect("target");
         // No timeouts: the lane hangs on the silent server for as long as the test needs.
         let config = AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None);
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
-        let lanes = Lanes::start(client, config, 1, 1, &tracker, stop.clone());
+        let lanes = Lanes::start(target, config, 1, 1, &tracker, stop.clone());
         let failures = Arc::new(Failures::default());
         let origin: Arc<dyn RelayFailure> = failures.clone();
 

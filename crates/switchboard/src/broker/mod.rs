@@ -10,7 +10,11 @@
 pub mod envelope;
 pub mod lanes;
 pub mod memory;
+pub mod pubsub;
 pub mod redis;
+pub mod subscriber;
+pub mod target;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -32,6 +36,9 @@ pub enum BrokerError {
     /// A command failed, or its connection did.
     #[error("redis command: {0}")]
     Command(String),
+    /// Redis refused a command (an ACL, a password, a busy server).
+    #[error("redis refused: {0}")]
+    Refused(String),
     /// The subscriber connection is down; messages can't be delivered now.
     #[error("the broker's subscriber connection is down")]
     Disconnected,
@@ -42,9 +49,9 @@ pub trait Inbox: Send + Sync + 'static {
     /// An envelope arrived on `channel`.
     fn envelope(&self, channel: &str, envelope: &Bytes);
 
-    /// The subscriber's connection is lost: nothing published from now on,
-    /// nor anything not read yet, will arrive.
-    fn connection_lost(&self);
+    /// The subscriber's connection that carried `channels` is lost: nothing
+    /// published on them from now on, nor anything not read yet, will arrive.
+    fn connection_lost(&self, channels: &mut dyn Iterator<Item = &str>);
 
     /// The subscriber is connected again and subscribed to `channels` anew;
     /// whatever was published on them while it was away is gone.

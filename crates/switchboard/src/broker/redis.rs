@@ -1,33 +1,28 @@
 //! The Redis broker: commands (PUBLISH, presence scripts) through lanes, each
 //! keeping one connection (see [`super::lanes`] for why not a pool), and one
-//! dedicated subscriber connection per instance.
+//! subscriber connection of switchboard's own per instance
+//! ([`super::subscriber`]). Both reach Redis through a [`Target`]: one
+//! server, or the master the Sentinels name.
 //!
 //! Presence scripts go by their SHA1 (`EVALSHA`); only when Redis answers
 //! `NOSCRIPT` (after a restart or `SCRIPT FLUSH`) is the body sent (`EVAL`),
 //! which also puts it back in Redis's script cache. redis-rs's `Script` does
 //! the same, but only on a connection of its own: it can't hand its commands
 //! to a lane's pipeline, so the broker does it here.
-//!
-//! The subscriber task owns the set of live channels with a count of local
-//! sessions each. It SUBSCRIBEs on a channel's first session and UNSUBSCRIBEs
-//! after its last, so `PUBSUB NUMSUB` falls back to 0. When the connection drops
-//! it reconnects with backoff, subscribes every live channel again, and tells
-//! the [`Inbox`] which channels are back: pub/sub is at-most-once, so anything
-//! published meanwhile is gone (the sessions tell their clients `resync`).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::lanes::Lanes;
+use super::subscriber::{Request, Subscriber};
+use super::target::Target;
 use super::{Broker, BrokerError, Inbox, RelayFailure, SessionId, Waiting};
 use crate::pair::{PairId, UserId};
 
@@ -35,16 +30,12 @@ use crate::pair::{PairId, UserId};
 const LANE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Commands a lane may hold before senders wait for room.
 const LANE_QUEUE: usize = 1024;
-/// The subscriber's first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// The subscriber's longest wait between reconnects.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// How the Redis broker is set up.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://host:port/db`.
-    pub url: String,
+    /// Where Redis is.
+    pub target: Target,
     /// Start of every channel and key name.
     pub prefix: String,
     /// Lifetime of a presence key; sessions refresh it well before.
@@ -53,15 +44,10 @@ pub struct RedisOptions {
     pub pool_size: usize,
 }
 
-enum Command {
-    Subscribe(Arc<str>, oneshot::Sender<Result<(), BrokerError>>),
-    Unsubscribe(Box<str>),
-}
-
 /// Publishes and subscribes through Redis.
 pub struct RedisBroker {
     lanes: Lanes,
-    commands: mpsc::UnboundedSender<Command>,
+    requests: mpsc::UnboundedSender<Request>,
     ready: Arc<AtomicBool>,
     prefix: String,
     ttl_secs: u64,
@@ -127,8 +113,6 @@ impl RedisBroker {
         tracker: &TaskTracker,
         first_connect: Duration,
     ) -> Result<Self, BrokerError> {
-        let client = redis::Client::open(options.url.as_str())?;
-        let lanes_client = client.clone();
         // A lane that can't connect, or hears nothing back, within 2 s gives
         // up on that connection: its commands fail and the next batch connects anew.
         let lane_config = redis::AsyncConnectionConfig::new()
@@ -136,15 +120,14 @@ impl RedisBroker {
             .set_response_timeout(Some(LANE_TIMEOUT));
 
         let ready = Arc::new(AtomicBool::new(false));
-        let (commands, rx) = mpsc::unbounded_channel();
+        let (requests, rx) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = oneshot::channel();
-        let subscriber =
-            Subscriber { client, inbox, ready: ready.clone(), counts: HashMap::new(), first: Some(first_tx) };
+        let subscriber = Subscriber::new(options.target.clone(), inbox, ready.clone(), first_tx);
         tracker.spawn(subscriber.run(rx, shutdown.clone()));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
-        let lanes = Lanes::start(lanes_client, lane_config, options.pool_size, LANE_QUEUE, tracker, shutdown.clone());
-        Ok(Self { lanes, commands, ready, prefix: options.prefix, ttl_secs: options.presence_ttl.as_secs().max(1) })
+        let lanes = Lanes::start(options.target, lane_config, options.pool_size, LANE_QUEUE, tracker, shutdown.clone());
+        Ok(Self { lanes, requests, ready, prefix: options.prefix, ttl_secs: options.presence_ttl.as_secs().max(1) })
     }
 
     fn keys(&self, pair: &PairId, user: &UserId) -> (String, String) {
@@ -196,12 +179,12 @@ fn parse_session(value: redis::Value) -> Result<Option<SessionId>, BrokerError> 
 impl Broker for RedisBroker {
     async fn subscribe(&self, channel: &Arc<str>) -> Result<(), BrokerError> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Subscribe(channel.clone(), tx)).map_err(|_| BrokerError::Disconnected)?;
+        self.requests.send(Request::Subscribe(channel.clone(), tx)).map_err(|_| BrokerError::Disconnected)?;
         rx.await.map_err(|_| BrokerError::Disconnected)?
     }
 
     fn unsubscribe(&self, channel: &str) {
-        let _ = self.commands.send(Command::Unsubscribe(channel.into()));
+        let _ = self.requests.send(Request::Unsubscribe(channel.into()));
     }
 
     async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError> {
@@ -251,167 +234,5 @@ impl Broker for RedisBroker {
 
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
-    }
-}
-
-/// The one subscriber connection of this instance.
-struct Subscriber {
-    client: redis::Client,
-    inbox: Arc<dyn Inbox>,
-    ready: Arc<AtomicBool>,
-    /// Local sessions per subscribed channel.
-    counts: HashMap<Arc<str>, usize>,
-    first: Option<oneshot::Sender<()>>,
-}
-
-/// Why a connected spell of the subscriber ended.
-enum Ended {
-    Shutdown,
-    Dropped,
-}
-
-impl Subscriber {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
-        let mut backoff = FIRST_BACKOFF;
-        let mut connected_before = false;
-        loop {
-            let connect = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                c = self.client.get_async_pubsub() => c,
-            };
-            let ended = match connect {
-                Ok(pubsub) => {
-                    backoff = FIRST_BACKOFF;
-                    let ended = self.connected(pubsub, &mut commands, &shutdown, connected_before).await;
-                    connected_before = true;
-                    ended
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "redis subscriber: connect failed");
-                    Ended::Dropped
-                }
-            };
-            self.ready.store(false, Ordering::Relaxed);
-            // Whatever was published and not yet read is lost with the connection.
-            self.inbox.connection_lost();
-            if matches!(ended, Ended::Shutdown) {
-                return;
-            }
-            if let Some(first) = self.first.take() {
-                let _ = first.send(());
-            }
-            // Wait out the backoff while still answering commands.
-            let until = tokio::time::Instant::now() + backoff;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep_until(until) => break,
-                    cmd = commands.recv() => match cmd {
-                        None => return,
-                        Some(cmd) => self.offline(cmd),
-                    },
-                }
-            }
-        }
-    }
-
-    /// While disconnected: a new subscriber is refused, a leaving one is uncounted.
-    fn offline(&mut self, cmd: Command) {
-        match cmd {
-            Command::Subscribe(_, ack) => {
-                let _ = ack.send(Err(BrokerError::Disconnected));
-            }
-            Command::Unsubscribe(channel) => {
-                self.uncount(&channel);
-            }
-        }
-    }
-
-    /// Drops one count; true when it was the channel's last.
-    fn uncount(&mut self, channel: &str) -> bool {
-        match self.counts.get_mut(channel) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            Some(_) => {
-                self.counts.remove(channel);
-                true
-            }
-            None => false,
-        }
-    }
-
-    async fn connected(
-        &mut self,
-        pubsub: redis::aio::PubSub,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-        shutdown: &CancellationToken,
-        reconnected: bool,
-    ) -> Ended {
-        let (mut sink, mut stream) = pubsub.split();
-        if !self.counts.is_empty() {
-            let channels: Vec<&str> = self.counts.keys().map(|c| &**c).collect();
-            if let Err(e) = sink.subscribe(&channels).await {
-                tracing::warn!(error = %e, "redis subscriber: resubscribe failed");
-                return Ended::Dropped;
-            }
-        }
-        self.ready.store(true, Ordering::Relaxed);
-        if let Some(first) = self.first.take() {
-            let _ = first.send(());
-        }
-        if reconnected {
-            tracing::info!(channels = self.counts.len(), "redis subscriber: reconnected");
-            crate::metrics::broker_reconnect();
-            self.inbox.resubscribed(&mut self.counts.keys().map(|c| &**c));
-        } else {
-            tracing::info!("redis subscriber: connected");
-        }
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ended::Shutdown,
-                msg = stream.next() => {
-                    let Some(msg) = msg else {
-                        tracing::warn!("redis subscriber: connection lost");
-                        return Ended::Dropped;
-                    };
-                    let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
-                    self.inbox.envelope(msg.get_channel_name(), &payload);
-                }
-                cmd = commands.recv() => {
-                    let Some(cmd) = cmd else { return Ended::Shutdown };
-                    if let Err(e) = self.command(&mut sink, cmd).await {
-                        tracing::warn!(error = %e, "redis subscriber: command failed");
-                        return Ended::Dropped;
-                    }
-                }
-            }
-        }
-    }
-
-    async fn command(&mut self, sink: &mut redis::aio::PubSubSink, cmd: Command) -> Result<(), redis::RedisError> {
-        match cmd {
-            Command::Subscribe(channel, ack) => {
-                let count = self.counts.entry(channel.clone()).or_insert(0);
-                *count += 1;
-                if *count == 1 {
-                    if let Err(e) = sink.subscribe(&*channel).await {
-                        self.uncount(&channel);
-                        let _ = ack.send(Err(BrokerError::Disconnected));
-                        return Err(e);
-                    }
-                }
-                let _ = ack.send(Ok(()));
-            }
-            Command::Unsubscribe(channel) => {
-                if self.uncount(&channel) {
-                    sink.unsubscribe(&*channel).await?;
-                }
-            }
-        }
-        Ok(())
     }
 }

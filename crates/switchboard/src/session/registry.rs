@@ -90,11 +90,14 @@ impl Registry {
         }
     }
 
-    /// Tells every local session that awaited echoes will never come (the
-    /// subscriber's connection dropped).
-    pub fn forget_echoes(&self) {
-        for session in self.lock().values().flatten() {
-            session.forget_echoes();
+    /// Tells every local session of `channels` that awaited echoes will
+    /// never come (the subscriber's connection that carried them dropped).
+    pub fn forget_echoes<'a>(&self, channels: impl IntoIterator<Item = &'a str>) {
+        let map = self.lock();
+        for channel in channels {
+            for session in map.get(channel).into_iter().flatten() {
+                session.forget_echoes();
+            }
         }
     }
 
@@ -119,14 +122,15 @@ impl Inbox for Registry {
         self.dispatch(channel, envelope);
     }
 
-    fn connection_lost(&self) {
-        self.forget_echoes();
+    fn connection_lost(&self, channels: &mut dyn Iterator<Item = &str>) {
+        self.forget_echoes(channels);
     }
 
     fn resubscribed(&self, channels: &mut dyn Iterator<Item = &str>) {
         // Anything published while the subscriber was away is gone, and so
         // are the echoes senders wait for: their clients must renegotiate.
-        self.forget_echoes();
+        let channels: Vec<&str> = channels.collect();
+        self.forget_echoes(channels.iter().copied());
         self.broadcast(channels, &ServerEvent::Resync.to_bytes());
     }
 }

@@ -1,0 +1,198 @@
+//! Where the Redis broker connects: one server (standalone), or whichever
+//! server the Sentinels name as the master right now.
+//!
+//! In Sentinel mode every connection (the subscriber's and each lane's) asks
+//! the Sentinels for the master's address when it connects or reconnects,
+//! and checks with `ROLE` that the server it reached is a master: during a
+//! failover a Sentinel may still name the old one for a moment, and a
+//! publication on a replica would reach only that replica's subscribers.
+//! Sentinel demotes the old master by disconnecting its clients, so both
+//! kinds of connection come back through here.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo};
+
+use super::pubsub::{self, Endpoint, Reader, Writer};
+use super::tls::Tls;
+use super::BrokerError;
+
+/// How to reach the Redis that takes this instance's commands and subscriptions.
+#[derive(Clone)]
+pub struct Target {
+    kind: Kind,
+    tls: Option<Tls>,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Standalone(ConnectionInfo),
+    Sentinel {
+        /// The Sentinels, asked in turn.
+        sentinels: Vec<ConnectionInfo>,
+        /// The master set's name.
+        master: String,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Standalone(info) => write!(f, "{}", describe(info)),
+            Kind::Sentinel { sentinels, master } => {
+                let list: Vec<String> = sentinels.iter().map(describe).collect();
+                write!(f, "master {master:?} of sentinels {}", list.join(","))
+            }
+        }
+    }
+}
+
+/// An address without credentials, for logs and errors.
+pub fn describe(info: &ConnectionInfo) -> String {
+    match Endpoint::from_info(info) {
+        Ok(endpoint) => endpoint.to_string(),
+        Err(_) => "an unsupported address".into(),
+    }
+}
+
+/// Parses one `redis://` or `rediss://` URL; the error never repeats the URL
+/// (it may hold a password).
+pub fn parse(url: &str) -> Result<ConnectionInfo, BrokerError> {
+    url.trim().into_connection_info().map_err(|_| BrokerError::Connect("not a redis:// or rediss:// URL".into()))
+}
+
+impl Target {
+    /// One server at `url`.
+    pub fn standalone(url: &str, tls: Option<Tls>) -> Result<Self, BrokerError> {
+        Ok(Self { kind: Kind::Standalone(parse(url)?), tls })
+    }
+
+    /// The master named `master` by the Sentinels at `urls` (comma-separated).
+    /// The master is reached with the Sentinels' credentials and TLS.
+    pub fn sentinel(urls: &str, master: &str, tls: Option<Tls>) -> Result<Self, BrokerError> {
+        let sentinels = urls.split(',').filter(|u| !u.trim().is_empty()).map(parse).collect::<Result<Vec<_>, _>>()?;
+        if sentinels.is_empty() {
+            return Err(BrokerError::Connect("no Sentinel URL".into()));
+        }
+        Ok(Self { kind: Kind::Sentinel { sentinels, master: master.to_owned() }, tls })
+    }
+
+    /// The TLS set-up, if any.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    /// The server to use now: the standalone one, or the current master.
+    pub async fn server(&self, timeout: Duration) -> Result<ConnectionInfo, BrokerError> {
+        match &self.kind {
+            Kind::Standalone(info) => Ok(info.clone()),
+            Kind::Sentinel { sentinels, master } => self.ask_sentinels(sentinels, master, timeout).await,
+        }
+    }
+
+    async fn ask_sentinels(
+        &self,
+        sentinels: &[ConnectionInfo],
+        master: &str,
+        timeout: Duration,
+    ) -> Result<ConnectionInfo, BrokerError> {
+        let mut last = BrokerError::Connect("no Sentinel answered".into());
+        for sentinel in sentinels {
+            let asked = async {
+                let mut conn = self.connect_to(sentinel.clone(), &config(timeout)).await?;
+                let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(master)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| BrokerError::Connect(format!("sentinel {}: {e}", describe(sentinel))))?;
+                addr.ok_or_else(|| {
+                    BrokerError::Connect(format!("sentinel {} knows no master {master:?}", describe(sentinel)))
+                })
+            };
+            match asked.await {
+                Ok((host, port)) => return Ok(with_address(sentinel, &host, port)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// A command connection to the current server, checked to be a master
+    /// in Sentinel mode.
+    pub async fn command_connection(
+        &self,
+        config: &AsyncConnectionConfig,
+    ) -> Result<MultiplexedConnection, BrokerError> {
+        let timeout = Duration::from_secs(2);
+        let server = self.server(timeout).await?;
+        let mut conn = self.connect_to(server.clone(), config).await?;
+        if matches!(self.kind, Kind::Sentinel { .. }) {
+            let role: redis::Value = redis::cmd("ROLE")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| BrokerError::Connect(format!("{}: ROLE: {e}", describe(&server))))?;
+            check_master(&server, &role)?;
+        }
+        Ok(conn)
+    }
+
+    async fn connect_to(
+        &self,
+        info: ConnectionInfo,
+        config: &AsyncConnectionConfig,
+    ) -> Result<MultiplexedConnection, BrokerError> {
+        let name = describe(&info);
+        let client = match &self.tls {
+            Some(tls) => tls.client(info),
+            None => Client::open(info),
+        }
+        .map_err(|e| BrokerError::Connect(format!("{name}: {e}")))?;
+        client
+            .get_multiplexed_async_connection_with_config(config)
+            .await
+            .map_err(|e| BrokerError::Connect(format!("{name}: {e}")))
+    }
+
+    /// The subscriber's own connection to the current server.
+    pub async fn subscriber_connection(&self, timeout: Duration) -> Result<(Reader, Writer), BrokerError> {
+        let server = self.server(timeout).await?;
+        let endpoint = Endpoint::from_info(&server)?;
+        let (mut reader, mut writer) = pubsub::open(&endpoint, self.tls.as_ref(), timeout).await?;
+        if matches!(self.kind, Kind::Sentinel { .. }) {
+            pubsub::check_role(&endpoint, &mut reader, &mut writer, timeout).await?;
+        }
+        Ok((reader, writer))
+    }
+}
+
+fn config(timeout: Duration) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new().set_connection_timeout(Some(timeout)).set_response_timeout(Some(timeout))
+}
+
+/// `info` (credentials, TLS) at another address.
+pub fn with_address(info: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
+    let addr = match info.addr() {
+        redis::ConnectionAddr::TcpTls { insecure, tls_params, .. } => redis::ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    info.clone().set_addr(addr)
+}
+
+/// Fails unless `role` (a `ROLE` reply) says master.
+fn check_master(server: &ConnectionInfo, role: &redis::Value) -> Result<(), BrokerError> {
+    let first = match role {
+        redis::Value::Array(parts) => parts.first(),
+        _ => None,
+    };
+    match first {
+        Some(redis::Value::BulkString(kind)) if kind == b"master" => Ok(()),
+        _ => Err(BrokerError::Connect(format!("{} is not a master (yet)", describe(server)))),
+    }
+}
