@@ -7,9 +7,11 @@
 //! decides what their clients hear. The broker speaks channels and envelopes
 //! only, never client events.
 
+pub mod cluster;
 pub mod envelope;
 pub mod lanes;
 pub mod memory;
+pub mod node;
 pub mod pubsub;
 pub mod redis;
 pub mod subscriber;

@@ -122,8 +122,9 @@ impl RedisBroker {
         let ready = Arc::new(AtomicBool::new(false));
         let (requests, rx) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = oneshot::channel();
-        let subscriber = Subscriber::new(options.target.clone(), inbox, ready.clone(), first_tx);
-        tracker.spawn(subscriber.run(rx, shutdown.clone()));
+        let (subscriber, events) =
+            Subscriber::new(options.target.clone(), inbox, ready.clone(), first_tx, tracker.clone());
+        tracker.spawn(subscriber.run(rx, events, shutdown.clone()));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
         let lanes = Lanes::start(options.target, lane_config, options.pool_size, LANE_QUEUE, tracker, shutdown.clone());

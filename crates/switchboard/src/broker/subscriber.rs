@@ -1,452 +1,564 @@
-//! The subscriber: the task that keeps one instance's subscriptions on one
-//! Redis connection of its own ([`super::pubsub`]) and delivers what arrives
-//! into the [`Inbox`].
+//! The subscriber: which channels this instance listens to, and on which
+//! Redis connection each one lives.
 //!
-//! It owns the set of live channels with a count of local sessions each. It
-//! subscribes on a channel's first session and unsubscribes after its last,
-//! so `PUBSUB NUMSUB` falls back to 0.
+//! It counts local sessions per channel, subscribing on a channel's first
+//! session and unsubscribing after its last, so `PUBSUB NUMSUB` falls back to
+//! 0. The connections themselves are [`super::node`] tasks of switchboard's
+//! own, one per server: the one standalone server (or Sentinel's current
+//! master), or, in a Redis Cluster, each master that serves a subscribed
+//! channel's slot (sharded pub/sub). Nodes deliver messages straight into
+//! the [`Inbox`]; this task only places channels, so nothing it waits for
+//! ever holds up delivery.
 //!
-//! It never stops delivering to wait for Redis:
-//! - subscribe requests that queue up together go out as one `SUBSCRIBE`
-//!   of many channels, written while messages keep being read;
-//! - confirmations are matched as they arrive, in the order Redis answers
-//!   commands; a session's request resolves when its channel's confirmation
-//!   arrives, so it is subscribed before its welcome;
-//! - every reply is checked: an error reply to a subscribe (an ACL that
-//!   denies the channel, `NOAUTH` after a password change, `-BUSY`, …) fails
-//!   the sessions that waited for it, and unless Redis refused only those
-//!   channels, the connection is dropped and made again, so the instance is
-//!   never deaf while it looks healthy;
-//! - a `PING` goes out every [`PROBE_EVERY`]; a Redis that neither answers it
-//!   nor sends anything else for [`PROBE_TIMEOUT`] is taken as lost (a frozen
-//!   or unreachable server sends nothing at all).
-//!
-//! When the connection is lost it reconnects with backoff, subscribes every
-//! live channel again (in batches), and tells the [`Inbox`] which channels
-//! are back as each batch is confirmed: pub/sub is at-most-once, so anything
-//! published meanwhile is gone (the sessions tell their clients `resync`).
-//! `/readyz` is unready from the loss until every channel is back.
+//! When a node's connection ends (Redis closed it, a `PING` went
+//! unanswered, a subscribe was refused) its channels are lost: the inbox is
+//! told at once (their senders stop waiting for echoes), `/readyz` turns
+//! unready, and after a backoff they are placed again: on the standalone
+//! server once it answers (Sentinel is asked anew), or in a cluster on
+//! whichever master the refreshed slot map names. Channels that Redis drops
+//! by itself (a cluster failover or slot migration) or that a node answers
+//! with `MOVED` are placed again the same way, and only they are touched.
+//! Each node tells the inbox which channels are back as it resubscribes
+//! them; pub/sub is at-most-once, so anything published meanwhile is gone
+//! (the sessions tell their clients `resync`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::pubsub::{Event, Reader, Writer};
+use super::cluster::{self, Address, SlotMap};
+use super::node::{self, Ack, NodeCmd, NodeEvent, NodeId, NodeSpec, Verbs};
+use super::pubsub::Endpoint;
 use super::target::Target;
 use super::{BrokerError, Inbox};
 
-/// The first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
+/// The first wait before placing lost channels again; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// The longest wait between reconnects.
+/// The longest wait between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Time allowed for connecting and authenticating.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often the connection is probed with `PING`.
-pub const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// Silence, with a `PING` unanswered, after which the connection is lost.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Most channels named in one `SUBSCRIBE` or `UNSUBSCRIBE`.
-const MAX_CHANNELS_PER_COMMAND: usize = 1024;
+/// Time allowed to ask Sentinel or a cluster node where things are.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most requests taken from the queue at once.
 const MAX_REQUESTS: usize = 1024;
+/// A channel that has no node right now.
+const NOWHERE: NodeId = NodeId::MAX;
 
 /// A session's request to the subscriber.
 pub enum Request {
     /// Count one more local session on the channel; answered once it is live.
-    Subscribe(Arc<str>, oneshot::Sender<Result<(), BrokerError>>),
+    Subscribe(Arc<str>, Ack),
     /// Count one fewer.
     Unsubscribe(Box<str>),
 }
 
-type Ack = oneshot::Sender<Result<(), BrokerError>>;
-
-/// A command written and not yet fully answered.
-enum InFlight {
-    /// `SUBSCRIBE` of new channels (`resubscribe: false`) or of live ones
-    /// after a reconnect; the channels not confirmed yet.
-    Subscribe { channels: VecDeque<Arc<str>>, resubscribe: bool },
-    /// `UNSUBSCRIBE`; how many confirmations are still due.
-    Unsubscribe(usize),
-    /// `PING`, sent at this time.
-    Ping(Instant),
+/// A subscribed channel: its local sessions, and the node it lives on.
+#[derive(Clone, Copy)]
+struct Placed {
+    count: u32,
+    node: NodeId,
 }
 
-/// The subscriber task's state, which outlives its connections.
+/// A channel waiting to be placed again, and the sessions waiting for it.
+#[derive(Default)]
+struct Homeless {
+    acks: Vec<Ack>,
+    /// Whether it was subscribed before (its sessions hear `resync` when it is back).
+    live: bool,
+}
+
+/// A running node task.
+struct Link {
+    address: Address,
+    tx: mpsc::UnboundedSender<NodeCmd>,
+    stop: CancellationToken,
+    /// Every channel it was given is subscribed.
+    up: bool,
+    /// Resubscribe commands sent to it; an `Up` that counts fewer is stale.
+    asked: u32,
+}
+
+/// Where things are: the standalone server, or a cluster's slot map.
+enum Layout {
+    Single(Endpoint),
+    Cluster(SlotMap),
+}
+
+type Asking = Pin<Box<dyn Future<Output = Result<Layout, BrokerError>> + Send>>;
+
+/// The subscriber task's state.
 pub struct Subscriber {
     target: Target,
     inbox: Arc<dyn Inbox>,
     ready: Arc<AtomicBool>,
-    /// Local sessions per subscribed channel.
-    counts: HashMap<Arc<str>, usize>,
     first: Option<oneshot::Sender<()>>,
-}
-
-/// Why a connected spell ended.
-enum Ended {
-    Shutdown,
-    Lost(String),
-}
-
-/// One connected spell: what is in flight on this connection.
-struct Spell {
-    reader: Reader,
-    writer: Writer,
-    in_flight: VecDeque<InFlight>,
-    /// Sessions waiting for a channel's first confirmation.
-    waiting: HashMap<Arc<str>, Vec<Ack>>,
-    /// Channels queued for `UNSUBSCRIBE` in the current batch.
-    leaving: Vec<Arc<str>>,
-    /// Resubscribe batches not yet confirmed.
-    resubscribing: usize,
-    last_heard: Instant,
+    tracker: TaskTracker,
+    /// Local sessions per subscribed channel.
+    channels: HashMap<Arc<str>, Placed>,
+    /// Channels whose node was lost or that must move.
+    homeless: HashMap<Arc<str>, Homeless>,
+    /// Node tasks by id; `None` once ended.
+    links: Vec<Option<Link>>,
+    /// The cluster's slot map (empty when standalone or not known yet).
+    slots: SlotMap,
+    /// The standalone server (or Sentinel's master) when last asked.
+    single: Option<Endpoint>,
+    events_tx: mpsc::UnboundedSender<NodeEvent>,
+    backoff: Duration,
+    /// When to ask again where things are.
+    retry_at: Option<Instant>,
+    connected_before: bool,
 }
 
 impl Subscriber {
     /// A subscriber for `target`, delivering into `inbox`; `ready` tells
     /// whether every live channel is subscribed, and `first` is told after
-    /// the first connection attempt (successful or not).
-    pub fn new(target: Target, inbox: Arc<dyn Inbox>, ready: Arc<AtomicBool>, first: oneshot::Sender<()>) -> Self {
-        Self { target, inbox, ready, counts: HashMap::new(), first: Some(first) }
+    /// the first attempt to connect (successful or not). Node tasks run on `tracker`.
+    pub fn new(
+        target: Target,
+        inbox: Arc<dyn Inbox>,
+        ready: Arc<AtomicBool>,
+        first: oneshot::Sender<()>,
+        tracker: TaskTracker,
+    ) -> (Self, mpsc::UnboundedReceiver<NodeEvent>) {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let subscriber = Self {
+            target,
+            inbox,
+            ready,
+            first: Some(first),
+            tracker,
+            channels: HashMap::new(),
+            homeless: HashMap::new(),
+            links: Vec::new(),
+            slots: SlotMap::default(),
+            single: None,
+            events_tx,
+            backoff: FIRST_BACKOFF,
+            retry_at: Some(Instant::now()),
+            connected_before: false,
+        };
+        (subscriber, events)
     }
 
     /// Runs until `shutdown`, serving `requests`.
-    pub async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>, shutdown: CancellationToken) {
-        let mut backoff = FIRST_BACKOFF;
-        let mut connected_before = false;
+    pub async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+        mut events: mpsc::UnboundedReceiver<NodeEvent>,
+        shutdown: CancellationToken,
+    ) {
+        let mut batch = Vec::with_capacity(64);
+        let mut asking: Option<Asking> = None;
         loop {
-            let connect = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                c = self.target.subscriber_connection(CONNECT_TIMEOUT) => c,
-            };
-            let ended = match connect {
-                Ok((reader, writer)) => {
-                    backoff = FIRST_BACKOFF;
-                    let spell = Spell::new(reader, writer);
-                    let ended = self.connected(spell, &mut requests, &shutdown, connected_before).await;
-                    connected_before = true;
-                    ended
+            let retry_at = self.retry_at;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                n = requests.recv_many(&mut batch, MAX_REQUESTS) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for request in batch.drain(..) {
+                        self.request(request);
+                    }
                 }
-                Err(e) => Ended::Lost(format!("connect failed: {e}")),
-            };
-            let was_ready = self.ready.swap(false, Ordering::Relaxed);
-            // Whatever was published and not yet read is lost with the connection.
-            self.inbox.connection_lost(&mut self.counts.keys().map(|c| &**c));
-            let why = match ended {
-                Ended::Shutdown => return,
-                Ended::Lost(why) => why,
-            };
-            if was_ready || self.first.is_some() {
-                tracing::warn!(reason = %why, "redis subscriber: connection lost");
-            } else {
-                tracing::debug!(reason = %why, "redis subscriber: still unreachable");
+                Some(event) = events.recv() => self.node_event(event),
+                _ = sleep_until(retry_at), if retry_at.is_some() && asking.is_none() => {
+                    self.retry_at = None;
+                    asking = Some(self.ask());
+                }
+                layout = async { asking.as_mut().expect("guarded").await }, if asking.is_some() => {
+                    asking = None;
+                    self.placed(layout);
+                }
             }
+            self.update_ready();
+        }
+        for link in self.links.iter().flatten() {
+            link.stop.cancel();
+        }
+    }
+
+    /// Asks where things are: Sentinel's master, or the cluster's slot map.
+    fn ask(&self) -> Asking {
+        let target = self.target.clone();
+        let prefer: Vec<Address> = self.slots.masters();
+        Box::pin(async move {
+            if target.is_cluster() {
+                Ok(Layout::Cluster(cluster::fetch(&target, &prefer, ASK_TIMEOUT).await?))
+            } else {
+                let server = target.server(ASK_TIMEOUT).await?;
+                Ok(Layout::Single(Endpoint::from_info(&server)?))
+            }
+        })
+    }
+
+    /// The answer to [`Subscriber::ask`]: places every homeless channel.
+    fn placed(&mut self, layout: Result<Layout, BrokerError>) {
+        match layout {
+            Ok(Layout::Single(endpoint)) => {
+                if self.single.as_ref() != Some(&endpoint) {
+                    // Sentinel names another master: leave the old one.
+                    self.drop_links_except(&[(endpoint.host.clone(), endpoint.port)]);
+                }
+                self.single = Some(endpoint);
+                self.ensure_single();
+            }
+            Ok(Layout::Cluster(map)) => {
+                self.slots = map;
+                let masters = self.slots.masters();
+                self.drop_links_except(&masters);
+                // Channels whose slot moved to another master while their node stayed up.
+                let moved: Vec<Arc<str>> = self
+                    .channels
+                    .iter()
+                    .filter(|(name, placed)| {
+                        placed.node != NOWHERE
+                            && self.slots.master_of(cluster::slot(name)) != self.address_of(placed.node)
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in moved {
+                    self.unplace(name, true);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "redis subscriber: can't find Redis");
+                self.lost_attempt();
+                return;
+            }
+        }
+        self.place_homeless();
+    }
+
+    /// Starts the standalone node if it isn't running.
+    fn ensure_single(&mut self) {
+        let Some(endpoint) = self.single.clone() else { return };
+        if self.links.first().is_some_and(Option::is_some) {
+            return;
+        }
+        self.spawn_link(0, endpoint, Vec::new());
+    }
+
+    fn address_of(&self, node: NodeId) -> Option<&Address> {
+        self.links.get(node as usize)?.as_ref().map(|l| &l.address)
+    }
+
+    /// Stops the links whose address is not in `keep`; their channels move.
+    fn drop_links_except(&mut self, keep: &[Address]) {
+        let gone: Vec<NodeId> = self
+            .links
+            .iter()
+            .enumerate()
+            .filter_map(|(id, link)| link.as_ref().filter(|l| !keep.contains(&l.address)).map(|_| id as NodeId))
+            .collect();
+        for id in gone {
+            if let Some(link) = self.links[id as usize].take() {
+                link.stop.cancel();
+            }
+            self.node_gone(id);
+        }
+    }
+
+    /// The node for `address`, started if need be.
+    fn node_at(&mut self, address: &Address) -> Result<NodeId, BrokerError> {
+        if let Some(id) = self.links.iter().position(|l| l.as_ref().is_some_and(|l| &l.address == address)) {
+            return Ok(id as NodeId);
+        }
+        let endpoint = self.target.node_endpoint(&address.0, address.1)?;
+        let id = self.links.iter().position(Option::is_none).unwrap_or(self.links.len());
+        self.spawn_link(id as NodeId, endpoint, Vec::new());
+        Ok(id as NodeId)
+    }
+
+    fn spawn_link(&mut self, id: NodeId, endpoint: Endpoint, channels: Vec<Arc<str>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let spec = NodeSpec {
+            id,
+            endpoint: endpoint.clone(),
+            tls: self.target.tls().cloned(),
+            verbs: if self.target.is_cluster() { Verbs::Sharded } else { Verbs::Classic },
+            check_master: self.target.checks_master(),
+        };
+        let address = (endpoint.host, endpoint.port);
+        self.tracker.spawn(node::run(spec, channels, self.inbox.clone(), rx, self.events_tx.clone(), stop.clone()));
+        let link = Some(Link { address, tx, stop, up: false, asked: 0 });
+        match self.links.get_mut(id as usize) {
+            Some(slot) => *slot = link,
+            None => self.links.push(link),
+        }
+    }
+
+    /// Where a channel goes now: the standalone node, or its slot's master.
+    fn home(&mut self, channel: &str) -> Result<NodeId, BrokerError> {
+        if !self.target.is_cluster() {
+            return match self.links.first() {
+                Some(Some(_)) => Ok(0),
+                _ => Err(BrokerError::Disconnected),
+            };
+        }
+        let master = self.slots.master_of(cluster::slot(channel)).cloned().ok_or(BrokerError::Disconnected)?;
+        self.node_at(&master)
+    }
+
+    fn send(&mut self, node: NodeId, cmd: NodeCmd) -> Result<(), NodeCmd> {
+        match self.links.get(node as usize).and_then(Option::as_ref) {
+            Some(link) => link.tx.send(cmd).map_err(|e| e.0),
+            None => Err(cmd),
+        }
+    }
+
+    fn request(&mut self, request: Request) {
+        match request {
+            Request::Subscribe(channel, ack) => self.join(channel, ack),
+            Request::Unsubscribe(channel) => self.leave(&channel),
+        }
+    }
+
+    fn join(&mut self, channel: Arc<str>, ack: Ack) {
+        if let Some(placed) = self.channels.get_mut(&channel) {
+            placed.count += 1;
+            let node = placed.node;
+            if node == NOWHERE {
+                // Lost with its node: the session waits until it is back.
+                self.homeless.entry(channel).or_default().acks.push(ack);
+                return;
+            }
+            if let Err(NodeCmd::Subscribe { ack, .. }) =
+                self.send(node, NodeCmd::Subscribe { channel: channel.clone(), ack, first: false })
+            {
+                self.homeless.entry(channel).or_default().acks.push(ack);
+            }
+            return;
+        }
+        let node = match self.home(&channel) {
+            Ok(node) => node,
+            Err(e) => {
+                let _ = ack.send(Err(e));
+                return;
+            }
+        };
+        self.channels.insert(channel.clone(), Placed { count: 1, node });
+        if let Err(NodeCmd::Subscribe { ack, .. }) =
+            self.send(node, NodeCmd::Subscribe { channel: channel.clone(), ack, first: true })
+        {
+            self.channels.remove(&channel);
+            let _ = ack.send(Err(BrokerError::Disconnected));
+        }
+    }
+
+    fn leave(&mut self, channel: &str) {
+        let Some(placed) = self.channels.get_mut(channel) else { return };
+        placed.count = placed.count.saturating_sub(1);
+        if placed.count > 0 {
+            return;
+        }
+        let node = placed.node;
+        let (name, _) = self.channels.remove_entry(channel).expect("present");
+        if node == NOWHERE {
+            if let Some(homeless) = self.homeless.remove(channel) {
+                for ack in homeless.acks {
+                    let _ = ack.send(Err(BrokerError::Disconnected));
+                }
+            }
+        } else {
+            let _ = self.send(node, NodeCmd::Unsubscribe(name));
+        }
+    }
+
+    /// Drops `n` counts of `channel` whose joins failed.
+    fn uncount(&mut self, channel: &str, n: usize) {
+        let Some(placed) = self.channels.get_mut(channel) else { return };
+        placed.count = placed.count.saturating_sub(n as u32);
+        if placed.count == 0 {
+            self.channels.remove(channel);
+            self.homeless.remove(channel);
+        }
+    }
+
+    /// Marks `channel` as needing a new home; its sessions hear nothing from
+    /// the old one any more.
+    fn unplace(&mut self, channel: Arc<str>, live: bool) {
+        if let Some(placed) = self.channels.get_mut(&channel) {
+            if placed.node != NOWHERE {
+                let old = placed.node;
+                placed.node = NOWHERE;
+                // The old node must not keep it (a slot that moved while it stayed up).
+                let _ = self.send(old, NodeCmd::Unsubscribe(channel.clone()));
+            }
+            let homeless = self.homeless.entry(channel).or_default();
+            homeless.live |= live;
+        }
+    }
+
+    fn node_event(&mut self, event: NodeEvent) {
+        match event {
+            NodeEvent::Up(id, answered) => {
+                if let Some(Some(link)) = self.links.get_mut(id as usize) {
+                    link.up = answered == link.asked;
+                }
+                self.backoff = FIRST_BACKOFF;
+            }
+            NodeEvent::Refused(_, refused) => {
+                for (channel, n) in refused {
+                    self.uncount(&channel, n);
+                }
+            }
+            NodeEvent::Misplaced(id, misplaced) => {
+                let mut lost = Vec::new();
+                for (channel, acks) in misplaced {
+                    let Some(placed) = self.channels.get_mut(&channel) else {
+                        for ack in acks {
+                            let _ = ack.send(Err(BrokerError::Disconnected));
+                        }
+                        continue;
+                    };
+                    if placed.node != id {
+                        continue;
+                    }
+                    placed.node = NOWHERE;
+                    // A channel with sessions beyond those still waiting was live here.
+                    let live = placed.count as usize > acks.len();
+                    let homeless = self.homeless.entry(channel.clone()).or_default();
+                    homeless.live |= live;
+                    homeless.acks.extend(acks);
+                    if live {
+                        lost.push(channel);
+                    }
+                }
+                tracing::info!(channels = lost.len(), "redis subscriber: subscriptions moved; asking the cluster");
+                self.inbox.connection_lost(&mut lost.iter().map(|c| &**c));
+                self.schedule(Duration::ZERO);
+            }
+            NodeEvent::Lost { node, why, failed } => {
+                for (channel, n) in failed {
+                    self.uncount(&channel, n);
+                }
+                let current = self.links.get(node as usize).and_then(Option::as_ref).map(|l| l.up);
+                if current.is_some() {
+                    self.links[node as usize] = None;
+                    tracing::warn!(reason = %why, "redis subscriber: connection lost");
+                    self.node_gone(node);
+                } else {
+                    tracing::debug!(reason = %why, "redis subscriber: an old connection ended");
+                }
+                if let Some(first) = self.first.take() {
+                    let _ = first.send(());
+                }
+                self.lost_attempt();
+            }
+        }
+    }
+
+    /// Every channel of `node` (now stopped) is lost until placed again.
+    fn node_gone(&mut self, node: NodeId) {
+        let mut lost = Vec::new();
+        for (name, placed) in self.channels.iter_mut() {
+            if placed.node == node {
+                placed.node = NOWHERE;
+                lost.push(name.clone());
+            }
+        }
+        // Whatever was published on them and not read yet is gone with the connection.
+        self.inbox.connection_lost(&mut lost.iter().map(|c| &**c));
+        for name in lost {
+            self.homeless.entry(name).or_default().live = true;
+        }
+    }
+
+    /// An attempt failed: try again after the backoff.
+    fn lost_attempt(&mut self) {
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.schedule(wait);
+    }
+
+    fn schedule(&mut self, wait: Duration) {
+        let at = Instant::now() + wait;
+        self.retry_at = Some(self.retry_at.map_or(at, |t| t.min(at)));
+    }
+
+    /// Sends every homeless channel to its node, starting nodes as needed.
+    fn place_homeless(&mut self) {
+        if !self.target.is_cluster() {
+            self.ensure_single();
+        }
+        let homeless: Vec<(Arc<str>, Homeless)> = self.homeless.drain().collect();
+        let mut resubscribe: HashMap<NodeId, Vec<Arc<str>>> = HashMap::new();
+        let mut joins: Vec<(NodeId, Arc<str>, Ack, bool)> = Vec::new();
+        let mut failed = false;
+        for (channel, Homeless { acks, live }) in homeless {
+            let node = match self.home(&channel) {
+                Ok(node) => node,
+                Err(_) => {
+                    failed = true;
+                    self.homeless.insert(channel, Homeless { acks, live });
+                    continue;
+                }
+            };
+            if let Some(placed) = self.channels.get_mut(&channel) {
+                placed.node = node;
+            }
+            if live {
+                resubscribe.entry(node).or_default().push(channel.clone());
+            }
+            // A channel that was never live is subscribed by its first waiting session.
+            for (i, ack) in acks.into_iter().enumerate() {
+                joins.push((node, channel.clone(), ack, !live && i == 0));
+            }
+        }
+        for (node, channels) in resubscribe {
+            if let Some(Some(link)) = self.links.get_mut(node as usize) {
+                link.up = false;
+                link.asked += 1;
+            }
+            let _ = self.send(node, NodeCmd::Resubscribe(channels));
+        }
+        for (node, channel, ack, first) in joins {
+            if let Err(NodeCmd::Subscribe { channel, ack, .. }) =
+                self.send(node, NodeCmd::Subscribe { channel, ack, first })
+            {
+                self.uncount(&channel, 1);
+                let _ = ack.send(Err(BrokerError::Disconnected));
+            }
+        }
+        if failed {
+            self.lost_attempt();
+        }
+    }
+
+    fn update_ready(&mut self) {
+        let nodes_up = self.links.iter().flatten().all(|l| l.up);
+        let single_ok = self.target.is_cluster() || self.links.first().is_some_and(Option::is_some);
+        let cluster_ok = !self.target.is_cluster() || !self.slots.masters().is_empty();
+        let ready = nodes_up && single_ok && cluster_ok && self.homeless.is_empty() && self.retry_at.is_none();
+        let was = self.ready.swap(ready, Ordering::Relaxed);
+        if ready && !was {
             if let Some(first) = self.first.take() {
                 let _ = first.send(());
             }
-            // Wait out the backoff while still answering requests.
-            let until = Instant::now() + backoff;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep_until(until) => break,
-                    request = requests.recv() => match request {
-                        None => return,
-                        Some(request) => self.offline(request),
-                    },
-                }
+            if self.connected_before {
+                tracing::info!(channels = self.channels.len(), "redis subscriber: reconnected");
+                crate::metrics::broker_reconnect();
+            } else {
+                tracing::info!("redis subscriber: connected");
             }
-        }
-    }
-
-    /// While disconnected: a new session is refused, a leaving one is uncounted.
-    fn offline(&mut self, request: Request) {
-        match request {
-            Request::Subscribe(_, ack) => {
-                let _ = ack.send(Err(BrokerError::Disconnected));
-            }
-            Request::Unsubscribe(channel) => {
-                self.uncount(&channel, 1);
-            }
-        }
-    }
-
-    /// Drops `n` counts; true when that was the channel's last.
-    fn uncount(&mut self, channel: &str, n: usize) -> bool {
-        match self.counts.get_mut(channel) {
-            Some(count) if *count > n => {
-                *count -= n;
-                false
-            }
-            Some(_) => {
-                self.counts.remove(channel);
-                true
-            }
-            None => false,
-        }
-    }
-
-    async fn connected(
-        &mut self,
-        mut spell: Spell,
-        requests: &mut mpsc::UnboundedReceiver<Request>,
-        shutdown: &CancellationToken,
-        reconnected: bool,
-    ) -> Ended {
-        if self.counts.is_empty() {
-            self.now_ready(reconnected);
-        } else {
-            let live: Vec<Arc<str>> = self.counts.keys().cloned().collect();
-            for batch in live.chunks(MAX_CHANNELS_PER_COMMAND) {
-                spell.subscribe(batch.iter().cloned().collect(), true);
-            }
-        }
-        let mut probe = tokio::time::interval(PROBE_EVERY);
-        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut batch = Vec::with_capacity(64);
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ended::Shutdown,
-                event = spell.reader.next() => {
-                    spell.last_heard = Instant::now();
-                    let event = match event {
-                        None => return Ended::Lost("closed by Redis".into()),
-                        Some(Err(e)) => return Ended::Lost(e.to_string()),
-                        Some(Ok(event)) => event,
-                    };
-                    if let Err(why) = self.heard(&mut spell, event, reconnected) {
-                        return Ended::Lost(why);
-                    }
-                }
-                written = spell.writer.write_some(), if spell.writer.pending() => {
-                    if let Err(e) = written {
-                        return Ended::Lost(format!("write failed: {e}"));
-                    }
-                }
-                n = requests.recv_many(&mut batch, MAX_REQUESTS) => {
-                    if n == 0 {
-                        return Ended::Shutdown;
-                    }
-                    self.take_requests(&mut spell, &mut batch);
-                }
-                _ = probe.tick() => {
-                    if let Some(why) = spell.probe() {
-                        crate::metrics::broker_probe_failed();
-                        return Ended::Lost(why);
-                    }
-                }
-            }
-        }
-    }
-
-    fn now_ready(&mut self, reconnected: bool) {
-        self.ready.store(true, Ordering::Relaxed);
-        if let Some(first) = self.first.take() {
-            let _ = first.send(());
-        }
-        if reconnected {
-            tracing::info!(channels = self.counts.len(), "redis subscriber: reconnected");
-            crate::metrics::broker_reconnect();
-        } else {
-            tracing::info!("redis subscriber: connected");
-        }
-    }
-
-    /// Counts the requests in `batch` and writes what they need: one
-    /// `SUBSCRIBE` for the channels that are new, one `UNSUBSCRIBE` for those
-    /// that lost their last session.
-    fn take_requests(&mut self, spell: &mut Spell, batch: &mut Vec<Request>) {
-        let mut joining: Vec<Arc<str>> = Vec::new();
-        for request in batch.drain(..) {
-            match request {
-                Request::Subscribe(channel, ack) => {
-                    let count = self.counts.entry(channel.clone()).or_insert(0);
-                    *count += 1;
-                    if *count > 1 {
-                        match spell.waiting.get_mut(&channel) {
-                            // Its first confirmation is still due.
-                            Some(acks) => acks.push(ack),
-                            None => {
-                                let _ = ack.send(Ok(()));
-                            }
-                        }
-                    } else if let Some(at) = spell.leaving.iter().position(|c| *c == channel) {
-                        // Its last session left in this same batch: it never stopped being subscribed.
-                        spell.leaving.swap_remove(at);
-                        let _ = ack.send(Ok(()));
-                    } else {
-                        spell.waiting.insert(channel.clone(), vec![ack]);
-                        joining.push(channel);
-                    }
-                }
-                Request::Unsubscribe(channel) => {
-                    if self.uncount(&channel, 1) {
-                        spell.leaving.push(channel.into());
-                    }
-                }
-            }
-        }
-        for chunk in joining.chunks(MAX_CHANNELS_PER_COMMAND) {
-            spell.subscribe(chunk.iter().cloned().collect(), false);
-        }
-        let leaving = std::mem::take(&mut spell.leaving);
-        for chunk in leaving.chunks(MAX_CHANNELS_PER_COMMAND) {
-            spell.unsubscribe(chunk);
-        }
-    }
-
-    /// Handles one thing Redis said. An `Err` ends the connection.
-    fn heard(&mut self, spell: &mut Spell, event: Event, reconnected: bool) -> Result<(), String> {
-        match event {
-            Event::Message { channel, payload } => {
-                if let Ok(channel) = std::str::from_utf8(&channel) {
-                    // A copy: a message held in a slow session's queue keeps only its own bytes alive.
-                    self.inbox.envelope(channel, &Bytes::copy_from_slice(&payload));
-                }
-            }
-            Event::Subscribed(name) => match spell.in_flight.front_mut() {
-                Some(InFlight::Subscribe { channels, resubscribe }) => {
-                    let resubscribe = *resubscribe;
-                    let Some(channel) = channels.pop_front() else { return Err("unexpected reply".into()) };
-                    if *channel.as_bytes() != name[..] {
-                        return Err(format!(
-                            "confirmation for {:?} while {channel:?} was due",
-                            String::from_utf8_lossy(&name)
-                        ));
-                    }
-                    for ack in spell.waiting.remove(&channel).into_iter().flatten() {
-                        let _ = ack.send(Ok(()));
-                    }
-                    if channels.is_empty() {
-                        self.batch_done(spell, resubscribe, reconnected);
-                    }
-                }
-                _ => return Err("a subscribe confirmation nobody asked for".into()),
-            },
-            Event::Unsubscribed(_) => match spell.in_flight.front_mut() {
-                Some(InFlight::Unsubscribe(due)) => {
-                    *due -= 1;
-                    if *due == 0 {
-                        spell.in_flight.pop_front();
-                    }
-                }
-                // Redis dropped a subscription by itself (in a cluster: a
-                // failover or a slot migration). Start again.
-                _ => return Err("Redis dropped a subscription".into()),
-            },
-            Event::Pong => match spell.in_flight.front() {
-                Some(InFlight::Ping(_)) => {
-                    spell.in_flight.pop_front();
-                }
-                _ => return Err("a PONG nobody asked for".into()),
-            },
-            Event::Error(e) => return self.refused(spell, e),
-            Event::Other => return Err("an unexpected reply".into()),
-        }
-        Ok(())
-    }
-
-    /// A `SUBSCRIBE` batch is fully confirmed.
-    fn batch_done(&mut self, spell: &mut Spell, resubscribe: bool, reconnected: bool) {
-        let Some(InFlight::Subscribe { .. }) = spell.in_flight.pop_front() else { return };
-        if resubscribe {
-            spell.resubscribing -= 1;
-            if spell.resubscribing == 0 {
-                // Every live channel is back; whatever was published while
-                // it was away is gone, which the inbox tells its sessions.
-                self.now_ready(reconnected);
-                self.inbox.resubscribed(&mut self.counts.keys().map(|c| &**c));
-            }
-        }
-    }
-
-    /// Redis answered the oldest command with an error.
-    fn refused(&mut self, spell: &mut Spell, error: String) -> Result<(), String> {
-        match spell.in_flight.pop_front() {
-            Some(InFlight::Subscribe { channels, resubscribe }) => {
-                tracing::warn!(error = %error, channels = channels.len(), "redis subscriber: SUBSCRIBE refused");
-                crate::metrics::broker_subscribe_refused();
-                for channel in channels {
-                    let acks = spell.waiting.remove(&channel).unwrap_or_default();
-                    self.uncount(&channel, acks.len());
-                    for ack in acks {
-                        let _ = ack.send(Err(BrokerError::Refused(error.clone())));
-                    }
-                }
-                // Only a refusal of these channels themselves leaves the
-                // connection good for the others.
-                if resubscribe || !error.starts_with("NOPERM") {
-                    return Err(format!("SUBSCRIBE refused: {error}"));
-                }
-                Ok(())
-            }
-            _ => Err(format!("Redis answered with an error: {error}")),
+            self.connected_before = true;
         }
     }
 }
 
-impl Spell {
-    fn new(reader: Reader, writer: Writer) -> Self {
-        Self {
-            reader,
-            writer,
-            in_flight: VecDeque::new(),
-            waiting: HashMap::new(),
-            leaving: Vec::new(),
-            resubscribing: 0,
-            last_heard: Instant::now(),
-        }
-    }
-
-    fn subscribe(&mut self, channels: VecDeque<Arc<str>>, resubscribe: bool) {
-        let mut cmd = redis::cmd("SUBSCRIBE");
-        for channel in &channels {
-            cmd.arg(&**channel);
-            if resubscribe {
-                // A session that arrives meanwhile waits for it, as for a new channel.
-                self.waiting.entry(channel.clone()).or_default();
-            }
-        }
-        self.writer.queue(&cmd);
-        if resubscribe {
-            self.resubscribing += 1;
-        }
-        self.in_flight.push_back(InFlight::Subscribe { channels, resubscribe });
-    }
-
-    fn unsubscribe(&mut self, channels: &[Arc<str>]) {
-        let mut cmd = redis::cmd("UNSUBSCRIBE");
-        for channel in channels {
-            cmd.arg(&**channel);
-        }
-        self.writer.queue(&cmd);
-        self.in_flight.push_back(InFlight::Unsubscribe(channels.len()));
-    }
-
-    /// Sends a `PING` unless one is unanswered; `Some(why)` when the one
-    /// that is has waited too long while nothing else arrived either.
-    fn probe(&mut self) -> Option<String> {
-        let unanswered = self.in_flight.iter().find_map(|c| match c {
-            InFlight::Ping(at) => Some(*at),
-            _ => None,
-        });
-        match unanswered {
-            Some(at) if at.elapsed() >= PROBE_TIMEOUT && self.last_heard.elapsed() >= PROBE_TIMEOUT => {
-                Some(format!("no answer to PING for {:?}", at.elapsed()))
-            }
-            Some(_) => None,
-            None => {
-                self.writer.queue(&redis::cmd("PING"));
-                self.in_flight.push_back(InFlight::Ping(Instant::now()));
-                None
-            }
-        }
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

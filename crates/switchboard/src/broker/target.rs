@@ -1,5 +1,6 @@
-//! Where the Redis broker connects: one server (standalone), or whichever
-//! server the Sentinels name as the master right now.
+//! Where the Redis broker connects: one server (standalone), whichever
+//! server the Sentinels name as the master right now, or a Redis Cluster
+//! (seed nodes; see [`super::cluster`]).
 //!
 //! In Sentinel mode every connection (the subscriber's and each lane's) asks
 //! the Sentinels for the master's address when it connects or reconnects,
@@ -34,6 +35,10 @@ enum Kind {
         /// The master set's name.
         master: String,
     },
+    Cluster {
+        /// Nodes to ask for the slot map.
+        seeds: Vec<ConnectionInfo>,
+    },
 }
 
 impl std::fmt::Debug for Target {
@@ -43,6 +48,10 @@ impl std::fmt::Debug for Target {
             Kind::Sentinel { sentinels, master } => {
                 let list: Vec<String> = sentinels.iter().map(describe).collect();
                 write!(f, "master {master:?} of sentinels {}", list.join(","))
+            }
+            Kind::Cluster { seeds } => {
+                let list: Vec<String> = seeds.iter().map(describe).collect();
+                write!(f, "cluster seeds {}", list.join(","))
             }
         }
     }
@@ -78,6 +87,57 @@ impl Target {
         Ok(Self { kind: Kind::Sentinel { sentinels, master: master.to_owned() }, tls })
     }
 
+    /// The Redis Cluster whose seed nodes are `urls` (comma-separated).
+    /// Every node is reached with the seeds' credentials and TLS.
+    pub fn cluster(urls: &str, tls: Option<Tls>) -> Result<Self, BrokerError> {
+        let seeds = urls.split(',').filter(|u| !u.trim().is_empty()).map(parse).collect::<Result<Vec<_>, _>>()?;
+        if seeds.is_empty() {
+            return Err(BrokerError::Connect("no cluster seed URL".into()));
+        }
+        Ok(Self { kind: Kind::Cluster { seeds }, tls })
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.kind, Kind::Cluster { .. })
+    }
+
+    /// Whether connections must check that their server is a master.
+    pub fn checks_master(&self) -> bool {
+        matches!(self.kind, Kind::Sentinel { .. })
+    }
+
+    /// The nodes to ask for a cluster's slot map: `prefer` first, then the seeds.
+    pub fn cluster_nodes(&self, prefer: &[(String, u16)]) -> Vec<ConnectionInfo> {
+        let Kind::Cluster { seeds } = &self.kind else { return Vec::new() };
+        let mut nodes: Vec<ConnectionInfo> =
+            prefer.iter().map(|(host, port)| with_address(&seeds[0], host, *port)).collect();
+        nodes.extend(seeds.iter().cloned());
+        nodes
+    }
+
+    /// The subscriber endpoint of a cluster node at `host:port`, with the seeds' credentials.
+    pub fn node_endpoint(&self, host: &str, port: u16) -> Result<Endpoint, BrokerError> {
+        let Kind::Cluster { seeds } = &self.kind else {
+            return Err(BrokerError::Connect("not a cluster".into()));
+        };
+        Endpoint::from_info(&with_address(&seeds[0], host, port))
+    }
+
+    /// A redis-rs cluster client for commands (MOVED and ASK handled by redis-rs).
+    pub fn cluster_client(&self, timeout: Duration) -> Result<redis::cluster::ClusterClient, BrokerError> {
+        let Kind::Cluster { seeds } = &self.kind else {
+            return Err(BrokerError::Connect("not a cluster".into()));
+        };
+        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout);
+        if let Some(pem) = self.tls.as_ref().and_then(Tls::ca_pem) {
+            builder = builder.certs(redis::TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) });
+        }
+        builder.build().map_err(|e| BrokerError::Connect(format!("cluster client: {e}")))
+    }
+
     /// The TLS set-up, if any.
     pub fn tls(&self) -> Option<&Tls> {
         self.tls.as_ref()
@@ -88,6 +148,7 @@ impl Target {
         match &self.kind {
             Kind::Standalone(info) => Ok(info.clone()),
             Kind::Sentinel { sentinels, master } => self.ask_sentinels(sentinels, master, timeout).await,
+            Kind::Cluster { seeds } => Ok(seeds[0].clone()),
         }
     }
 
@@ -138,7 +199,8 @@ impl Target {
         Ok(conn)
     }
 
-    async fn connect_to(
+    /// A plain command connection to `info`, with this target's TLS roots.
+    pub async fn connect_to(
         &self,
         info: ConnectionInfo,
         config: &AsyncConnectionConfig,
@@ -167,8 +229,17 @@ impl Target {
     }
 }
 
-fn config(timeout: Duration) -> AsyncConnectionConfig {
+/// Connect and response timeouts of `timeout`.
+pub fn config(timeout: Duration) -> AsyncConnectionConfig {
     AsyncConnectionConfig::new().set_connection_timeout(Some(timeout)).set_response_timeout(Some(timeout))
+}
+
+/// The host name of `info`'s address.
+pub fn host_of(info: &ConnectionInfo) -> String {
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => host.clone(),
+        _ => String::new(),
+    }
 }
 
 /// `info` (credentials, TLS) at another address.
