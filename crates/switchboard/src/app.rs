@@ -176,7 +176,7 @@ async fn start_broker(
         RedisMode::Sentinel => {
             Target::sentinel(url, settings.redis_sentinel_master.as_deref().unwrap_or_default(), tls)?
         }
-        RedisMode::Cluster => return Err(BrokerError::Connect("cluster mode is not built yet".into())),
+        RedisMode::Cluster => Target::cluster(url, tls)?,
     };
     let options = RedisOptions {
         target,

@@ -291,6 +291,13 @@ pub struct Settings {
     pub allowed_origins: crate::origin::AllowedOrigins,
 }
 
+impl Settings {
+    /// Whether channel and key names carry a cluster hash tag (see [`crate::pair::Names`]).
+    pub fn tagged_names(&self) -> bool {
+        self.redis_url.is_some() && self.redis_mode == RedisMode::Cluster
+    }
+}
+
 /// How the Redis broker reaches Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RedisMode {
@@ -485,6 +492,10 @@ impl Values {
         if channel_prefix.is_empty() || channel_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
         {
             return Err(self.bad("channel_prefix", "must be non-empty, without spaces"));
+        }
+        if redis_mode == RedisMode::Cluster && channel_prefix.contains(['{', '}']) {
+            // The names' own hash tag must be the first one (crate::pair::Names).
+            return Err(self.bad("channel_prefix", "must not contain { or } in cluster mode"));
         }
         let max_message_bytes = self.whole("max_message_bytes")?;
         let log_format = match self.text_or_empty("log_format")?.as_str() {

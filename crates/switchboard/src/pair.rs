@@ -112,12 +112,82 @@ impl PairId {
         format!("{prefix}:presence:{}:{}:{user}", self.lower, self.higher)
     }
 
-    /// Parses a channel name made by [`PairId::channel`] with the same prefix.
+    /// This pair's partition: which of [`PARTITIONS`] hash tags its names
+    /// carry in a Redis Cluster.
+    pub fn partition(&self) -> u16 {
+        let mut name = Vec::with_capacity(self.lower.as_str().len() + self.higher.as_str().len() + 1);
+        name.extend_from_slice(self.lower.as_str().as_bytes());
+        name.push(b':');
+        name.extend_from_slice(self.higher.as_str().as_bytes());
+        redis_protocol::redis_keyslot(&name) % PARTITIONS
+    }
+
+    /// Parses a channel name made by [`PairId::channel`] or [`Names::channel`]
+    /// with the same prefix.
     pub fn from_channel(prefix: &str, channel: &str) -> Option<Self> {
-        let rest = channel.strip_prefix(prefix)?.strip_prefix(":pair:")?;
+        let rest = channel.strip_prefix(prefix)?;
+        // A cluster name's hash tag, `:{p<partition>}`.
+        let rest = match rest.strip_prefix(":{p") {
+            Some(tagged) => {
+                let (digits, rest) = tagged.split_once('}')?;
+                digits.parse::<u16>().ok().filter(|p| *p < PARTITIONS)?;
+                rest
+            }
+            None => rest,
+        };
+        let rest = rest.strip_prefix(":pair:")?;
         let (a, b) = rest.split_once(':')?;
         let pair = Self::new(&UserId::parse(a).ok()?, &UserId::parse(b).ok()?).ok()?;
         (pair.lower.as_str() == a).then_some(pair)
+    }
+}
+
+/// Hash-tag partitions of a Redis Cluster deployment's names.
+///
+/// In a cluster, a pair's channel and its two presence keys must share a slot
+/// (one Lua script touches them and `SPUBLISH`es on the channel), and an
+/// instance refreshes many sessions' keys in one script call, which may only
+/// touch keys of one slot. A hash tag per pair would give the first but put
+/// every pair in a slot of its own, so the refresh would need one call per
+/// session. A fixed set of tags gives both: pairs are spread over 1,024
+/// partitions (so over the masters as evenly as slots are, within a few per
+/// cent), and one refresh call covers all of an instance's sessions in one
+/// partition. It also bounds the `SSUBSCRIBE` commands a resubscribe needs
+/// (one per slot) to 1,024.
+pub const PARTITIONS: u16 = 1024;
+
+/// How channel and key names are made: today's plain names (one Redis, or
+/// Sentinel), or with a partition hash tag after the prefix (Redis Cluster):
+/// `{prefix}:{p<partition>}:pair:{lower}:{higher}`. Either way the channel
+/// is named from the two sorted user IDs.
+#[derive(Debug, Clone, Copy)]
+pub struct Names<'a> {
+    prefix: &'a str,
+    tagged: bool,
+}
+
+impl<'a> Names<'a> {
+    /// Names under `prefix`; `tagged` for a Redis Cluster.
+    pub fn new(prefix: &'a str, tagged: bool) -> Self {
+        Self { prefix, tagged }
+    }
+
+    fn head(&self, pair: &PairId) -> std::borrow::Cow<'a, str> {
+        if self.tagged {
+            format!("{}:{{p{}}}", self.prefix, pair.partition()).into()
+        } else {
+            self.prefix.into()
+        }
+    }
+
+    /// The pair's pub/sub channel.
+    pub fn channel(&self, pair: &PairId) -> String {
+        pair.channel(&self.head(pair))
+    }
+
+    /// `user`'s presence key in the pair.
+    pub fn presence_key(&self, pair: &PairId, user: &UserId) -> String {
+        pair.presence_key(&self.head(pair), user)
     }
 }
 
@@ -199,6 +269,23 @@ mod properties {
             prop_assert_eq!(ab.channel("sb"), PairId::new(&b, &a).unwrap().channel("sb"));
             prop_assert_eq!(PairId::from_channel("sb", &ab.channel("sb")), Some(ab.clone()));
             prop_assert!(ab.is_polite(&a) != ab.is_polite(&b), "exactly one side is polite");
+        }
+
+        #[test]
+        fn a_cluster_pair_keeps_its_names_in_one_slot(a in ID, b in ID) {
+            prop_assume!(a != b);
+            let (a, b) = (UserId::parse(&a).unwrap(), UserId::parse(&b).unwrap());
+            let pair = PairId::new(&a, &b).unwrap();
+            let names = Names::new("sb", true);
+            let channel = names.channel(&pair);
+            let slot = redis_protocol::redis_keyslot(channel.as_bytes());
+            prop_assert_eq!(slot, redis_protocol::redis_keyslot(names.presence_key(&pair, &a).as_bytes()));
+            prop_assert_eq!(slot, redis_protocol::redis_keyslot(names.presence_key(&pair, &b).as_bytes()));
+            prop_assert_eq!(slot, redis_protocol::redis_keyslot(format!("{{p{}}}", pair.partition()).as_bytes()));
+            prop_assert_eq!(PairId::from_channel("sb", &channel), Some(pair.clone()));
+            prop_assert!(channel.ends_with(&format!(":pair:{}", pair.channel("").trim_start_matches(":pair:"))));
+            // Plain names are today's.
+            prop_assert_eq!(Names::new("sb", false).channel(&pair), pair.channel("sb"));
         }
 
         #[test]

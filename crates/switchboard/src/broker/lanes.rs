@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
 use redis::AsyncConnectionConfig;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -133,8 +134,44 @@ impl Lanes {
     }
 }
 
+/// A lane's connection: to one server, or (Redis Cluster) redis-rs's cluster
+/// connection, which routes each command to its slot's master and follows
+/// `MOVED` and `ASK`.
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+async fn connect(target: &Target, config: &AsyncConnectionConfig) -> Result<Conn, BrokerError> {
+    if target.is_cluster() {
+        let client = target.cluster_client(super::redis::LANE_TIMEOUT)?;
+        let conn = client.get_async_connection().await.map_err(|e| BrokerError::Connect(format!("cluster: {e}")))?;
+        Ok(Conn::Cluster(conn))
+    } else {
+        Ok(Conn::Single(target.command_connection(config).await?))
+    }
+}
+
+/// Sends a batch on a cluster connection: a pipeline may only name one
+/// slot there, so each command goes alone, all at once. redis-rs writes them
+/// in this order, so one channel's commands reach its master in order.
+async fn run_on_cluster(conn: &ClusterConnection, batch: &mut Vec<Job>) {
+    let calls = batch.iter_mut().map(|job| {
+        let cmd = std::mem::replace(&mut job.cmd, redis::Cmd::new());
+        let mut conn = conn.clone();
+        async move { cmd.query_async::<redis::Value>(&mut conn).await }
+    });
+    let replies = futures_util::future::join_all(calls).await;
+    for (job, reply) in batch.drain(..).zip(replies) {
+        job.reply.finish(reply.map_err(|e| match e.kind() {
+            redis::ErrorKind::Server(_) => BrokerError::Redis(e),
+            _ => BrokerError::Command(e.to_string()),
+        }));
+    }
+}
+
 async fn run(target: Target, config: AsyncConnectionConfig, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<Conn> = None;
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     loop {
         let received = tokio::select! {
@@ -146,7 +183,7 @@ async fn run(target: Target, config: AsyncConnectionConfig, mut queue: mpsc::Rec
         }
         let connection = match conn.as_mut() {
             Some(c) => c,
-            None => match target.command_connection(&config).await {
+            None => match connect(&target, &config).await {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
                     let why = match e {
@@ -159,6 +196,13 @@ async fn run(target: Target, config: AsyncConnectionConfig, mut queue: mpsc::Rec
                     continue;
                 }
             },
+        };
+        let connection = match connection {
+            Conn::Single(c) => c,
+            Conn::Cluster(c) => {
+                run_on_cluster(c, &mut batch).await;
+                continue;
+            }
         };
         // Each command gets its own reply: one failing command fails only its job.
         let mut pipe = redis::pipe();

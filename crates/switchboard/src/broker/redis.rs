@@ -24,10 +24,10 @@ use super::lanes::Lanes;
 use super::subscriber::{Request, Subscriber};
 use super::target::Target;
 use super::{Broker, BrokerError, Inbox, RelayFailure, SessionId, Waiting};
-use crate::pair::{PairId, UserId};
+use crate::pair::{Names, PairId, UserId};
 
 /// Connect and response timeout of a command lane's connection.
-const LANE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const LANE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Commands a lane may hold before senders wait for room.
 const LANE_QUEUE: usize = 1024;
 
@@ -50,6 +50,8 @@ pub struct RedisBroker {
     requests: mpsc::UnboundedSender<Request>,
     ready: Arc<AtomicBool>,
     prefix: String,
+    /// A Redis Cluster: hash-tagged names and sharded pub/sub.
+    cluster: bool,
     ttl_secs: u64,
 }
 
@@ -127,12 +129,27 @@ impl RedisBroker {
         tracker.spawn(subscriber.run(rx, events, shutdown.clone()));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
-        let lanes = Lanes::start(options.target, lane_config, options.pool_size, LANE_QUEUE, tracker, shutdown.clone());
-        Ok(Self { lanes, requests, ready, prefix: options.prefix, ttl_secs: options.presence_ttl.as_secs().max(1) })
+        let lanes =
+            Lanes::start(options.target.clone(), lane_config, options.pool_size, LANE_QUEUE, tracker, shutdown.clone());
+        let cluster = options.target.is_cluster();
+        let ttl_secs = options.presence_ttl.as_secs().max(1);
+        Ok(Self { lanes, requests, ready, prefix: options.prefix, cluster, ttl_secs })
     }
 
     fn keys(&self, pair: &PairId, user: &UserId) -> (String, String) {
-        (pair.presence_key(&self.prefix, user), pair.presence_key(&self.prefix, pair.other(user)))
+        let names = self.names();
+        (names.presence_key(pair, user), names.presence_key(pair, pair.other(user)))
+    }
+
+    fn names(&self) -> Names<'_> {
+        Names::new(&self.prefix, self.cluster)
+    }
+
+    /// `PUBLISH`, or in a cluster `SPUBLISH` (sent only to the channel's shard).
+    fn publish_cmd(&self, channel: &str, envelope: &[u8]) -> redis::Cmd {
+        let mut cmd = redis::cmd(if self.cluster { "SPUBLISH" } else { "PUBLISH" });
+        cmd.arg(channel).arg(envelope);
+        cmd
     }
 
     /// Runs a presence script on (my key, the peer's key) with (session, TTL)
@@ -156,7 +173,7 @@ impl RedisBroker {
         K: redis::ToRedisArgs + Sync,
         A: redis::ToRedisArgs + Sync,
     {
-        let lane = pair.channel(&self.prefix);
+        let lane = self.names().channel(pair);
         let command = |verb: &str, script: &str| {
             let mut cmd = redis::cmd(verb);
             cmd.arg(script).arg(keys.len()).arg(keys).arg(args);
@@ -189,15 +206,11 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError> {
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(channel).arg(&envelope[..]);
-        self.lanes.call(channel, cmd).await.map(drop)
+        self.lanes.call(channel, self.publish_cmd(channel, &envelope)).await.map(drop)
     }
 
     fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(channel).arg(&envelope[..]);
-        self.lanes.send(channel, cmd, envelope.len(), origin)
+        self.lanes.send(channel, self.publish_cmd(channel, &envelope), envelope.len(), origin)
     }
 
     async fn claim_presence(
@@ -210,6 +223,44 @@ impl Broker for RedisBroker {
     }
 
     async fn refresh_presences(
+        &self,
+        sessions: &[(&PairId, &UserId, SessionId)],
+    ) -> Result<Vec<Option<SessionId>>, BrokerError> {
+        if !self.cluster {
+            return self.refresh_group(sessions).await;
+        }
+        // One script call may touch one slot only: one call per partition.
+        let mut groups: std::collections::HashMap<u16, Vec<usize>> = std::collections::HashMap::new();
+        for (i, (pair, ..)) in sessions.iter().enumerate() {
+            groups.entry(pair.partition()).or_default().push(i);
+        }
+        let calls = groups.values().map(|members| {
+            let group: Vec<(&PairId, &UserId, SessionId)> = members.iter().map(|&i| sessions[i]).collect();
+            async move { self.refresh_group(&group).await }
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        let mut peers = vec![None; sessions.len()];
+        for (members, answer) in groups.values().zip(answers) {
+            for (&i, peer) in members.iter().zip(answer?) {
+                peers[i] = peer;
+            }
+        }
+        Ok(peers)
+    }
+
+    async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {
+        let key = self.names().presence_key(pair, user);
+        self.eval(pair, &RELEASE, &[&key], &[&format!("{session:x}")]).await.map(drop)
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+impl RedisBroker {
+    /// One `REFRESH_MANY` call for `sessions`, whose keys share a slot in a cluster.
+    async fn refresh_group(
         &self,
         sessions: &[(&PairId, &UserId, SessionId)],
     ) -> Result<Vec<Option<SessionId>>, BrokerError> {
@@ -226,14 +277,5 @@ impl Broker for RedisBroker {
         let peers: Vec<String> = redis::from_redis_value(self.eval(first_pair, &REFRESH_MANY, &keys, &args).await?)
             .map_err(redis::RedisError::from)?;
         Ok(peers.iter().map(|p| u64::from_str_radix(p, 16).ok().filter(|&s| s != 0)).collect())
-    }
-
-    async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {
-        let key = pair.presence_key(&self.prefix, user);
-        self.eval(pair, &RELEASE, &[&key], &[&format!("{session:x}")]).await.map(drop)
-    }
-
-    fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
     }
 }

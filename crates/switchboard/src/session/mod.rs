@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use crate::broker::envelope::{self, Kind};
 use crate::broker::{BrokerError, SessionId, Waiting};
-use crate::pair::{Identity, UserId};
+use crate::pair::{Identity, Names, UserId};
 use crate::protocol::{self, CloseReason, ServerEvent};
 // Upward: the route that upgraded the socket hands the session the instance's
 // shared state; `state.rs` sits above the session only because it holds the
@@ -126,7 +126,7 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
     let (stream, leftover) = take_socket(socket, &user, Sid(id)).await?;
     crate::metrics::session_opened();
     let settings = &state.settings;
-    let channel: Arc<str> = pair.channel(&settings.channel_prefix).into();
+    let channel: Arc<str> = Names::new(&settings.channel_prefix, settings.tagged_names()).channel(&pair).into();
     let handle = Arc::new(SessionHandle::new(id, user, pair, settings.outbox_messages, settings.outbox_bytes));
     let joined = join(&state, &handle, &channel, &stream).await?;
     // A session that opened while the server began to stop closes at once.
