@@ -35,6 +35,9 @@ pub mod names {
     pub const PUBLISH_SECONDS: &str = "switchboard_broker_publish_seconds";
     /// Counter: broker subscriber reconnections.
     pub const RECONNECTS: &str = "switchboard_broker_reconnects_total";
+    /// Counter: command-lane connections to Redis found dead (closed while
+    /// idle, or silent to an idle PING) and replaced before use.
+    pub const DEAD_CONNECTIONS: &str = "switchboard_broker_dead_connections_total";
     /// Gauge: pair channels with at least one local session (subscriptions, with Redis).
     pub const PAIR_SUBSCRIPTIONS: &str = "switchboard_pair_subscriptions";
     /// Histogram: from a session receiving the first offer to it sending the first answer.
@@ -104,6 +107,7 @@ fn describe() {
     describe_counter!(REPLACED, "Sessions replaced by a newer session of the same user");
     describe_histogram!(PUBLISH_SECONDS, Unit::Seconds, "Time to publish one message to the broker");
     describe_counter!(RECONNECTS, "Broker subscriber reconnections");
+    describe_counter!(DEAD_CONNECTIONS, "Command-lane connections to Redis found dead and replaced before use");
     describe_gauge!(PAIR_SUBSCRIPTIONS, "Pair channels with at least one local session");
     describe_histogram!(
         CALL_SETUP_SECONDS,
@@ -151,7 +155,9 @@ fn register() {
     for name in [OPEN_SOCKETS, PAIR_SUBSCRIPTIONS] {
         gauge!(name).increment(0.0);
     }
-    for name in [SESSIONS_OPENED, MESSAGES_IN, MESSAGES_OUT, BYTES_IN, BYTES_OUT, REPLACED, RECONNECTS] {
+    for name in
+        [SESSIONS_OPENED, MESSAGES_IN, MESSAGES_OUT, BYTES_IN, BYTES_OUT, REPLACED, RECONNECTS, DEAD_CONNECTIONS]
+    {
         counter!(name).increment(0);
     }
     for reason in CLOSE_REASONS {
@@ -206,6 +212,11 @@ pub fn publish_latency(elapsed: Duration) {
 /// The broker's subscriber reconnected.
 pub fn broker_reconnect() {
     counter!(names::RECONNECTS).increment(1);
+}
+
+/// A command lane found its connection dead and dropped it.
+pub fn broker_dead_connection() {
+    counter!(names::DEAD_CONNECTIONS).increment(1);
 }
 
 /// A pair channel got its first local session.

@@ -1,8 +1,18 @@
 //! Command lanes: a few tasks, each keeping one Redis connection for as long
 //! as it works and sending everything queued for it as one pipeline.
 //!
-//! A lane connects when it first has work, keeps that connection, and
-//! connects again only after a command failed on it. It batches: one write
+//! A lane connects when it first has work and keeps that connection while
+//! it works. A connection that died while the lane was idle (Redis restarted
+//! or failed over, Redis's idle `timeout` closed it, a NAT forgot it) is
+//! found before traffic needs it: redis-rs's connection task ends as soon as
+//! the socket does, and the lane checks that before each batch, so the batch
+//! goes on a fresh connection instead of failing on the dead one (nothing was
+//! written, so nothing is sent twice). A lane idle for 10 s sends a PING,
+//! which finds a connection that died without a word (and keeps Redis's idle
+//! `timeout` from closing it); TCP keepalive finds one even while no PING is
+//! due. Every connect and every reply has a 2 s limit. A batch that fails
+//! after it was written is not sent again, since it may have run: its
+//! commands fail and the next batch connects anew. It batches: one write
 //! and one round trip carry every command that queued up meanwhile. Commands
 //! for one channel always use the same lane, and a lane sends in queue order
 //! over one connection, so Redis sees each session's commands in the order it
@@ -28,10 +38,10 @@
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client};
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, RedisResult};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,6 +50,17 @@ use super::{BrokerError, RelayFailure, Waiting};
 
 /// Most commands sent as one pipeline.
 const MAX_BATCH: usize = 256;
+/// A lane with nothing to send for this long checks its connection with a
+/// PING, so that a connection Redis or the network dropped is replaced
+/// before traffic needs it (and Redis's idle `timeout`, if set above this,
+/// never closes it).
+const IDLE_PING: Duration = Duration::from_secs(10);
+/// TCP keepalive: first probe after this much silence on a lane's socket…
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// …then one probe this often…
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// …and the connection is given up after this many unanswered probes.
+const KEEPALIVE_RETRIES: u32 = 3;
 
 struct Job {
     cmd: redis::Cmd,
@@ -75,19 +96,23 @@ pub struct Lanes {
 
 impl Lanes {
     /// Starts `count` lanes on `tracker`, each with a queue of `depth`
-    /// commands and its own connection to `client`, made with `config`.
+    /// commands and its own connection to `client`.
+    /// Every connect and every reply must come within `timeout` (`None`: no
+    /// limit, for tests only).
     pub fn start(
         client: Client,
-        config: AsyncConnectionConfig,
+        timeout: Option<Duration>,
         count: usize,
         depth: usize,
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Self {
+        let config = AsyncConnectionConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
         let senders = (0..count.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(depth.max(1));
-                tracker.spawn(run(client.clone(), config.clone(), rx, stop.clone()));
+                let connector = Connector { client: client.clone(), config: config.clone(), timeout };
+                tracker.spawn(run(connector, rx, stop.clone()));
                 tx
             })
             .collect();
@@ -132,54 +157,162 @@ impl Lanes {
     }
 }
 
-async fn run(client: Client, config: AsyncConnectionConfig, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
-    let mut conn: Option<MultiplexedConnection> = None;
+/// A lane's connection and the redis-rs task that drives it.
+struct Link {
+    conn: MultiplexedConnection,
+    /// The connection's task, spawned here rather than by redis-rs so that
+    /// its end shows: it ends as soon as the connection does (Redis closed
+    /// it, was restarted, or TCP keepalive gave up), before anything is
+    /// written on it. `None` for TLS and Unix sockets, whose end shows only
+    /// when a command fails on them.
+    driver: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // A connection dropped after a timeout may still wait for replies
+        // that never come: its task would keep the socket open forever.
+        if let Some(driver) = &self.driver {
+            driver.abort();
+        }
+    }
+}
+
+impl Link {
+    /// Connects to `client`'s Redis, with TCP keepalive, within `timeout`.
+    async fn open(client: &Client, config: &AsyncConnectionConfig, timeout: Option<Duration>) -> RedisResult<Self> {
+        let info = client.get_connection_info();
+        let connect = async {
+            match info.addr() {
+                ConnectionAddr::Tcp(host, port) => {
+                    let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                    keep_alive(&stream)?;
+                    let (conn, driver) =
+                        MultiplexedConnection::new_with_config(info.redis_settings(), stream, config.clone()).await?;
+                    Ok(Self { conn, driver: Some(tokio::spawn(driver)) })
+                }
+                _ => {
+                    Ok(Self { conn: client.get_multiplexed_async_connection_with_config(config).await?, driver: None })
+                }
+            }
+        };
+        match timeout {
+            Some(limit) => tokio::time::timeout(limit, connect)
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into())),
+            None => connect.await,
+        }
+    }
+
+    /// Whether the connection is known to be closed.
+    fn closed(&self) -> bool {
+        self.driver.as_ref().is_some_and(tokio::task::JoinHandle::is_finished)
+    }
+}
+
+/// TCP keepalive on a lane's socket: a peer or a NAT that vanished without a
+/// word is found after about a minute of silence even if no PING is due, and
+/// the probes keep NAT mappings of idle connections alive.
+fn keep_alive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    use redis::io::tcp::socket2::{SockRef, TcpKeepalive};
+    let probes =
+        TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_RETRIES);
+    SockRef::from(stream).set_tcp_keepalive(&probes)?;
+    stream.set_nodelay(true)
+}
+
+/// What a lane needs to connect.
+struct Connector {
+    client: Client,
+    config: AsyncConnectionConfig,
+    timeout: Option<Duration>,
+}
+
+async fn run(connector: Connector, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
+    let mut link: Option<Link> = None;
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut idle_until = tokio::time::Instant::now() + IDLE_PING;
     loop {
         let received = tokio::select! {
             _ = stop.cancelled() => return,
             n = queue.recv_many(&mut batch, MAX_BATCH) => n,
+            () = tokio::time::sleep_until(idle_until), if link.is_some() => {
+                check_idle(&mut link).await;
+                idle_until = tokio::time::Instant::now() + IDLE_PING;
+                continue;
+            }
         };
         if received == 0 {
             return;
         }
-        let connection = match conn.as_mut() {
-            Some(c) => c,
-            None => match client.get_multiplexed_async_connection_with_config(&config).await {
-                Ok(c) => conn.insert(c),
-                Err(e) => {
-                    let why = e.to_string();
-                    for job in batch.drain(..) {
-                        job.reply.finish(Err(BrokerError::Connect(why.clone())));
-                    }
-                    continue;
-                }
-            },
-        };
-        // Each command gets its own reply: one failing command fails only its job.
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for job in &mut batch {
-            pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
+        send(&connector, &mut link, &mut batch).await;
+        idle_until = tokio::time::Instant::now() + IDLE_PING;
+    }
+}
+
+/// Drops `link` if it is closed, or silent to a PING: the next batch then
+/// goes on a fresh connection instead of failing on this one.
+async fn check_idle(link: &mut Option<Link>) {
+    let Some(current) = link.as_mut() else { return };
+    let failure = if current.closed() {
+        "closed".to_owned()
+    } else {
+        match redis::cmd("PING").query_async::<()>(&mut current.conn).await {
+            Ok(()) => return,
+            Err(e) => e.to_string(),
         }
-        match pipe.query_async::<Vec<redis::Value>>(connection).await {
-            Ok(values) => {
-                for (job, value) in batch.drain(..).zip(values) {
-                    let reply = match value {
-                        redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
-                        value => Ok(value),
-                    };
-                    job.reply.finish(reply);
-                }
-            }
+    };
+    tracing::info!(error = %failure, "redis lane: idle connection is dead; the next command connects anew");
+    crate::metrics::broker_dead_connection();
+    *link = None;
+}
+
+/// Sends `batch` as one pipeline and hands each job its reply. A connection
+/// found closed is replaced first: nothing was written on it, so the batch
+/// goes once, on the fresh one. A batch that fails after it was written is
+/// not sent again (it may have run: a PUBLISH would be delivered twice).
+async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Job>) {
+    if link.as_ref().is_some_and(Link::closed) {
+        tracing::info!("redis lane: connection was closed while idle; connecting anew");
+        crate::metrics::broker_dead_connection();
+        *link = None;
+    }
+    let current = match link {
+        Some(current) => current,
+        None => match Link::open(&connector.client, &connector.config, connector.timeout).await {
+            Ok(fresh) => link.insert(fresh),
             Err(e) => {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout() {
-                    conn = None;
-                }
                 let why = e.to_string();
                 for job in batch.drain(..) {
-                    job.reply.finish(Err(BrokerError::Command(why.clone())));
+                    job.reply.finish(Err(BrokerError::Connect(why.clone())));
                 }
+                return;
+            }
+        },
+    };
+    // Each command gets its own reply: one failing command fails only its job.
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for job in batch.iter_mut() {
+        pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
+    }
+    match pipe.query_async::<Vec<redis::Value>>(&mut current.conn).await {
+        Ok(values) => {
+            for (job, value) in batch.drain(..).zip(values) {
+                let reply = match value {
+                    redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
+                    value => Ok(value),
+                };
+                job.reply.finish(reply);
+            }
+        }
+        Err(e) => {
+            if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout() {
+                *link = None;
+            }
+            let why = e.to_string();
+            for job in batch.drain(..) {
+                job.reply.finish(Err(BrokerError::Command(why.clone())));
             }
         }
     }
@@ -217,10 +350,9 @@ mod tests {
         let url = format!("redis://{}", silent.local_addr().expect("addr"));
         let client = Client::open(url).expect("client");
         // No timeouts: the lane hangs on the silent server for as long as the test needs.
-        let config = AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None);
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
-        let lanes = Lanes::start(client, config, 1, 1, &tracker, stop.clone());
+        let lanes = Lanes::start(client, None, 1, 1, &tracker, stop.clone());
         let failures = Arc::new(Failures::default());
         let origin: Arc<dyn RelayFailure> = failures.clone();
 
