@@ -194,6 +194,9 @@ async fn lanes_closed_by_the_idle_timeout_connect_anew_before_use() {
     let welcome = carol.try_recv_json().await.expect("a welcome, not a close");
     assert_eq!(welcome["type"], "welcome");
     eprintln!("idle timeout: welcome {} ms after the upgrade", since.elapsed().as_millis());
+    let (_, text) = c.node(0).get("/metrics").await;
+    let dead = switchboard_tests::metric(&text, "switchboard_broker_dead_connections_total").unwrap_or(0.0);
+    assert!(dead >= 1.0, "the dead connections are counted: {dead}");
 }
 
 /// Waits until Redis lists no command connection but the one asking: it
