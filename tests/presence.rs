@@ -113,7 +113,7 @@ const SIMULTANEOUS: usize = 50;
 /// `peerOnline: true`.
 async fn simultaneous_sessions_of_one_user_leave_the_newest_present(c: &Cluster) {
     // The race is narrow in memory (one process, no round trips): more rounds.
-    let rounds = if c.redis.is_some() { 8 } else { 40 };
+    let rounds = if c.redis.is_some() { 8 } else { 150 };
     for round in 0..rounds {
         let (alice, bob) = (format!("alice{round}"), format!("bob{round}"));
         let (mut peer, _) = c.node(0).join(&bob, &alice).await;
