@@ -87,6 +87,7 @@ async fn the_envelope_carries_the_sender_and_the_exact_bytes() {
 mod scripts_and_lanes {
     //! How the broker talks to Redis: scripts by SHA1, one reply per pipelined command.
 
+    use switchboard::broker::envelope::{self, Kind};
     use switchboard::broker::lanes::Lanes;
     use switchboard::broker::Broker;
     use switchboard::pair::{PairId, UserId};
@@ -109,8 +110,16 @@ mod scripts_and_lanes {
         let (broker, stop) = redis.broker("sha").await;
         let (alice, bob) = (UserId::parse("alice").unwrap(), UserId::parse("bob").unwrap());
         let pair = PairId::new(&alice, &bob).unwrap();
+        let claim = |user: &'static str, session| {
+            let user = UserId::parse(user).unwrap();
+            let (broker, pair) = (&broker, &pair);
+            async move {
+                let join = envelope::encode(Kind::Join, &user, session, b"");
+                broker.claim_presence(pair, &user, session, "sha:pair:alice:bob", join).await
+            }
+        };
         let round = || async {
-            assert_eq!(broker.claim_presence(&pair, &alice, 0xa1).await.unwrap(), None);
+            assert_eq!(claim("alice", 0xa1).await.unwrap(), None);
             assert_eq!(broker.refresh_presences(&[(&pair, &alice, 0xa1)]).await.unwrap(), [None]);
             broker.release_presence(&pair, &alice, 0xa1).await.unwrap();
         };
@@ -125,8 +134,8 @@ mod scripts_and_lanes {
 
         // Redis forgets every script (as after a restart): the body goes again, once.
         let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut redis.conn().await).await.unwrap();
-        assert_eq!(broker.claim_presence(&pair, &bob, 0xb0).await.unwrap(), None);
-        assert_eq!(broker.claim_presence(&pair, &alice, 0xa1).await.unwrap(), Some(0xb0));
+        assert_eq!(claim("bob", 0xb0).await.unwrap(), None);
+        assert_eq!(claim("alice", 0xa1).await.unwrap(), Some(0xb0));
         assert_eq!(calls(&redis, "eval").await, eval + 1);
         stop.cancel();
     }
@@ -138,7 +147,7 @@ mod scripts_and_lanes {
         let redis = RedisServer::start().await;
         let target = switchboard::broker::target::Target::standalone(&redis.url(), None).unwrap();
         let stop = CancellationToken::new();
-        let lanes = Lanes::start(target, redis::AsyncConnectionConfig::new(), 1, 8, &TaskTracker::new(), stop.clone());
+        let lanes = Lanes::start(target, None, 1, 8, &TaskTracker::new(), stop.clone());
         let mut bad = redis::cmd("INCR");
         bad.arg("k");
         let () = redis::cmd("SET").arg("k").arg("not a number").query_async(&mut redis.conn().await).await.unwrap();

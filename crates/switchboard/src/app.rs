@@ -196,8 +196,8 @@ fn start_upkeep(
     stop: &CancellationToken,
     background: &TaskTracker,
 ) {
-    let every = settings.presence_ttl / 3;
-    background.spawn(crate::session::presence::keep_alive(registry.clone(), broker.clone(), every, stop.clone()));
+    let ttl = settings.presence_ttl;
+    background.spawn(crate::session::presence::keep_alive(registry.clone(), broker.clone(), ttl, stop.clone()));
     if !settings.ping_interval.is_zero() {
         let (every, timeout) = (settings.ping_interval, settings.pong_timeout);
         background.spawn(crate::session::heartbeat::run(registry.clone(), every, timeout, stop.clone()));

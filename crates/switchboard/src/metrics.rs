@@ -39,6 +39,9 @@ pub mod names {
     pub const PROBE_FAILURES: &str = "switchboard_broker_probe_failures_total";
     /// Counter: `SUBSCRIBE` commands Redis answered with an error.
     pub const SUBSCRIBE_REFUSED: &str = "switchboard_broker_subscribe_refused_total";
+    /// Counter: command-lane connections to Redis found dead (closed while
+    /// idle, or silent to an idle PING) and replaced before use.
+    pub const DEAD_CONNECTIONS: &str = "switchboard_broker_dead_connections_total";
     /// Gauge: pair channels with at least one local session (subscriptions, with Redis).
     pub const PAIR_SUBSCRIPTIONS: &str = "switchboard_pair_subscriptions";
     /// Histogram: from a session receiving the first offer to it sending the first answer.
@@ -110,6 +113,7 @@ fn describe() {
     describe_counter!(RECONNECTS, "Broker subscriber reconnections");
     describe_counter!(PROBE_FAILURES, "Broker subscriber connections given up because Redis stopped answering PING");
     describe_counter!(SUBSCRIBE_REFUSED, "SUBSCRIBE commands Redis answered with an error");
+    describe_counter!(DEAD_CONNECTIONS, "Command-lane connections to Redis found dead and replaced before use");
     describe_gauge!(PAIR_SUBSCRIPTIONS, "Pair channels with at least one local session");
     describe_histogram!(
         CALL_SETUP_SECONDS,
@@ -167,6 +171,7 @@ fn register() {
         RECONNECTS,
         PROBE_FAILURES,
         SUBSCRIBE_REFUSED,
+        DEAD_CONNECTIONS,
     ] {
         counter!(name).increment(0);
     }
@@ -232,6 +237,11 @@ pub fn broker_probe_failed() {
 /// Redis refused a `SUBSCRIBE`.
 pub fn broker_subscribe_refused() {
     counter!(names::SUBSCRIBE_REFUSED).increment(1);
+}
+
+/// A command lane found its connection dead and dropped it.
+pub fn broker_dead_connection() {
+    counter!(names::DEAD_CONNECTIONS).increment(1);
 }
 
 /// A pair channel got its first local session.

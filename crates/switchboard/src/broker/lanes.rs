@@ -1,12 +1,27 @@
 //! Command lanes: a few tasks, each keeping one Redis connection for as long
 //! as it works and sending everything queued for it as one pipeline.
 //!
-//! A lane connects when it first has work, keeps that connection, and
-//! connects again only after a command failed on it. It batches: one write
+//! A lane connects when it first has work and keeps that connection while
+//! it works. A connection that died while the lane was idle (Redis restarted
+//! or failed over, Redis's idle `timeout` closed it, a NAT forgot it) is
+//! found before traffic needs it: redis-rs's connection task ends as soon as
+//! the socket does, and the lane checks that before each batch, so the batch
+//! goes on a fresh connection instead of failing on the dead one (nothing was
+//! written, so nothing is sent twice). A lane idle for 10 s sends a PING,
+//! which finds a connection that died without a word (and keeps Redis's idle
+//! `timeout` from closing it); TCP keepalive finds one even while no PING is
+//! due. Every connect and every reply has a 2 s limit. A batch that fails
+//! after it was written is not sent again, since it may have run: its
+//! commands fail and the next batch connects anew. It batches: one write
 //! and one round trip carry every command that queued up meanwhile. Commands
 //! for one channel always use the same lane, and a lane sends in queue order
 //! over one connection, so Redis sees each session's commands in the order it
 //! sent them.
+//!
+//! Lanes reach Redis through the broker's [`Target`]: in Sentinel mode each
+//! new connection asks the Sentinels for the master (and checks its `ROLE`);
+//! in a Redis Cluster a lane holds redis-rs's cluster connection, which
+//! routes each command to its slot's master and follows `MOVED`/`ASK`.
 //!
 //! Why a plain [`MultiplexedConnection`] per lane rather than a pool or
 //! redis-rs's `ConnectionManager`:
@@ -28,11 +43,11 @@
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
-use redis::AsyncConnectionConfig;
+use redis::{AsyncConnectionConfig, ConnectionAddr};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,8 +55,21 @@ use tokio_util::task::TaskTracker;
 use super::target::Target;
 use super::{BrokerError, RelayFailure, Waiting};
 
+/// Time allowed to find the server (Sentinel, cluster slots) for a lane with no limit of its own.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most commands sent as one pipeline.
 const MAX_BATCH: usize = 256;
+/// A lane with nothing to send for this long checks its connection with a
+/// PING, so that a connection Redis or the network dropped is replaced
+/// before traffic needs it (and Redis's idle `timeout`, if set above this,
+/// never closes it).
+const IDLE_PING: Duration = Duration::from_secs(10);
+/// TCP keepalive: first probe after this much silence on a lane's socket…
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// …then one probe this often…
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// …and the connection is given up after this many unanswered probes.
+const KEEPALIVE_RETRIES: u32 = 3;
 
 struct Job {
     cmd: redis::Cmd,
@@ -77,19 +105,23 @@ pub struct Lanes {
 
 impl Lanes {
     /// Starts `count` lanes on `tracker`, each with a queue of `depth`
-    /// commands and its own connection to `target`, made with `config`.
+    /// commands and its own connection to `client`.
+    /// Every connect and every reply must come within `timeout` (`None`: no
+    /// limit, for tests only).
     pub fn start(
         target: Target,
-        config: AsyncConnectionConfig,
+        timeout: Option<Duration>,
         count: usize,
         depth: usize,
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Self {
+        let config = AsyncConnectionConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
         let senders = (0..count.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(depth.max(1));
-                tracker.spawn(run(target.clone(), config.clone(), rx, stop.clone()));
+                let connector = Connector { target: target.clone(), config: config.clone(), timeout };
+                tracker.spawn(run(connector, rx, stop.clone()));
                 tx
             })
             .collect();
@@ -134,21 +166,186 @@ impl Lanes {
     }
 }
 
-/// A lane's connection: to one server, or (Redis Cluster) redis-rs's cluster
-/// connection, which routes each command to its slot's master and follows
-/// `MOVED` and `ASK`.
+/// A lane's connection and the redis-rs task that drives it.
+struct Link {
+    conn: Conn,
+    driver: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A lane's connection: to one server, or redis-rs's cluster connection.
 enum Conn {
     Single(MultiplexedConnection),
     Cluster(ClusterConnection),
 }
 
-async fn connect(target: &Target, config: &AsyncConnectionConfig) -> Result<Conn, BrokerError> {
-    if target.is_cluster() {
-        let client = target.cluster_client(super::redis::LANE_TIMEOUT)?;
-        let conn = client.get_async_connection().await.map_err(|e| BrokerError::Connect(format!("cluster: {e}")))?;
-        Ok(Conn::Cluster(conn))
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some(driver) = &self.driver {
+            driver.abort();
+        }
+    }
+}
+
+impl Link {
+    async fn open(
+        target: &Target,
+        config: &AsyncConnectionConfig,
+        timeout: Option<Duration>,
+    ) -> Result<Self, BrokerError> {
+        let connect = async {
+            if target.is_cluster() {
+                let client = target.cluster_client(timeout.unwrap_or(ASK_TIMEOUT))?;
+                let conn =
+                    client.get_async_connection().await.map_err(|e| BrokerError::Connect(format!("cluster: {e}")))?;
+                return Ok(Self { conn: Conn::Cluster(conn), driver: None });
+            }
+            let info = target.server(timeout.unwrap_or(ASK_TIMEOUT)).await?;
+            let name = super::target::describe(&info);
+            match info.addr() {
+                ConnectionAddr::Tcp(host, port) => {
+                    let opened = async {
+                        let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                        keep_alive(&stream)?;
+                        MultiplexedConnection::new_with_config(info.redis_settings(), stream, config.clone()).await
+                    };
+                    let (conn, driver) = opened.await.map_err(|e| BrokerError::Connect(format!("{name}: {e}")))?;
+                    let mut link = Self { conn: Conn::Single(conn), driver: Some(tokio::spawn(driver)) };
+                    if target.checks_master() {
+                        let Conn::Single(conn) = &mut link.conn else { unreachable!() };
+                        super::target::check_role(&info, conn).await?;
+                    }
+                    Ok(link)
+                }
+                // TLS: redis-rs's own connection, through the target (roots, ROLE check).
+                _ => Ok(Self { conn: Conn::Single(target.command_connection(config).await?), driver: None }),
+            }
+        };
+        match timeout {
+            Some(limit) => tokio::time::timeout(limit, connect)
+                .await
+                .unwrap_or_else(|_| Err(BrokerError::Connect(format!("no connection within {limit:?}")))),
+            None => connect.await,
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.driver.as_ref().is_some_and(tokio::task::JoinHandle::is_finished)
+    }
+}
+
+fn keep_alive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    use redis::io::tcp::socket2::{SockRef, TcpKeepalive};
+    let probes =
+        TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_RETRIES);
+    SockRef::from(stream).set_tcp_keepalive(&probes)?;
+    stream.set_nodelay(true)
+}
+
+/// What a lane needs to connect.
+struct Connector {
+    target: Target,
+    config: AsyncConnectionConfig,
+    timeout: Option<Duration>,
+}
+
+async fn run(connector: Connector, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
+    let mut link: Option<Link> = None;
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut idle_until = tokio::time::Instant::now() + IDLE_PING;
+    loop {
+        let received = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = queue.recv_many(&mut batch, MAX_BATCH) => n,
+            () = tokio::time::sleep_until(idle_until), if link.is_some() => {
+                check_idle(&mut link).await;
+                idle_until = tokio::time::Instant::now() + IDLE_PING;
+                continue;
+            }
+        };
+        if received == 0 {
+            return;
+        }
+        send(&connector, &mut link, &mut batch).await;
+        idle_until = tokio::time::Instant::now() + IDLE_PING;
+    }
+}
+
+/// Drops `link` if it is closed, or silent to a PING: the next batch then
+/// goes on a fresh connection instead of failing on this one.
+async fn check_idle(link: &mut Option<Link>) {
+    let Some(current) = link.as_mut() else { return };
+    let failure = if current.closed() {
+        "closed".to_owned()
     } else {
-        Ok(Conn::Single(target.command_connection(config).await?))
+        let Conn::Single(conn) = &mut current.conn else {
+            // redis-rs's cluster connection checks and reconnects its nodes itself.
+            return;
+        };
+        match redis::cmd("PING").query_async::<()>(conn).await {
+            Ok(()) => return,
+            Err(e) => e.to_string(),
+        }
+    };
+    tracing::info!(error = %failure, "redis lane: idle connection is dead; the next command connects anew");
+    crate::metrics::broker_dead_connection();
+    *link = None;
+}
+
+/// Sends `batch` as one pipeline and hands each job its reply. A connection
+/// found closed is replaced first: nothing was written on it, so the batch
+/// goes once, on the fresh one. A batch that fails after it was written is
+/// not sent again (it may have run: a PUBLISH would be delivered twice).
+async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Job>) {
+    if link.as_ref().is_some_and(Link::closed) {
+        tracing::info!("redis lane: connection was closed while idle; connecting anew");
+        crate::metrics::broker_dead_connection();
+        *link = None;
+    }
+    let current = match link {
+        Some(current) => current,
+        None => match Link::open(&connector.target, &connector.config, connector.timeout).await {
+            Ok(fresh) => link.insert(fresh),
+            Err(e) => {
+                let why = match e {
+                    BrokerError::Connect(why) => why,
+                    e => e.to_string(),
+                };
+                for job in batch.drain(..) {
+                    job.reply.finish(Err(BrokerError::Connect(why.clone())));
+                }
+                return;
+            }
+        },
+    };
+    // Each command gets its own reply: one failing command fails only its job.
+    let conn = match &mut current.conn {
+        Conn::Single(conn) => conn,
+        Conn::Cluster(conn) => return run_on_cluster(conn, batch).await,
+    };
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for job in batch.iter_mut() {
+        pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
+    }
+    match pipe.query_async::<Vec<redis::Value>>(conn).await {
+        Ok(values) => {
+            for (job, value) in batch.drain(..).zip(values) {
+                let reply = match value {
+                    redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
+                    value => Ok(value),
+                };
+                job.reply.finish(reply);
+            }
+        }
+        Err(e) => {
+            if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout() {
+                *link = None;
+            }
+            let why = e.to_string();
+            for job in batch.drain(..) {
+                job.reply.finish(Err(BrokerError::Command(why.clone())));
+            }
+        }
     }
 }
 
@@ -167,69 +364,6 @@ async fn run_on_cluster(conn: &ClusterConnection, batch: &mut Vec<Job>) {
             redis::ErrorKind::Server(_) => BrokerError::Redis(e),
             _ => BrokerError::Command(e.to_string()),
         }));
-    }
-}
-
-async fn run(target: Target, config: AsyncConnectionConfig, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
-    let mut conn: Option<Conn> = None;
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    loop {
-        let received = tokio::select! {
-            _ = stop.cancelled() => return,
-            n = queue.recv_many(&mut batch, MAX_BATCH) => n,
-        };
-        if received == 0 {
-            return;
-        }
-        let connection = match conn.as_mut() {
-            Some(c) => c,
-            None => match connect(&target, &config).await {
-                Ok(c) => conn.insert(c),
-                Err(e) => {
-                    let why = match e {
-                        BrokerError::Connect(why) => why,
-                        e => e.to_string(),
-                    };
-                    for job in batch.drain(..) {
-                        job.reply.finish(Err(BrokerError::Connect(why.clone())));
-                    }
-                    continue;
-                }
-            },
-        };
-        let connection = match connection {
-            Conn::Single(c) => c,
-            Conn::Cluster(c) => {
-                run_on_cluster(c, &mut batch).await;
-                continue;
-            }
-        };
-        // Each command gets its own reply: one failing command fails only its job.
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for job in &mut batch {
-            pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
-        }
-        match pipe.query_async::<Vec<redis::Value>>(connection).await {
-            Ok(values) => {
-                for (job, value) in batch.drain(..).zip(values) {
-                    let reply = match value {
-                        redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
-                        value => Ok(value),
-                    };
-                    job.reply.finish(reply);
-                }
-            }
-            Err(e) => {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout() {
-                    conn = None;
-                }
-                let why = e.to_string();
-                for job in batch.drain(..) {
-                    job.reply.finish(Err(BrokerError::Command(why.clone())));
-                }
-            }
-        }
     }
 }
 
@@ -265,10 +399,9 @@ mod tests {
         let url = format!("redis://{}", silent.local_addr().expect("addr"));
         let target = Target::standalone(&url, None).expect("target");
         // No timeouts: the lane hangs on the silent server for as long as the test needs.
-        let config = AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None);
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
-        let lanes = Lanes::start(target, config, 1, 1, &tracker, stop.clone());
+        let lanes = Lanes::start(target, None, 1, 1, &tracker, stop.clone());
         let failures = Arc::new(Failures::default());
         let origin: Arc<dyn RelayFailure> = failures.clone();
 

@@ -31,10 +31,6 @@ impl MemoryBroker {
     fn presence(&self) -> std::sync::MutexGuard<'_, HashMap<(PairId, UserId), SessionId>> {
         self.presence.lock().unwrap_or_else(|e| e.into_inner())
     }
-
-    fn peer_of(&self, pair: &PairId, user: &UserId) -> Option<SessionId> {
-        self.presence().get(&(pair.clone(), pair.other(user).clone())).copied()
-    }
 }
 
 #[async_trait]
@@ -60,16 +56,31 @@ impl Broker for MemoryBroker {
         pair: &PairId,
         user: &UserId,
         session: SessionId,
+        channel: &str,
+        join: Bytes,
     ) -> Result<Option<SessionId>, BrokerError> {
-        self.presence().insert((pair.clone(), user.clone()), session);
-        Ok(self.peer_of(pair, user))
+        // Under one lock, as Redis runs the claim script: claims and joins
+        // of one user take the same order.
+        let mut map = self.presence();
+        map.insert((pair.clone(), user.clone()), session);
+        self.inbox.envelope(channel, &join);
+        Ok(map.get(&(pair.clone(), pair.other(user).clone())).copied())
     }
 
     async fn refresh_presences(
         &self,
         sessions: &[(&PairId, &UserId, SessionId)],
     ) -> Result<Vec<Option<SessionId>>, BrokerError> {
-        Ok(sessions.iter().map(|(pair, user, _)| self.peer_of(pair, user)).collect())
+        let mut map = self.presence();
+        let peers = sessions
+            .iter()
+            .map(|&(pair, user, session)| {
+                // As the Redis script does: a missing key of a live session is put back.
+                map.entry((pair.clone(), user.clone())).or_insert(session);
+                map.get(&(pair.clone(), pair.other(user).clone())).copied()
+            })
+            .collect();
+        Ok(peers)
     }
 
     async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError> {

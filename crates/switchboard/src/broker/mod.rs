@@ -94,13 +94,21 @@ pub trait Broker: Send + Sync + 'static {
     /// to `origin` once the broker knows of it.
     fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) -> Option<Waiting>;
 
-    /// Records `session` as `user`'s live session in `pair` and returns the
-    /// peer's live session, if any.
+    /// Records `session` as `user`'s live session in `pair`, publishes
+    /// `join` (the session's join envelope) on the pair's `channel` in the
+    /// same step, and returns the peer's live session, if any.
+    ///
+    /// One step, so that the order in which sessions of one user claim the
+    /// key is the order in which their joins arrive: the session that the
+    /// joins make the survivor (the last one) is the one whose key stays, and
+    /// the losers' cleanup (which removes only a key still theirs) leaves it.
     async fn claim_presence(
         &self,
         pair: &PairId,
         user: &UserId,
         session: SessionId,
+        channel: &str,
+        join: Bytes,
     ) -> Result<Option<SessionId>, BrokerError>;
 
     /// Keeps the presence of each `(pair, user, session)` alive (re-creating

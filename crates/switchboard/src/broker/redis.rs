@@ -27,7 +27,7 @@ use super::{Broker, BrokerError, Inbox, RelayFailure, SessionId, Waiting};
 use crate::pair::{Names, PairId, UserId};
 
 /// Connect and response timeout of a command lane's connection.
-pub const LANE_TIMEOUT: Duration = Duration::from_secs(2);
+const LANE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Commands a lane may hold before senders wait for room.
 const LANE_QUEUE: usize = 1024;
 
@@ -78,9 +78,14 @@ static CLAIM: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLAIM_LUA));
 static REFRESH_MANY: LazyLock<Lua> = LazyLock::new(|| Lua::new(REFRESH_MANY_LUA));
 static RELEASE: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE_LUA));
 
-/// Sets `KEYS[1]` to `ARGV[1]` for `ARGV[2]` seconds and returns `KEYS[2]`.
+/// Sets `KEYS[1]` to `ARGV[1]` for `ARGV[2]` seconds, publishes the join
+/// envelope `ARGV[3]` on the channel `KEYS[3]` with `ARGV[4]` (`PUBLISH`, or
+/// `SPUBLISH` in a cluster: the channel shares the keys' slot), and returns `KEYS[2]`. One
+/// script, so Redis orders one user's claims and joins alike (see
+/// [`Broker::claim_presence`]).
 const CLAIM_LUA: &str = r"
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call(ARGV[4], KEYS[3], ARGV[3])
 return redis.call('GET', KEYS[2])";
 
 /// For each i: keeps `KEYS[2i-1]` as `ARGV[i+1]` for `ARGV[1]` seconds (unless
@@ -115,12 +120,6 @@ impl RedisBroker {
         tracker: &TaskTracker,
         first_connect: Duration,
     ) -> Result<Self, BrokerError> {
-        // A lane that can't connect, or hears nothing back, within 2 s gives
-        // up on that connection: its commands fail and the next batch connects anew.
-        let lane_config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(LANE_TIMEOUT))
-            .set_response_timeout(Some(LANE_TIMEOUT));
-
         let ready = Arc::new(AtomicBool::new(false));
         let (requests, rx) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = oneshot::channel();
@@ -129,8 +128,18 @@ impl RedisBroker {
         tracker.spawn(subscriber.run(rx, events, shutdown.clone()));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
-        let lanes =
-            Lanes::start(options.target.clone(), lane_config, options.pool_size, LANE_QUEUE, tracker, shutdown.clone());
+        // A lane that can't connect, or hears nothing back, within 2 s gives
+        // up on that connection: its commands fail and the next batch
+        // connects anew. A connection found dead before use is replaced
+        // before anything is written on it (see `lanes`).
+        let lanes = Lanes::start(
+            options.target.clone(),
+            Some(LANE_TIMEOUT),
+            options.pool_size,
+            LANE_QUEUE,
+            tracker,
+            shutdown.clone(),
+        );
         let cluster = options.target.is_cluster();
         let ttl_secs = options.presence_ttl.as_secs().max(1);
         Ok(Self { lanes, requests, ready, prefix: options.prefix, cluster, ttl_secs })
@@ -150,20 +159,6 @@ impl RedisBroker {
         let mut cmd = redis::cmd(if self.cluster { "SPUBLISH" } else { "PUBLISH" });
         cmd.arg(channel).arg(envelope);
         cmd
-    }
-
-    /// Runs a presence script on (my key, the peer's key) with (session, TTL)
-    /// and returns the peer's live session.
-    async fn presence(
-        &self,
-        script: &Lua,
-        pair: &PairId,
-        user: &UserId,
-        session: SessionId,
-    ) -> Result<Option<SessionId>, BrokerError> {
-        let (mine, peer) = self.keys(pair, user);
-        let (session, ttl) = (format!("{session:x}"), self.ttl_secs.to_string());
-        parse_session(self.eval(pair, script, &[&mine, &peer], &[&session, &ttl]).await?)
     }
 
     /// Runs a Lua script on the lane of `pair`'s channel: by its SHA1, and
@@ -218,8 +213,14 @@ impl Broker for RedisBroker {
         pair: &PairId,
         user: &UserId,
         session: SessionId,
+        channel: &str,
+        join: Bytes,
     ) -> Result<Option<SessionId>, BrokerError> {
-        self.presence(&CLAIM, pair, user, session).await
+        let (mine, peer) = self.keys(pair, user);
+        let (session, ttl) = (format!("{session:x}").into_bytes(), self.ttl_secs.to_string().into_bytes());
+        let keys = [mine.as_str(), peer.as_str(), channel];
+        let verb: &[u8] = if self.cluster { b"SPUBLISH" } else { b"PUBLISH" };
+        parse_session(self.eval(pair, &CLAIM, &keys, &[&session[..], &ttl[..], &join[..], verb]).await?)
     }
 
     async fn refresh_presences(

@@ -190,11 +190,7 @@ impl Target {
         let server = self.server(timeout).await?;
         let mut conn = self.connect_to(server.clone(), config).await?;
         if matches!(self.kind, Kind::Sentinel { .. }) {
-            let role: redis::Value = redis::cmd("ROLE")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| BrokerError::Connect(format!("{}: ROLE: {e}", describe(&server))))?;
-            check_master(&server, &role)?;
+            check_role(&server, &mut conn).await?;
         }
         Ok(conn)
     }
@@ -254,6 +250,15 @@ pub fn with_address(info: &ConnectionInfo, host: &str, port: u16) -> ConnectionI
         _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
     };
     info.clone().set_addr(addr)
+}
+
+/// Asks `conn` (to `server`) for its `ROLE`; fails unless it is a master.
+pub async fn check_role(server: &ConnectionInfo, conn: &mut MultiplexedConnection) -> Result<(), BrokerError> {
+    let role: redis::Value = redis::cmd("ROLE")
+        .query_async(conn)
+        .await
+        .map_err(|e| BrokerError::Connect(format!("{}: ROLE: {e}", describe(server))))?;
+    check_master(server, &role)
 }
 
 /// Fails unless `role` (a `ROLE` reply) says master.

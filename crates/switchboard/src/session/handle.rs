@@ -112,10 +112,20 @@ impl SessionHandle {
         self.echo.forget(&self.outbox);
     }
 
-    /// The peer's presence expired (its replica died without announcing a
-    /// leave): a peer this session knew of is reported as gone.
+    /// The peer's presence key is back while this session took the peer for
+    /// gone: its client hears `peer-joined` (see [`PeerView::present`]).
+    pub fn peer_presence_seen(&self, peer: SessionId) {
+        if self.peer.present(peer) {
+            tracing::info!(session = self.id, peer_session = format_args!("{peer:x}"), "peer presence is back");
+            self.deliver(ServerEvent::PeerJoined { peer_id: self.pair.other(&self.user).as_str() }.to_bytes());
+        }
+    }
+
+    /// The peer's presence stayed away long enough to prove it gone (its
+    /// replica died without announcing a leave, see [`PeerView::missing`]): a
+    /// peer this session knew of is reported as gone.
     pub fn peer_presence_gone(&self) {
-        if let Some(gone) = self.peer.forget() {
+        if let Some(gone) = self.peer.expire() {
             tracing::info!(session = self.id, peer_session = format_args!("{gone:x}"), "peer presence expired");
             self.deliver(ServerEvent::PeerLeft { peer_id: self.pair.other(&self.user).as_str() }.to_bytes());
         }

@@ -1,8 +1,9 @@
 //! One WebSocket session, from upgrade to cleanup, in one task.
 //!
 //! Setup runs in a fixed order so that nothing is missed: register locally,
-//! subscribe to the pair's channel, claim presence, write the welcome, then
-//! announce the join. After that the session waits on two things: its
+//! subscribe to the pair's channel, claim presence and announce the join (one
+//! broker step, so one user's claims and joins share one order), then write
+//! the welcome. After that the session waits on two things: its
 //! client's next frame, and its handle's outbox (what the registry delivered,
 //! pongs and pings) or a close request. A client message is checked and queued
 //! on the broker in order, without waiting for Redis to confirm it (a failure
@@ -175,9 +176,10 @@ async fn take_socket(socket: UpgradeFut, user: &UserId, sid: Sid) -> Option<(Arc
 }
 
 /// Registers and subscribes the session before anything can be announced,
-/// claims its presence, writes the welcome and announces the join. `None`:
-/// the broker refused the session, which is closed with 1013. `Some(false)`:
-/// the welcome or the join failed, and the session ends at once.
+/// claims its presence and announces the join (one broker step), then writes
+/// the welcome. `None`: the broker refused the session, which is closed with
+/// 1013. `Some(false)`: the welcome could not be written, and the session
+/// ends at once.
 async fn join(state: &AppState, handle: &Arc<SessionHandle>, channel: &Arc<str>, stream: &TcpStream) -> Option<bool> {
     let (id, user, sid) = (handle.id, &handle.user, Sid(handle.id));
     state.registry.insert(channel, handle.clone());
@@ -194,13 +196,14 @@ async fn join(state: &AppState, handle: &Arc<SessionHandle>, channel: &Arc<str>,
     };
     let peer_online = state.registry.finish_setup(handle, peer_session);
     let welcome = welcome(state, handle, peer_online);
+    // Anything the channel delivered meanwhile waits in the outbox, which is
+    // written after this.
     let joined = match write_all(stream, &wire::text(&welcome)).await {
         Ok(()) => {
             crate::metrics::messages_out(1, welcome.len());
-            let join = envelope::encode(Kind::Join, user, id, b"");
-            state.broker.publish(channel, join).await.map_err(|e| e.to_string())
+            Ok(())
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e),
     };
     if let Err(e) = &joined {
         tracing::warn!(error = %e, user = %user, session = %sid, "session setup failed");
@@ -209,8 +212,10 @@ async fn join(state: &AppState, handle: &Arc<SessionHandle>, channel: &Arc<str>,
     Some(joined.is_ok())
 }
 
-/// Subscribes to the pair's channel and claims the user's presence; returns
-/// the peer's live session, if any. On failure nothing stays subscribed.
+/// Subscribes to the pair's channel, then claims the user's presence and
+/// announces the join in one broker step (so one user's claims and joins
+/// share one order); returns the peer's live session, if any. On failure
+/// nothing stays subscribed.
 async fn subscribe_and_claim(
     state: &AppState,
     handle: &SessionHandle,
@@ -218,7 +223,11 @@ async fn subscribe_and_claim(
 ) -> Result<Option<SessionId>, BrokerError> {
     let broker = &state.broker;
     broker.subscribe(channel).await?;
-    broker.claim_presence(&handle.pair, &handle.user, handle.id).await.inspect_err(|_| broker.unsubscribe(channel))
+    let join = envelope::encode(Kind::Join, &handle.user, handle.id, b"");
+    broker
+        .claim_presence(&handle.pair, &handle.user, handle.id, channel, join)
+        .await
+        .inspect_err(|_| broker.unsubscribe(channel))
 }
 
 /// The welcome event for `handle`'s client.
@@ -244,7 +253,7 @@ struct Live {
     frames: Frames,
     /// The socket, shared with `frames`.
     stream: Arc<TcpStream>,
-    /// Whether the join was announced; if not, the session closes at once.
+    /// Whether the welcome went out (the join was announced with the claim); if not, the session closes at once.
     joined: bool,
     /// Joins fragments into messages.
     assembler: Assembler,

@@ -7,6 +7,7 @@
 //! broker's subscriber reconnects: `resync`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -20,6 +21,9 @@ use crate::protocol::ServerEvent;
 pub struct Registry {
     /// Keyed by the same `Arc<str>` the sessions hold, so a channel's name is stored once.
     channels: Mutex<HashMap<Arc<str>, Vec<Arc<SessionHandle>>>>,
+    /// How often the broker's subscriber lost or regained its connection: the
+    /// presence upkeep judges a peer gone only across a span without either.
+    interruptions: AtomicU64,
 }
 
 impl Registry {
@@ -106,6 +110,12 @@ impl Registry {
         self.lock().values().flatten().cloned().collect()
     }
 
+    /// How many times the broker's subscriber lost or regained its
+    /// connection so far.
+    pub fn interruptions(&self) -> u64 {
+        self.interruptions.load(Ordering::Relaxed)
+    }
+
     /// Number of local sessions.
     pub fn len(&self) -> usize {
         self.lock().values().map(Vec::len).sum()
@@ -123,10 +133,12 @@ impl Inbox for Registry {
     }
 
     fn connection_lost(&self, channels: &mut dyn Iterator<Item = &str>) {
+        self.interruptions.fetch_add(1, Ordering::Relaxed);
         self.forget_echoes(channels);
     }
 
     fn resubscribed(&self, channels: &mut dyn Iterator<Item = &str>) {
+        self.interruptions.fetch_add(1, Ordering::Relaxed);
         // Anything published while the subscriber was away is gone, and so
         // are the echoes senders wait for: their clients must renegotiate.
         let channels: Vec<&str> = channels.collect();
