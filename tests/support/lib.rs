@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod process;
+pub mod redis_cluster;
 pub mod redis_server;
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 
 pub use client::Client;
 pub use process::{switchboard_bin, Process};
+pub use redis_cluster::RedisCluster;
 pub use redis_server::RedisServer;
 
 /// How long any awaited event may take before a test fails. Generous, for a
@@ -175,8 +177,10 @@ where
 
 /// Instances sharing one broker: one in-memory instance, or several on one Redis.
 pub struct Cluster {
-    /// The Redis server, for Redis clusters.
+    /// The Redis server, for instances on one Redis.
     pub redis: Option<RedisServer>,
+    /// The Redis Cluster, for instances in cluster mode.
+    pub redis_cluster: Option<RedisCluster>,
     /// The instances.
     pub instances: Vec<Instance>,
 }
@@ -184,7 +188,7 @@ pub struct Cluster {
 impl Cluster {
     /// One instance with the in-memory broker.
     pub async fn memory() -> Self {
-        Self { redis: None, instances: vec![Instance::memory().await] }
+        Self { redis: None, redis_cluster: None, instances: vec![Instance::memory().await] }
     }
 
     /// `n` instances on a fresh Redis.
@@ -201,14 +205,32 @@ impl Cluster {
             tune(&mut s);
             instances.push(Instance::start(s).await);
         }
-        Self { redis: Some(redis), instances }
+        Self { redis: Some(redis), redis_cluster: None, instances }
+    }
+
+    /// `n` instances in cluster mode on a fresh 3+3 Redis Cluster.
+    pub async fn redis_cluster(n: usize) -> Self {
+        Self::redis_cluster_with(n, |_| {}).await
+    }
+
+    /// `n` instances on a fresh 3+3 Redis Cluster, with settings adjusted by `tune`.
+    pub async fn redis_cluster_with(n: usize, tune: impl Fn(&mut Settings)) -> Self {
+        let cluster = RedisCluster::start().await;
+        let mut instances = Vec::new();
+        for _ in 0..n {
+            let mut s = settings(Some(&cluster.urls()));
+            s.redis_mode = switchboard::config::RedisMode::Cluster;
+            tune(&mut s);
+            instances.push(Instance::start(s).await);
+        }
+        Self { redis: None, redis_cluster: Some(cluster), instances }
     }
 
     /// One in-memory instance with settings adjusted by `tune`.
     pub async fn memory_with(tune: impl Fn(&mut Settings)) -> Self {
         let mut s = settings(None);
         tune(&mut s);
-        Self { redis: None, instances: vec![Instance::start(s).await] }
+        Self { redis: None, redis_cluster: None, instances: vec![Instance::start(s).await] }
     }
 
     /// Instance `i`, wrapping around: every index is the one instance in memory mode.
@@ -217,8 +239,9 @@ impl Cluster {
     }
 }
 
-/// Runs an `async fn(&Cluster)` test against the in-memory broker and against
-/// three instances on Redis, as two `#[tokio::test]`s in a module of its name.
+/// Runs an `async fn(&Cluster)` test against the in-memory broker, against
+/// three instances on one Redis, and against three instances on a 3+3 Redis
+/// Cluster, as three `#[tokio::test]`s in a module of its name.
 #[macro_export]
 macro_rules! both_brokers {
     ($($name:ident),+ $(,)?) => {$(
@@ -230,6 +253,10 @@ macro_rules! both_brokers {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
                 super::$name(&$crate::Cluster::redis(3).await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                super::$name(&$crate::Cluster::redis_cluster(3).await).await
             }
         }
     )+};

@@ -43,6 +43,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Silence, with a `PING` unanswered, after which the connection is lost.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How a probe failure reads.
+const SILENT: &str = "no answer to PING";
 /// Most channels named in one `SUBSCRIBE` or `UNSUBSCRIBE`.
 const MAX_CHANNELS_PER_COMMAND: usize = 1024;
 /// Most commands taken from the queue at once.
@@ -94,6 +96,9 @@ pub enum NodeEvent {
         why: String,
         /// Joins it failed, by channel.
         failed: Vec<(Arc<str>, usize)>,
+        /// It stopped answering (rather than closing or refusing): trying it
+        /// again at once would cost another probe timeout.
+        silent: bool,
     },
 }
 
@@ -180,7 +185,8 @@ pub async fn run(
         },
         Err(e) => {
             let failed = fail_queued(&mut commands, &e);
-            let _ = events.send(NodeEvent::Lost { node: spec.id, why: e.to_string(), failed });
+            let silent = e.to_string().contains("no answer");
+            let _ = events.send(NodeEvent::Lost { node: spec.id, why: e.to_string(), failed, silent });
             return;
         }
     };
@@ -190,7 +196,8 @@ pub async fn run(
     };
     let mut failed = node.fail_waiting(&why);
     failed.extend(fail_queued(&mut commands, &BrokerError::Disconnected));
-    let _ = events.send(NodeEvent::Lost { node: spec.id, why, failed });
+    let silent = why.starts_with(SILENT);
+    let _ = events.send(NodeEvent::Lost { node: spec.id, why, failed, silent });
 }
 
 async fn open(spec: &NodeSpec) -> Result<(Reader, Writer), BrokerError> {
@@ -491,7 +498,7 @@ impl Node {
         });
         match unanswered {
             Some(at) if at.elapsed() >= PROBE_TIMEOUT && self.last_heard.elapsed() >= PROBE_TIMEOUT => {
-                Some(format!("no answer to PING for {:?}", at.elapsed()))
+                Some(format!("{SILENT} for {:?}", at.elapsed()))
             }
             Some(_) => None,
             None => {

@@ -42,12 +42,16 @@ use super::{BrokerError, Inbox};
 
 /// The first wait before placing lost channels again; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// The longest wait between attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest wait between attempts: short, because in a cluster or under
+/// Sentinel the replacement master usually appears within seconds.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Time allowed to ask Sentinel or a cluster node where things are.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most requests taken from the queue at once.
 const MAX_REQUESTS: usize = 1024;
+/// How long a cluster master that stopped answering gets no channels while
+/// the slot map still names it: about the time its replica takes over.
+const SUSPECT_GRACE: Duration = Duration::from_secs(6);
 /// A channel that has no node right now.
 const NOWHERE: NodeId = NodeId::MAX;
 
@@ -114,6 +118,10 @@ pub struct Subscriber {
     backoff: Duration,
     /// When to ask again where things are.
     retry_at: Option<Instant>,
+    /// Cluster masters that stopped answering, and since when: asked last
+    /// for the slot map, and not given channels for [`SUSPECT_GRACE`] unless
+    /// the slot map changes (their replica is likely being promoted).
+    suspects: Vec<(Address, Instant)>,
     connected_before: bool,
 }
 
@@ -143,6 +151,7 @@ impl Subscriber {
             events_tx,
             backoff: FIRST_BACKOFF,
             retry_at: Some(Instant::now()),
+            suspects: Vec::new(),
             connected_before: false,
         };
         (subscriber, events)
@@ -189,7 +198,10 @@ impl Subscriber {
     /// Asks where things are: Sentinel's master, or the cluster's slot map.
     fn ask(&self) -> Asking {
         let target = self.target.clone();
-        let prefer: Vec<Address> = self.slots.masters();
+        // Healthy masters first: a frozen one would hold the question up.
+        let suspect = |m: &Address| self.suspects.iter().any(|(a, _)| a == m);
+        let mut prefer: Vec<Address> = self.slots.masters().into_iter().filter(|m| !suspect(m)).collect();
+        prefer.extend(self.suspects.iter().map(|(a, _)| a.clone()));
         Box::pin(async move {
             if target.is_cluster() {
                 Ok(Layout::Cluster(cluster::fetch(&target, &prefer, ASK_TIMEOUT).await?))
@@ -212,6 +224,9 @@ impl Subscriber {
                 self.ensure_single();
             }
             Ok(Layout::Cluster(map)) => {
+                if map != self.slots {
+                    self.suspects.clear();
+                }
                 self.slots = map;
                 let masters = self.slots.masters();
                 self.drop_links_except(&masters);
@@ -306,6 +321,9 @@ impl Subscriber {
             };
         }
         let master = self.slots.master_of(cluster::slot(channel)).cloned().ok_or(BrokerError::Disconnected)?;
+        if self.suspects.iter().any(|(a, since)| *a == master && since.elapsed() < SUSPECT_GRACE) {
+            return Err(BrokerError::Disconnected);
+        }
         self.node_at(&master)
     }
 
@@ -438,14 +456,22 @@ impl Subscriber {
                 self.inbox.connection_lost(&mut lost.iter().map(|c| &**c));
                 self.schedule(Duration::ZERO);
             }
-            NodeEvent::Lost { node, why, failed } => {
+            NodeEvent::Lost { node, why, failed, silent } => {
                 for (channel, n) in failed {
                     self.uncount(&channel, n);
                 }
-                let current = self.links.get(node as usize).and_then(Option::as_ref).map(|l| l.up);
-                if current.is_some() {
+                let current = self.links.get(node as usize).and_then(Option::as_ref).map(|l| (l.up, l.address.clone()));
+                if let Some((was_up, address)) = current {
                     self.links[node as usize] = None;
-                    tracing::warn!(reason = %why, "redis subscriber: connection lost");
+                    if was_up {
+                        tracing::warn!(reason = %why, "redis subscriber: connection lost");
+                    } else {
+                        tracing::debug!(reason = %why, "redis subscriber: no connection yet");
+                    }
+                    if silent && self.target.is_cluster() {
+                        self.suspects.retain(|(a, _)| *a != address);
+                        self.suspects.push((address, Instant::now()));
+                    }
                     self.node_gone(node);
                 } else {
                     tracing::debug!(reason = %why, "redis subscriber: an old connection ended");
