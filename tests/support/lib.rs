@@ -6,6 +6,8 @@
 pub mod client;
 pub mod process;
 pub mod redis_server;
+pub mod sentinel;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use tokio::net::TcpListener;
 
 pub use client::Client;
 pub use process::{switchboard_bin, Process};
-pub use redis_server::RedisServer;
+pub use redis_server::{RedisServer, Setup};
 
 /// How long any awaited event may take before a test fails. Generous, for a
 /// loaded 2-core machine; tests never sleep for a fixed time.
