@@ -8,7 +8,7 @@
 //! over one connection, so Redis sees each session's commands in the order it
 //! sent them.
 //!
-//! Why a plain [`MultiplexedConnection`] per lane rather than a pool or
+//! Why a plain [`redis::aio::MultiplexedConnection`] per lane rather than a pool or
 //! redis-rs's `ConnectionManager`:
 //! - A lane holds one connection at a time, for as long as it works. A pool
 //!   (deadpool-redis, before) only ever made connections for the lanes; its
@@ -30,13 +30,12 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
-use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::target::Target;
+use super::target::{Connection, Target};
 use super::{BrokerError, RelayFailure, Waiting};
 
 /// Most commands sent as one pipeline.
@@ -134,7 +133,7 @@ impl Lanes {
 }
 
 async fn run(target: Target, config: AsyncConnectionConfig, mut queue: mpsc::Receiver<Job>, stop: CancellationToken) {
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<Connection> = None;
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     loop {
         let received = tokio::select! {
@@ -144,10 +143,15 @@ async fn run(target: Target, config: AsyncConnectionConfig, mut queue: mpsc::Rec
         if received == 0 {
             return;
         }
+        if conn.as_ref().is_some_and(Connection::is_closed) {
+            // It died while the lane idled (a restart, a failover, Redis's
+            // idle timeout): nothing was sent on it, so connect anew now.
+            conn = None;
+        }
         let connection = match conn.as_mut() {
-            Some(c) => c,
+            Some(c) => &mut c.conn,
             None => match target.command_connection(&config).await {
-                Ok(c) => conn.insert(c),
+                Ok(c) => &mut conn.insert(c).conn,
                 Err(e) => {
                     let why = match e {
                         BrokerError::Connect(why) => why,

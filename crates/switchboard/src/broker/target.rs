@@ -9,14 +9,36 @@
 //! Sentinel demotes the old master by disconnecting its clients, so both
 //! kinds of connection come back through here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo};
+use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo};
 
 use super::pubsub::{self, Endpoint, Reader, Writer};
 use super::tls::Tls;
 use super::BrokerError;
+
+/// Time allowed for a command connection's TCP, TLS and login, and for asking the Sentinels.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A command connection, and whether it is known to be closed.
+pub struct Connection {
+    /// The connection; clones share it.
+    pub conn: MultiplexedConnection,
+    closed: Arc<AtomicBool>,
+}
+
+impl Connection {
+    /// Whether the connection ended (Redis closed it, it was reset): a
+    /// command sent on it now would fail without reaching Redis. A lane
+    /// that idled through a restart, a failover or Redis's idle `timeout`
+    /// connects anew instead of failing its next batch.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
 
 /// How to reach the Redis that takes this instance's commands and subscriptions.
 #[derive(Clone)]
@@ -104,7 +126,7 @@ impl Target {
                 let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
                     .arg("GET-MASTER-ADDR-BY-NAME")
                     .arg(master)
-                    .query_async(&mut conn)
+                    .query_async(&mut conn.conn)
                     .await
                     .map_err(|e| BrokerError::Connect(format!("sentinel {}: {e}", describe(sentinel))))?;
                 addr.ok_or_else(|| {
@@ -121,16 +143,12 @@ impl Target {
 
     /// A command connection to the current server, checked to be a master
     /// in Sentinel mode.
-    pub async fn command_connection(
-        &self,
-        config: &AsyncConnectionConfig,
-    ) -> Result<MultiplexedConnection, BrokerError> {
-        let timeout = Duration::from_secs(2);
-        let server = self.server(timeout).await?;
+    pub async fn command_connection(&self, config: &AsyncConnectionConfig) -> Result<Connection, BrokerError> {
+        let server = self.server(CONNECT_TIMEOUT).await?;
         let mut conn = self.connect_to(server.clone(), config).await?;
         if matches!(self.kind, Kind::Sentinel { .. }) {
             let role: redis::Value = redis::cmd("ROLE")
-                .query_async(&mut conn)
+                .query_async(&mut conn.conn)
                 .await
                 .map_err(|e| BrokerError::Connect(format!("{}: ROLE: {e}", describe(&server))))?;
             check_master(&server, &role)?;
@@ -138,21 +156,33 @@ impl Target {
         Ok(conn)
     }
 
+    /// A command connection to `info`, over the same TCP and TLS code as the
+    /// subscriber's; redis-rs authenticates it and drives it on a task of its own.
     async fn connect_to(
         &self,
         info: ConnectionInfo,
         config: &AsyncConnectionConfig,
-    ) -> Result<MultiplexedConnection, BrokerError> {
-        let name = describe(&info);
-        let client = match &self.tls {
-            Some(tls) => tls.client(info),
-            None => Client::open(info),
-        }
-        .map_err(|e| BrokerError::Connect(format!("{name}: {e}")))?;
-        client
-            .get_multiplexed_async_connection_with_config(config)
+    ) -> Result<Connection, BrokerError> {
+        let endpoint = Endpoint::from_info(&info)?;
+        let timeout = CONNECT_TIMEOUT;
+        let connected = tokio::time::timeout(timeout, async {
+            let stream = pubsub::connect(&endpoint, self.tls.as_ref()).await?;
+            MultiplexedConnection::new_with_config(info.redis_settings(), stream, config.clone())
+                .await
+                .map_err(|e| BrokerError::Connect(format!("{endpoint}: {e}")))
+        });
+        let (conn, driver) = connected
             .await
-            .map_err(|e| BrokerError::Connect(format!("{name}: {e}")))
+            .unwrap_or_else(|_| Err(BrokerError::Connect(format!("{endpoint}: no answer within {timeout:?}"))))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = closed.clone();
+        // The driver reads every reply; it ends when the connection does
+        // (closed by Redis, reset, or every handle dropped).
+        tokio::spawn(async move {
+            driver.await;
+            flag.store(true, Ordering::Relaxed);
+        });
+        Ok(Connection { conn, closed })
     }
 
     /// The subscriber's own connection to the current server.
