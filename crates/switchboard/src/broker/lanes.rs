@@ -2,7 +2,8 @@
 //! as it works and sending everything queued for it as one pipeline.
 //!
 //! A lane connects when it first has work, keeps that connection, and
-//! connects again only after a command failed on it. It batches: one write
+//! connects again only after a command failed on it, or when the connection
+//! ended while the lane idled (see [`super::target::Connection::is_closed`]). It batches: one write
 //! and one round trip carry every command that queued up meanwhile. Commands
 //! for one channel always use the same lane, and a lane sends in queue order
 //! over one connection, so Redis sees each session's commands in the order it

@@ -119,6 +119,7 @@ impl Subscriber {
     pub async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>, shutdown: CancellationToken) {
         let mut backoff = FIRST_BACKOFF;
         let mut connected_before = false;
+        let mut last_why: Option<String> = None;
         loop {
             let connect = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -143,9 +144,13 @@ impl Subscriber {
             };
             if was_ready || self.first.is_some() {
                 tracing::warn!(reason = %why, "redis subscriber: connection lost");
+            } else if last_why.as_deref() != Some(why.as_str()) {
+                // A new reason (refused at login after the loss, say): worth a line.
+                tracing::warn!(reason = %why, "redis subscriber: still unreachable");
             } else {
                 tracing::debug!(reason = %why, "redis subscriber: still unreachable");
             }
+            last_why = Some(why);
             if let Some(first) = self.first.take() {
                 let _ = first.send(());
             }
