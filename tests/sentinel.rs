@@ -38,7 +38,11 @@ async fn sessions_follow_the_sentinels_to_the_promoted_replica() {
     let killed = Instant::now();
     set.kill_master();
     // Both sessions stay open, and each hears that messages may have been lost.
-    let (alice_resync, bob_resync) = tokio::join!(
+    let (promoted, alice_resync, bob_resync) = tokio::join!(
+        async {
+            eventually("the Sentinels name the replica", || async { set.master_port().await == Some(replica) }).await;
+            killed.elapsed()
+        },
         async {
             assert_eq!(alice.recv_json().await, json!({"type": "resync"}));
             killed.elapsed()
@@ -48,7 +52,6 @@ async fn sessions_follow_the_sentinels_to_the_promoted_replica() {
             killed.elapsed()
         },
     );
-    assert_eq!(set.master_port().await, Some(replica), "the Sentinels promoted the replica");
     // The first message after the resync goes through: no lane is left on the dead master.
     alice.send(json!({"type": "offer", "tag": "after"}).to_string()).await;
     assert_eq!(bob.recv_json().await, json!({"type": "offer", "tag": "after"}));
@@ -59,7 +62,9 @@ async fn sessions_follow_the_sentinels_to_the_promoted_replica() {
         eventually("ready on the new master", || async { node.get("/readyz").await.0 == 200 }).await;
     }
     eprintln!(
-        "sentinel failover: resync after {:.2} s (alice) and {:.2} s (bob), first relayed message after {:.2} s",
+        "sentinel failover: the Sentinels named the replica after {:.2} s; resync after {:.2} s (alice) and \
+         {:.2} s (bob), first relayed message after {:.2} s",
+        promoted.as_secs_f64(),
         alice_resync.as_secs_f64(),
         bob_resync.as_secs_f64(),
         relayed.as_secs_f64()

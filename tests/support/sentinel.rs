@@ -45,13 +45,17 @@ impl Sentinels {
     /// down after 1 s, failover timeout 3 s), and waits until the replica is
     /// in sync and every Sentinel knows the replica and the other two.
     pub async fn start() -> Self {
-        let master = RedisServer::start().await;
-        let replica = RedisServer::start_with(Setup {
-            args: vec!["--replicaof".into(), "127.0.0.1".into(), master.port().to_string()],
-            ..Setup::default()
-        })
-        .await;
         let dir = tempfile::tempdir().expect("a temporary directory");
+        // The replica writes the RDB it receives into its working directory.
+        let at_dir = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::create_dir(&path).unwrap();
+            vec!["--dir".to_owned(), path.display().to_string()]
+        };
+        let master = RedisServer::start_with(Setup { args: at_dir("master"), ..Setup::default() }).await;
+        let mut args = at_dir("replica");
+        args.extend(["--replicaof".into(), "127.0.0.1".into(), master.port().to_string()]);
+        let replica = RedisServer::start_with(Setup { args, ..Setup::default() }).await;
         let mut set = Self { master: Some(master), replica, sentinels: Vec::new(), dir };
         for i in 0..3 {
             let sentinel = set.start_sentinel(i).await;
