@@ -156,7 +156,7 @@ impl Subscriber {
             }
             // Wait out the backoff while still answering requests.
             let until = Instant::now() + backoff;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            backoff = (backoff * 2).min(MAX_BACKOFF).min(self.target.max_backoff());
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

@@ -23,6 +23,9 @@ use super::BrokerError;
 /// Time allowed for a command connection's TCP, TLS and login, and for asking the Sentinels.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The longest wait between the subscriber's reconnects in Sentinel mode.
+pub const SENTINEL_MAX_BACKOFF: Duration = Duration::from_millis(500);
+
 /// A command connection, and whether it is known to be closed.
 pub struct Connection {
     /// The connection; clones share it.
@@ -98,6 +101,18 @@ impl Target {
             return Err(BrokerError::Connect("no Sentinel URL".into()));
         }
         Ok(Self { kind: Kind::Sentinel { sentinels, master: master.to_owned() }, tls })
+    }
+
+    /// The longest the subscriber should wait between reconnects. In
+    /// Sentinel mode a lost master is replaced within seconds of the
+    /// Sentinels' `down-after-milliseconds`, and asking them is cheap: at
+    /// most [`SENTINEL_MAX_BACKOFF`], so that the subscriber is back soon
+    /// after the promotion rather than up to its usual longest backoff later.
+    pub fn max_backoff(&self) -> Duration {
+        match self.kind {
+            Kind::Standalone(_) => Duration::MAX,
+            Kind::Sentinel { .. } => SENTINEL_MAX_BACKOFF,
+        }
     }
 
     /// The TLS set-up, if any.
@@ -224,5 +239,30 @@ fn check_master(server: &ConnectionInfo, role: &redis::Value) -> Result<(), Brok
     match first {
         Some(redis::Value::BulkString(kind)) if kind == b"master" => Ok(()),
         _ => Err(BrokerError::Connect(format!("{} is not a master (yet)", describe(server)))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinel_mode_reconnects_sooner() {
+        let sentinel = Target::sentinel("redis://127.0.0.1:26000,redis://127.0.0.1:26001", "m", None).unwrap();
+        assert_eq!(sentinel.max_backoff(), SENTINEL_MAX_BACKOFF);
+        let standalone = Target::standalone("redis://127.0.0.1:7000", None).unwrap();
+        assert_eq!(standalone.max_backoff(), Duration::MAX);
+    }
+
+    #[test]
+    fn the_master_gets_the_sentinels_credentials_and_tls() {
+        let sentinel = parse("rediss://user:pw@127.0.0.1:26000").unwrap();
+        let master = Endpoint::from_info(&with_address(&sentinel, "10.0.0.5", 6380)).unwrap();
+        assert_eq!((master.host.as_str(), master.port, master.tls), ("10.0.0.5", 6380, true));
+        assert_eq!((master.username.as_deref(), master.password.as_deref()), (Some("user"), Some("pw")));
+        assert_eq!(
+            format!("{:?}", Target::sentinel("redis://u:secret@h:1", "m", None).unwrap()),
+            "master \"m\" of sentinels redis://h:1"
+        );
     }
 }
