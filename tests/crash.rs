@@ -2,16 +2,30 @@
 //! the TTL tells the peer.
 
 use serde_json::json;
-use switchboard_tests::{settings, Client, Instance, Process, RedisServer};
+use switchboard_tests::{settings, Client, Instance, Process, RedisCluster, RedisServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_on_a_killed_replica_is_reported_gone_once_its_key_stays_gone_past_the_ttl() {
     let redis = RedisServer::start().await;
-    let url = redis.url();
-    let mut doomed = Process::spawn(&[("SWITCHBOARD_REDIS_URL", &url), ("SWITCHBOARD_PRESENCE_TTL_SECS", "3")]);
+    peer_on_a_killed_replica(&redis.url(), switchboard::config::RedisMode::Standalone, "standalone").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_too() {
+    let cluster = RedisCluster::start().await;
+    peer_on_a_killed_replica(&cluster.urls(), switchboard::config::RedisMode::Cluster, "cluster").await;
+}
+
+async fn peer_on_a_killed_replica(url: &str, mode: switchboard::config::RedisMode, mode_name: &str) {
+    let mut doomed = Process::spawn(&[
+        ("SWITCHBOARD_REDIS_URL", url),
+        ("SWITCHBOARD_REDIS_MODE", mode_name),
+        ("SWITCHBOARD_PRESENCE_TTL_SECS", "3"),
+    ]);
     let survivor = Instance::start(switchboard::config::Settings {
         presence_ttl: std::time::Duration::from_secs(3),
-        ..settings(Some(&url))
+        redis_mode: mode,
+        ..settings(Some(url))
     })
     .await;
 
@@ -26,7 +40,7 @@ async fn peer_on_a_killed_replica_is_reported_gone_once_its_key_stays_gone_past_
     // and stays missing on every refresh for more than the TTL.
     assert_eq!(bob.recv_json().await, json!({"type": "peer-left", "peerID": "alice"}));
     let took = killed.elapsed();
-    eprintln!("peer-left {:.1} s after the kill (TTL 3 s)", took.as_secs_f64());
+    eprintln!("{mode_name}: peer-left {:.1} s after the kill (TTL 3 s)", took.as_secs_f64());
     assert!(took > std::time::Duration::from_secs(3), "not before the key stayed missing past the TTL: {took:?}");
     let (_, welcome) = survivor.join("carol", "alice").await;
     assert_eq!(welcome["peerOnline"], false);

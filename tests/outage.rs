@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use switchboard_tests::{eventually, Client, Cluster};
+use switchboard_tests::{eventually, metric, Client, Cluster};
 
 async fn relays_both_ways(alice: &mut Client, bob: &mut Client, tag: &str) {
     alice.send(json!({"type": "offer", "tag": tag}).to_string()).await;
@@ -59,5 +59,62 @@ async fn subscriber_killed_by_redis_resubscribes_and_resyncs() {
     assert_eq!(bob.recv_json().await, json!({"type": "resync"}));
     eventually("both instances subscribed again", || async { redis.numsub("switchboard:pair:alice:bob").await == 2 })
         .await;
+    relays_both_ways(&mut alice, &mut bob, "after").await;
+}
+
+/// Issue #16, defect 1: a subscriber whose `SUBSCRIBE` Redis refuses is never
+/// deaf while it looks healthy. A password set under running instances lets
+/// their authenticated connections be, but the subscribers, cut off, come
+/// back without one: Redis refuses their `SUBSCRIBE` with `NOAUTH`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscribe_is_unready_until_redis_takes_it() {
+    const REFUSED: &str = "switchboard_broker_subscribe_refused_total";
+    let c = Cluster::redis(2).await;
+    let redis = c.redis.as_ref().unwrap();
+    let (mut alice, mut bob) = c.alice_and_bob().await;
+    relays_both_ways(&mut alice, &mut bob, "before").await;
+    let refused_before = metric(&c.node(0).get("/metrics").await.1, REFUSED).unwrap_or(0.0);
+
+    // One connection, authenticated before the password, for the whole test.
+    let mut admin = redis.conn().await;
+    let () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg("x").query_async(&mut admin).await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut admin).await.unwrap();
+    assert_eq!(killed, 2);
+    for node in &c.instances {
+        eventually("readyz is 503 while the subscriber is refused", || async { node.get("/readyz").await.0 == 503 })
+            .await;
+    }
+    eventually("the refusals counted", || async {
+        metric(&c.node(0).get("/metrics").await.1, REFUSED).unwrap_or(0.0) >= refused_before + 2.0
+    })
+    .await;
+    // Refused again and again, never subscribed: no instance is ready meanwhile.
+    let refused_now = metric(&c.node(0).get("/metrics").await.1, REFUSED).unwrap_or(0.0);
+    eventually("refused again", || async {
+        metric(&c.node(0).get("/metrics").await.1, REFUSED).unwrap_or(0.0) > refused_now
+    })
+    .await;
+    for node in &c.instances {
+        assert_eq!(node.get("/readyz").await.0, 503);
+    }
+    assert_eq!(
+        redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("switchboard:pair:alice:bob")
+            .query_async::<(String, i64)>(&mut admin)
+            .await
+            .unwrap()
+            .1,
+        0
+    );
+
+    let () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg("").query_async(&mut admin).await.unwrap();
+    // The first thing each client hears since the outage is its resync, once
+    // (a resync while deaf would come first and be followed by another).
+    assert_eq!(alice.recv_json().await, json!({"type": "resync"}));
+    assert_eq!(bob.recv_json().await, json!({"type": "resync"}));
+    for node in &c.instances {
+        node.wait_ready().await;
+    }
     relays_both_ways(&mut alice, &mut bob, "after").await;
 }

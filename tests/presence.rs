@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchboard::config::Settings;
-use switchboard_tests::{both_brokers, eventually, Client, Cluster, RedisServer};
+use switchboard_tests::{every_broker, eventually, Client, Cluster, RedisServer};
 use tokio_util::sync::CancellationToken;
 
-both_brokers!(simultaneous_sessions_of_one_user_leave_the_newest_present);
+every_broker!(simultaneous_sessions_of_one_user_leave_the_newest_present);
 
 /// A short TTL, so that refreshes come every second.
 fn short_ttl(s: &mut Settings) {

@@ -2,9 +2,9 @@
 //! instances on Redis.
 
 use serde_json::json;
-use switchboard_tests::{both_brokers, Client, Cluster};
+use switchboard_tests::{every_broker, Client, Cluster};
 
-both_brokers!(
+every_broker!(
     cross_instance_delivery_is_byte_exact,
     no_echo_to_the_sender,
     pairs_are_isolated,

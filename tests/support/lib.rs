@@ -7,6 +7,8 @@ pub mod client;
 pub mod process;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod sentinel;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,7 +19,7 @@ use tokio::net::TcpListener;
 pub use client::Client;
 pub use process::{switchboard_bin, Process};
 pub use redis_cluster::RedisCluster;
-pub use redis_server::RedisServer;
+pub use redis_server::{RedisServer, Setup};
 
 /// How long any awaited event may take before a test fails. Generous, for a
 /// loaded 2-core machine; tests never sleep for a fixed time.
@@ -239,11 +241,28 @@ impl Cluster {
     }
 }
 
-/// Runs an `async fn(&Cluster)` test against the in-memory broker, against
-/// three instances on one Redis, and against three instances on a 3+3 Redis
-/// Cluster, as three `#[tokio::test]`s in a module of its name.
+/// Runs an `async fn(&Cluster)` test against the in-memory broker and against
+/// three instances on one Redis, as two `#[tokio::test]`s in a module of its name.
 #[macro_export]
 macro_rules! both_brokers {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name(&$crate::Cluster::memory().await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(&$crate::Cluster::redis(3).await).await
+            }
+        }
+    )+};
+}
+
+/// As [`both_brokers!`], and a third test against three instances on a 3+3
+/// Redis Cluster (sharded pub/sub, hash-tagged names).
+#[macro_export]
+macro_rules! every_broker {
     ($($name:ident),+ $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

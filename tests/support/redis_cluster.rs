@@ -29,7 +29,7 @@ fn free_pair() -> u16 {
     loop {
         let Ok(listener) = std::net::TcpListener::bind("127.0.0.1:0") else { continue };
         let port = listener.local_addr().unwrap().port();
-        if port < 1024 || port > 65535 - BUS_OFFSET {
+        if !(1024..=65535 - BUS_OFFSET).contains(&port) {
             continue;
         }
         if std::net::TcpListener::bind(("127.0.0.1", port + BUS_OFFSET)).is_ok() {
@@ -64,7 +64,11 @@ fn redis_cli(args: &[String]) -> String {
 
 impl RedisCluster {
     /// Starts six nodes and makes them a cluster with one replica per master.
+    /// At most two clusters of one test binary start at once: six
+    /// `redis-server`s each, on a 2-core machine.
     pub async fn start() -> Self {
+        static STARTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+        let _turn = STARTING.acquire().await.expect("never closed");
         let dir = std::env::temp_dir().join(format!("switchboard-cluster-{}-{}", std::process::id(), free_pair()));
         let mut nodes = Vec::new();
         for _ in 0..6 {

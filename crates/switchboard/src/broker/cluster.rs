@@ -33,6 +33,11 @@ impl SlotMap {
         (*first <= slot && slot <= *last).then_some(master)
     }
 
+    /// Whether the map covers nothing (not known yet).
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
     /// Every master, once each.
     pub fn masters(&self) -> Vec<Address> {
         let mut masters: Vec<Address> = self.ranges.iter().map(|(_, _, m)| m.clone()).collect();
@@ -77,7 +82,7 @@ pub async fn fetch(target: &Target, prefer: &[Address], timeout: Duration) -> Re
             let mut conn = target.connect_to(info, &target::config(timeout)).await?;
             redis::cmd("CLUSTER")
                 .arg("SLOTS")
-                .query_async::<redis::Value>(&mut conn)
+                .query_async::<redis::Value>(&mut conn.conn)
                 .await
                 .map_err(|e| BrokerError::Connect(format!("{name}: CLUSTER SLOTS: {e}")))
         })

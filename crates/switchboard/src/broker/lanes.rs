@@ -23,7 +23,7 @@
 //! in a Redis Cluster a lane holds redis-rs's cluster connection, which
 //! routes each command to its slot's master and follows `MOVED`/`ASK`.
 //!
-//! Why a plain [`MultiplexedConnection`] per lane rather than a pool or
+//! Why a plain [`redis::aio::MultiplexedConnection`] per lane rather than a pool or
 //! redis-rs's `ConnectionManager`:
 //! - A lane holds one connection at a time, for as long as it works. A pool
 //!   (deadpool-redis, before) only ever made connections for the lanes; its
@@ -45,14 +45,13 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, ConnectionAddr};
+use redis::AsyncConnectionConfig;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::target::Target;
+use super::target::{Connection, Target};
 use super::{BrokerError, RelayFailure, Waiting};
 
 /// Time allowed to find the server (Sentinel, cluster slots) for a lane with no limit of its own.
@@ -64,12 +63,6 @@ const MAX_BATCH: usize = 256;
 /// before traffic needs it (and Redis's idle `timeout`, if set above this,
 /// never closes it).
 const IDLE_PING: Duration = Duration::from_secs(10);
-/// TCP keepalive: first probe after this much silence on a lane's socket…
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
-/// …then one probe this often…
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// …and the connection is given up after this many unanswered probes.
-const KEEPALIVE_RETRIES: u32 = 3;
 
 struct Job {
     cmd: redis::Cmd,
@@ -169,21 +162,13 @@ impl Lanes {
 /// A lane's connection and the redis-rs task that drives it.
 struct Link {
     conn: Conn,
-    driver: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// A lane's connection: to one server, or redis-rs's cluster connection.
+/// A lane's connection: to one server (with its closed flag), or redis-rs's
+/// cluster connection, which checks and reconnects its nodes itself.
 enum Conn {
-    Single(MultiplexedConnection),
+    Single(Connection),
     Cluster(ClusterConnection),
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        if let Some(driver) = &self.driver {
-            driver.abort();
-        }
-    }
 }
 
 impl Link {
@@ -197,28 +182,10 @@ impl Link {
                 let client = target.cluster_client(timeout.unwrap_or(ASK_TIMEOUT))?;
                 let conn =
                     client.get_async_connection().await.map_err(|e| BrokerError::Connect(format!("cluster: {e}")))?;
-                return Ok(Self { conn: Conn::Cluster(conn), driver: None });
+                return Ok(Self { conn: Conn::Cluster(conn) });
             }
-            let info = target.server(timeout.unwrap_or(ASK_TIMEOUT)).await?;
-            let name = super::target::describe(&info);
-            match info.addr() {
-                ConnectionAddr::Tcp(host, port) => {
-                    let opened = async {
-                        let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-                        keep_alive(&stream)?;
-                        MultiplexedConnection::new_with_config(info.redis_settings(), stream, config.clone()).await
-                    };
-                    let (conn, driver) = opened.await.map_err(|e| BrokerError::Connect(format!("{name}: {e}")))?;
-                    let mut link = Self { conn: Conn::Single(conn), driver: Some(tokio::spawn(driver)) };
-                    if target.checks_master() {
-                        let Conn::Single(conn) = &mut link.conn else { unreachable!() };
-                        super::target::check_role(&info, conn).await?;
-                    }
-                    Ok(link)
-                }
-                // TLS: redis-rs's own connection, through the target (roots, ROLE check).
-                _ => Ok(Self { conn: Conn::Single(target.command_connection(config).await?), driver: None }),
-            }
+            // Our own TCP (keepalive) and TLS; Sentinel's master, checked with ROLE.
+            Ok(Self { conn: Conn::Single(target.command_connection(config).await?) })
         };
         match timeout {
             Some(limit) => tokio::time::timeout(limit, connect)
@@ -229,16 +196,8 @@ impl Link {
     }
 
     fn closed(&self) -> bool {
-        self.driver.as_ref().is_some_and(tokio::task::JoinHandle::is_finished)
+        matches!(&self.conn, Conn::Single(c) if c.is_closed())
     }
-}
-
-fn keep_alive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
-    use redis::io::tcp::socket2::{SockRef, TcpKeepalive};
-    let probes =
-        TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_RETRIES);
-    SockRef::from(stream).set_tcp_keepalive(&probes)?;
-    stream.set_nodelay(true)
 }
 
 /// What a lane needs to connect.
@@ -277,7 +236,7 @@ async fn check_idle(link: &mut Option<Link>) {
     let failure = if current.closed() {
         "closed".to_owned()
     } else {
-        let Conn::Single(conn) = &mut current.conn else {
+        let Conn::Single(Connection { conn, .. }) = &mut current.conn else {
             // redis-rs's cluster connection checks and reconnects its nodes itself.
             return;
         };
@@ -319,7 +278,7 @@ async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Jo
     };
     // Each command gets its own reply: one failing command fails only its job.
     let conn = match &mut current.conn {
-        Conn::Single(conn) => conn,
+        Conn::Single(single) => &mut single.conn,
         Conn::Cluster(conn) => return run_on_cluster(conn, batch).await,
     };
     let mut pipe = redis::pipe();

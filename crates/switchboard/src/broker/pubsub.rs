@@ -197,20 +197,26 @@ impl Writer {
     }
 }
 
+/// A TCP connection to `endpoint`, with TCP keepalive, in TLS for `rediss://`.
+/// Used by the subscriber and the command lanes alike.
+pub async fn connect(endpoint: &Endpoint, tls: Option<&Tls>) -> Result<Box<dyn Stream>, BrokerError> {
+    let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+        .await
+        .map_err(|e| BrokerError::Connect(format!("{endpoint}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(KEEPALIVE).with_retries(3);
+    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+    match (endpoint.tls, tls) {
+        (false, _) => Ok(Box::new(tcp)),
+        (true, Some(tls)) => Ok(Box::new(tls.connect(&endpoint.to_string(), &endpoint.host, tcp).await?)),
+        (true, None) => Err(BrokerError::Connect(format!("{endpoint}: TLS is not set up"))),
+    }
+}
+
 /// Connects to `endpoint` and authenticates, all within `timeout`.
 pub async fn open(endpoint: &Endpoint, tls: Option<&Tls>, timeout: Duration) -> Result<(Reader, Writer), BrokerError> {
     let opened = tokio::time::timeout(timeout, async {
-        let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
-            .await
-            .map_err(|e| BrokerError::Connect(format!("{endpoint}: {e}")))?;
-        let _ = tcp.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(KEEPALIVE);
-        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-        let stream: Box<dyn Stream> = match (endpoint.tls, tls) {
-            (false, _) => Box::new(tcp),
-            (true, Some(tls)) => Box::new(tls.connect(&endpoint.host, tcp).await?),
-            (true, None) => return Err(BrokerError::Connect(format!("{endpoint}: TLS is not set up"))),
-        };
+        let stream = connect(endpoint, tls).await?;
         let (read, write) = tokio::io::split(stream);
         let mut reader = Reader(FramedRead::new(read, Resp2::default()));
         let mut writer = Writer { half: write, out: Vec::new() };

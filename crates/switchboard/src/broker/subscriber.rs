@@ -118,6 +118,8 @@ pub struct Subscriber {
     backoff: Duration,
     /// When to ask again where things are.
     retry_at: Option<Instant>,
+    /// The last reason a connection failed, logged once until it changes.
+    last_why: Option<String>,
     /// Cluster masters that stopped answering, and since when: asked last
     /// for the slot map, and not given channels for [`SUSPECT_GRACE`] unless
     /// the slot map changes (their replica is likely being promoted).
@@ -152,6 +154,7 @@ impl Subscriber {
             backoff: FIRST_BACKOFF,
             retry_at: Some(Instant::now()),
             suspects: Vec::new(),
+            last_why: None,
             connected_before: false,
         };
         (subscriber, events)
@@ -465,9 +468,13 @@ impl Subscriber {
                     self.links[node as usize] = None;
                     if was_up {
                         tracing::warn!(reason = %why, "redis subscriber: connection lost");
+                    } else if self.last_why.as_deref() != Some(why.as_str()) {
+                        // A new reason (a refused login after a plain disconnect, say) is worth a line.
+                        tracing::warn!(reason = %why, "redis subscriber: can't connect");
                     } else {
-                        tracing::debug!(reason = %why, "redis subscriber: no connection yet");
+                        tracing::debug!(reason = %why, "redis subscriber: still can't connect");
                     }
+                    self.last_why = Some(why);
                     if silent && self.target.is_cluster() {
                         self.suspects.retain(|(a, _)| *a != address);
                         self.suspects.push((address, Instant::now()));
@@ -502,8 +509,8 @@ impl Subscriber {
 
     /// An attempt failed: try again after the backoff.
     fn lost_attempt(&mut self) {
-        let wait = self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        let wait = self.backoff.min(self.target.max_backoff());
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF).min(self.target.max_backoff());
         self.schedule(wait);
     }
 
@@ -562,12 +569,16 @@ impl Subscriber {
     }
 
     fn update_ready(&mut self) {
-        let nodes_up = self.links.iter().flatten().all(|l| l.up);
-        let single_ok = self.target.is_cluster() || self.links.first().is_some_and(Option::is_some);
-        let cluster_ok = !self.target.is_cluster() || !self.slots.masters().is_empty();
+        // A node that was given channels back is up once it has them all; a
+        // new cluster node connecting for its first channel is no reason to
+        // turn sessions away (they wait for their own confirmation).
+        let nodes_up = self.links.iter().flatten().all(|l| l.up || l.asked == 0);
+        let single_ok = self.target.is_cluster() || self.links.first().is_some_and(|l| l.as_ref().is_some_and(|l| l.up));
+        let cluster_ok = !self.target.is_cluster() || !self.slots.is_empty();
         let ready = nodes_up && single_ok && cluster_ok && self.homeless.is_empty() && self.retry_at.is_none();
         let was = self.ready.swap(ready, Ordering::Relaxed);
         if ready && !was {
+            self.last_why = None;
             if let Some(first) = self.first.take() {
                 let _ = first.send(());
             }

@@ -10,14 +10,39 @@
 //! Sentinel demotes the old master by disconnecting its clients, so both
 //! kinds of connection come back through here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo};
+use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo};
 
 use super::pubsub::{self, Endpoint, Reader, Writer};
 use super::tls::Tls;
 use super::BrokerError;
+
+/// Time allowed for a command connection's TCP, TLS and login, and for asking the Sentinels.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest wait between the subscriber's reconnects in Sentinel mode.
+pub const SENTINEL_MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// A command connection, and whether it is known to be closed.
+pub struct Connection {
+    /// The connection; clones share it.
+    pub conn: MultiplexedConnection,
+    closed: Arc<AtomicBool>,
+}
+
+impl Connection {
+    /// Whether the connection ended (Redis closed it, it was reset): a
+    /// command sent on it now would fail without reaching Redis. A lane
+    /// that idled through a restart, a failover or Redis's idle `timeout`
+    /// connects anew instead of failing its next batch.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
 
 /// How to reach the Redis that takes this instance's commands and subscriptions.
 #[derive(Clone)]
@@ -138,6 +163,19 @@ impl Target {
         builder.build().map_err(|e| BrokerError::Connect(format!("cluster client: {e}")))
     }
 
+    /// The longest the subscriber should wait between reconnects. In
+    /// Sentinel mode a lost master is replaced within seconds of the
+    /// Sentinels' `down-after-milliseconds`, and asking them is cheap: at
+    /// most [`SENTINEL_MAX_BACKOFF`], so that the subscriber is back soon
+    /// after the promotion rather than up to its usual longest backoff later.
+    pub fn max_backoff(&self) -> Duration {
+        match self.kind {
+            Kind::Standalone(_) => Duration::MAX,
+            Kind::Sentinel { .. } => SENTINEL_MAX_BACKOFF,
+            Kind::Cluster { .. } => Duration::MAX,
+        }
+    }
+
     /// The TLS set-up, if any.
     pub fn tls(&self) -> Option<&Tls> {
         self.tls.as_ref()
@@ -165,7 +203,7 @@ impl Target {
                 let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
                     .arg("GET-MASTER-ADDR-BY-NAME")
                     .arg(master)
-                    .query_async(&mut conn)
+                    .query_async(&mut conn.conn)
                     .await
                     .map_err(|e| BrokerError::Connect(format!("sentinel {}: {e}", describe(sentinel))))?;
                 addr.ok_or_else(|| {
@@ -182,35 +220,42 @@ impl Target {
 
     /// A command connection to the current server, checked to be a master
     /// in Sentinel mode.
-    pub async fn command_connection(
-        &self,
-        config: &AsyncConnectionConfig,
-    ) -> Result<MultiplexedConnection, BrokerError> {
-        let timeout = Duration::from_secs(2);
-        let server = self.server(timeout).await?;
+    pub async fn command_connection(&self, config: &AsyncConnectionConfig) -> Result<Connection, BrokerError> {
+        let server = self.server(CONNECT_TIMEOUT).await?;
         let mut conn = self.connect_to(server.clone(), config).await?;
         if matches!(self.kind, Kind::Sentinel { .. }) {
-            check_role(&server, &mut conn).await?;
+            check_role(&server, &mut conn.conn).await?;
         }
         Ok(conn)
     }
 
-    /// A plain command connection to `info`, with this target's TLS roots.
+    /// A command connection to `info`, over the same TCP and TLS code as the
+    /// subscriber's; redis-rs authenticates it and drives it on a task of its own.
     pub async fn connect_to(
         &self,
         info: ConnectionInfo,
         config: &AsyncConnectionConfig,
-    ) -> Result<MultiplexedConnection, BrokerError> {
-        let name = describe(&info);
-        let client = match &self.tls {
-            Some(tls) => tls.client(info),
-            None => Client::open(info),
-        }
-        .map_err(|e| BrokerError::Connect(format!("{name}: {e}")))?;
-        client
-            .get_multiplexed_async_connection_with_config(config)
+    ) -> Result<Connection, BrokerError> {
+        let endpoint = Endpoint::from_info(&info)?;
+        let timeout = CONNECT_TIMEOUT;
+        let connected = tokio::time::timeout(timeout, async {
+            let stream = pubsub::connect(&endpoint, self.tls.as_ref()).await?;
+            MultiplexedConnection::new_with_config(info.redis_settings(), stream, config.clone())
+                .await
+                .map_err(|e| BrokerError::Connect(format!("{endpoint}: {e}")))
+        });
+        let (conn, driver) = connected
             .await
-            .map_err(|e| BrokerError::Connect(format!("{name}: {e}")))
+            .unwrap_or_else(|_| Err(BrokerError::Connect(format!("{endpoint}: no answer within {timeout:?}"))))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = closed.clone();
+        // The driver reads every reply; it ends when the connection does
+        // (closed by Redis, reset, or every handle dropped).
+        tokio::spawn(async move {
+            driver.await;
+            flag.store(true, Ordering::Relaxed);
+        });
+        Ok(Connection { conn, closed })
     }
 
     /// The subscriber's own connection to the current server.
@@ -270,5 +315,30 @@ fn check_master(server: &ConnectionInfo, role: &redis::Value) -> Result<(), Brok
     match first {
         Some(redis::Value::BulkString(kind)) if kind == b"master" => Ok(()),
         _ => Err(BrokerError::Connect(format!("{} is not a master (yet)", describe(server)))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinel_mode_reconnects_sooner() {
+        let sentinel = Target::sentinel("redis://127.0.0.1:26000,redis://127.0.0.1:26001", "m", None).unwrap();
+        assert_eq!(sentinel.max_backoff(), SENTINEL_MAX_BACKOFF);
+        let standalone = Target::standalone("redis://127.0.0.1:7000", None).unwrap();
+        assert_eq!(standalone.max_backoff(), Duration::MAX);
+    }
+
+    #[test]
+    fn the_master_gets_the_sentinels_credentials_and_tls() {
+        let sentinel = parse("rediss://user:pw@127.0.0.1:26000").unwrap();
+        let master = Endpoint::from_info(&with_address(&sentinel, "10.0.0.5", 6380)).unwrap();
+        assert_eq!((master.host.as_str(), master.port, master.tls), ("10.0.0.5", 6380, true));
+        assert_eq!((master.username.as_deref(), master.password.as_deref()), (Some("user"), Some("pw")));
+        assert_eq!(
+            format!("{:?}", Target::sentinel("redis://u:secret@h:1", "m", None).unwrap()),
+            "master \"m\" of sentinels redis://h:1"
+        );
     }
 }

@@ -1,14 +1,14 @@
 //! TLS to Redis (`rediss://`), with rustls and the ring provider.
 //!
-//! The lanes' connections are redis-rs's (its `tokio-rustls-comp` feature);
-//! the subscriber's own connections wrap their TCP stream here. Both trust the
-//! same roots: the PEM file of `SWITCHBOARD_REDIS_CA_FILE` when it is set (a
-//! private CA, as managed Redis services and self-signed test servers use),
-//! else the system's certificate store.
+//! Every connection the broker makes (the subscriber's, the lanes', the
+//! questions to Sentinels) opens its TCP stream in [`super::pubsub::connect`]
+//! and wraps it here, so all of them trust the same roots: the PEM file of
+//! `SWITCHBOARD_REDIS_CA_FILE` when it is set (a private CA, as managed Redis
+//! services and self-signed test servers use), else the system's certificate
+//! store.
 
 use std::sync::Arc;
 
-use redis::{Client, ConnectionInfo, RedisResult, TlsCertificates};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
@@ -21,7 +21,7 @@ use super::BrokerError;
 #[derive(Clone)]
 pub struct Tls {
     connector: TlsConnector,
-    /// The private CA's PEM, handed to redis-rs for the lanes.
+    /// The private CA's PEM, handed to redis-rs's cluster client.
     ca_pem: Option<Arc<Vec<u8>>>,
 }
 
@@ -51,21 +51,12 @@ impl Tls {
         Ok(Self { connector: TlsConnector::from(Arc::new(config)), ca_pem: ca_pem.map(Arc::new) })
     }
 
-    /// Wraps `tcp` to `host` in TLS, checking the server's certificate for `host`.
-    pub async fn connect(&self, host: &str, tcp: TcpStream) -> Result<TlsStream<TcpStream>, BrokerError> {
+    /// Wraps `tcp` to `host` in TLS, checking the server's certificate for
+    /// `host`; errors name the server as `server` (an address without credentials).
+    pub async fn connect(&self, server: &str, host: &str, tcp: TcpStream) -> Result<TlsStream<TcpStream>, BrokerError> {
         let name = ServerName::try_from(host.to_owned())
-            .map_err(|e| BrokerError::Connect(format!("{host}: not a TLS server name: {e}")))?;
-        self.connector.connect(name, tcp).await.map_err(|e| BrokerError::Connect(format!("{host}: TLS: {e}")))
-    }
-
-    /// A redis-rs client for `info` with these roots.
-    pub fn client(&self, info: ConnectionInfo) -> RedisResult<Client> {
-        match &self.ca_pem {
-            Some(pem) => {
-                Client::build_with_tls(info, TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) })
-            }
-            None => Client::open(info),
-        }
+            .map_err(|e| BrokerError::Connect(format!("{server}: not a TLS server name: {e}")))?;
+        self.connector.connect(name, tcp).await.map_err(|e| BrokerError::Connect(format!("{server}: TLS: {e}")))
     }
 
     /// The private CA's PEM, if one is set.

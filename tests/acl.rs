@@ -1,0 +1,154 @@
+//! ACL users: an instance logs in as the user of its URL, needs no more than
+//! the minimal ACL of docs/operations.md, and never shows its password.
+
+use serde_json::json;
+use switchboard_tests::redis_server::Setup;
+use switchboard_tests::{eventually, http_get, metric, settings, Client, Cluster, Instance, Process, RedisServer};
+
+const PASSWORD: &str = "s3cret-Pa55word";
+
+/// The rules of the `ACL SETUSER switchboard …` line of docs/operations.md
+/// (prefix `switchboard`), with the password in.
+fn documented_acl() -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).unwrap();
+    let line =
+        doc.lines().find_map(|l| l.strip_prefix("ACL SETUSER switchboard ")).expect("the minimal ACL in the doc");
+    let rules: Vec<String> = line.split_whitespace().map(|r| r.replace(">PASSWORD", &format!(">{PASSWORD}"))).collect();
+    assert!(rules.contains(&format!(">{PASSWORD}")) && rules.contains(&"+publish".to_owned()), "{rules:?}");
+    rules
+}
+
+/// Every right, for the tests about passwords.
+fn all_rights() -> Vec<String> {
+    ["on", &format!(">{PASSWORD}"), "~*", "&*", "+@all"].map(String::from).to_vec()
+}
+
+/// A Redis whose default user is off: the test logs in as `admin`, and the
+/// user `switchboard` has `rules`.
+async fn acl_redis(rules: Vec<String>) -> RedisServer {
+    let mut args: Vec<String> = ["--user", "admin", "on", ">admin-pw", "~*", "&*", "+@all"].map(String::from).to_vec();
+    args.extend(["--user".to_owned(), "switchboard".to_owned()]);
+    args.extend(rules);
+    args.extend(["--user", "default", "off"].map(String::from));
+    RedisServer::start_with(Setup { args, login: Some(("admin".into(), "admin-pw".into())), ..Setup::default() }).await
+}
+
+fn url(redis: &RedisServer, password: &str) -> String {
+    format!("redis://switchboard:{password}@127.0.0.1:{}", redis.port())
+}
+
+async fn relays_both_ways(alice: &mut Client, bob: &mut Client, tag: &str) {
+    alice.send(json!({"type": "offer", "tag": tag}).to_string()).await;
+    assert_eq!(bob.recv_json().await, json!({"type": "offer", "tag": tag}));
+    bob.send(json!({"type": "answer", "tag": tag}).to_string()).await;
+    assert_eq!(alice.recv_json().await, json!({"type": "answer", "tag": tag}));
+}
+
+/// Everything an instance does in Redis (subscribe, publish, presence scripts
+/// loaded and run by SHA1, leaves, unsubscribe, pings) works with the minimal
+/// ACL of docs/operations.md, and Redis denied it nothing. (Each of its
+/// entries was checked to be needed by running this without it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_as_an_acl_user_with_the_minimal_acl() {
+    let redis = acl_redis(documented_acl()).await;
+    let nodes = [Instance::start(settings(Some(&url(&redis, PASSWORD)))).await, {
+        Instance::start(settings(Some(&url(&redis, PASSWORD)))).await
+    }];
+    let c = Cluster { redis: None, redis_cluster: None, instances: nodes.into() };
+    let (mut alice, mut bob) = c.alice_and_bob().await;
+    relays_both_ways(&mut alice, &mut bob, "acl").await;
+    // The scripts' bodies again (as after a restart), then a leave and its unsubscribe.
+    let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut redis.conn().await).await.unwrap();
+    bob.close().await;
+    assert_eq!(alice.recv_json().await["type"], "peer-left");
+    let (mut bob, _) = c.node(1).join("bob", "alice").await;
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    relays_both_ways(&mut alice, &mut bob, "again").await;
+    let switchboard_clients: String =
+        redis::cmd("CLIENT").arg("LIST").query_async(&mut redis.conn().await).await.unwrap();
+    assert!(switchboard_clients.contains("user=switchboard"), "{switchboard_clients}");
+    let denied: Vec<redis::Value> = redis::cmd("ACL").arg("LOG").query_async(&mut redis.conn().await).await.unwrap();
+    assert!(denied.is_empty(), "Redis denied the switchboard user something: {denied:?}");
+}
+
+/// Whether `text` shows the password.
+fn leaks(text: &str) -> bool {
+    text.contains(PASSWORD)
+}
+
+/// A wrong password: unready, and the log says where and what failed
+/// without showing the password, nor does anything else the process shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_unready_and_never_shown() {
+    let redis = acl_redis(all_rights()).await;
+    let wrong = format!("{PASSWORD}-wrong");
+    let process =
+        Process::spawn(&[("SWITCHBOARD_REDIS_URL", &url(&redis, &wrong)), ("RUST_LOG", "switchboard=debug,info")]);
+    let endpoint = format!("127.0.0.1:{}", redis.port());
+    let line = process.output().wait_for("the AUTH failure", |l| l.contains("AUTH"));
+    assert!(line.contains(&endpoint) && line.contains("WRONGPASS"), "{line}");
+    let (status, body) = http_get(process.addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    // A second attempt, logged at debug.
+    process.output().wait_for("another attempt", |l| l.contains("still can't connect"));
+    let refused = Client::connect(&process.ws_url("alice", "bob")).await.err().expect("refused");
+    let (_, metrics) = http_get(process.addr, "/metrics").await;
+    for (what, text) in [("body", body), ("metrics", metrics), ("refusal", refused.to_string())] {
+        assert!(!leaks(&text), "the password in the {what}: {text}");
+    }
+    let output = process.output().lines().join("\n");
+    assert!(!leaks(&output), "the password in the log:\n{output}");
+    assert!(!output.contains(&wrong[..6]), "any part of it:\n{output}");
+}
+
+/// The password is changed under running instances (the lanes and the
+/// subscriber log in again and are refused): still never shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_changed_under_a_running_instance_is_never_shown() {
+    let redis = acl_redis(all_rights()).await;
+    let process = Process::spawn(&[("SWITCHBOARD_REDIS_URL", &url(&redis, PASSWORD))]);
+    eventually("ready", || async { http_get(process.addr, "/readyz").await.0 == 200 }).await;
+    let mut alice = Client::connect(&process.ws_url("alice", "bob")).await.unwrap();
+    assert_eq!(alice.recv_json().await["type"], "welcome");
+    let mut bob = Client::connect(&process.ws_url("bob", "alice")).await.unwrap();
+    assert_eq!(bob.recv_json().await["type"], "welcome");
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    relays_both_ways(&mut alice, &mut bob, "before").await;
+
+    let mut admin = redis.conn().await;
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("switchboard")
+        .arg("resetpass")
+        .arg(">rotated")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT").arg("KILL").arg("USER").arg("switchboard").query_async(&mut admin).await.unwrap();
+    eventually("readyz 503", || async { http_get(process.addr, "/readyz").await.0 == 503 }).await;
+    // A lane logs in again for this message, and is refused.
+    alice.send(r#"{"type":"candidate"}"#).await;
+    let event = alice.recv_json().await;
+    assert_eq!(
+        (event["type"].as_str(), event["code"].as_str()),
+        (Some("error"), Some("broker_unavailable")),
+        "{event}"
+    );
+    assert!(!leaks(&event.to_string()));
+    let endpoint = format!("127.0.0.1:{}", redis.port());
+    let lane = process.output().wait_for("the lane's failure", |l| l.contains("publish failed"));
+    assert!(lane.contains(&endpoint) && lane.contains("authentication failed"), "{lane}");
+    // The subscriber says why it can't come back, not only that it was cut off.
+    let subscriber = process.output().wait_for("the subscriber's refused login", |l| {
+        l.contains("redis subscriber") && l.contains("WRONGPASS") && l.contains("\"WARN\"")
+    });
+    assert!(subscriber.contains(&endpoint), "{subscriber}");
+    let (_, metrics) = http_get(process.addr, "/metrics").await;
+    assert!(!leaks(&metrics));
+    let output = process.output().lines().join("\n");
+    assert!(!leaks(&output), "the password in the log:\n{output}");
+    assert!(
+        metric(&metrics, "switchboard_broker_reconnects_total").is_none_or(|n| n == 0.0),
+        "never reconnected with the old password"
+    );
+}
