@@ -134,7 +134,8 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
         handle.close(reason);
     }
     // fastwebsockets refuses frames of `max_message_size` bytes or more.
-    let reader = Reader::new(stream.clone(), leftover, settings.max_message_bytes + 1);
+    let reader = Reader::new(stream.clone(), leftover, settings.max_message_bytes + 1)
+        .with_frame_timeout(settings.frame_timeout);
     let live = Live {
         frames: Frames::new(reader),
         stream,
@@ -271,13 +272,23 @@ impl Live {
                 biased;
                 work = self.handle.next_work() => Event::Work(work),
                 () = std::future::poll_fn(|cx| self.turn_refresh.poll_due(cx)) => Event::Turn,
-                // Cancel-safe: `Frames` keeps a read that is under way.
-                frame = self.frames.next() => Event::Frame(frame),
+                // Cancel-safe: `Frames` keeps a read that is under way. When
+                // nothing is left to read, credit from a stall lapses.
+                frame = std::future::poll_fn(|cx| {
+                    let polled = self.frames.poll_frame(cx);
+                    if polled.is_pending() {
+                        self.limit.caught_up();
+                    }
+                    polled
+                }) => Event::Frame(frame),
             };
             let frame = match event {
                 Event::Work(Some(work)) => {
                     // Boxed: a quiet session's task carries no write state.
-                    if let Err(end) = Box::pin(self.write(work)).await {
+                    let since = Instant::now();
+                    let written = Box::pin(self.write(work)).await;
+                    self.limit.stalled(since, Instant::now());
+                    if let Err(end) = written {
                         return end;
                     }
                     continue;
@@ -307,12 +318,16 @@ impl Live {
                 None => {}
                 Some(Incoming::Text(payload)) => {
                     if let Some(wait) = self.on_text(payload) {
+                        // Not reading meanwhile: what piles up in the socket
+                        // is not the client's burst (see `limits`).
                         wait.await;
+                        self.limit.stalled(now, Instant::now());
                     }
                 }
                 Some(Incoming::Binary) => return End::Server(CloseReason::Binary),
                 Some(Incoming::TooBig) => return End::Server(CloseReason::TooBig),
                 Some(Incoming::Protocol) => return End::Server(CloseReason::Protocol),
+                Some(Incoming::TooSlow) => return End::Server(CloseReason::SlowFrame),
                 Some(Incoming::Close(code)) => {
                     return End::ClientClosed(wire::reply_code(code));
                 }
@@ -451,7 +466,7 @@ impl Live {
             // The frame reader may have given up half way through a frame:
             // skip raw bytes until the client hangs up, so unread input
             // doesn't turn into a reset.
-            End::Server(reason) if reason == CloseReason::TooBig || reason == CloseReason::Protocol => {
+            End::Server(CloseReason::TooBig | CloseReason::Protocol | CloseReason::SlowFrame) => {
                 let _ = tokio::time::timeout(CLOSE_LINGER, drain(&self.stream)).await;
             }
             // We closed first: wait for the client's close reply, then hang
