@@ -272,23 +272,15 @@ impl Live {
                 biased;
                 work = self.handle.next_work() => Event::Work(work),
                 () = std::future::poll_fn(|cx| self.turn_refresh.poll_due(cx)) => Event::Turn,
-                // Cancel-safe: `Frames` keeps a read that is under way. When
-                // nothing is left to read, credit from a stall lapses.
-                frame = std::future::poll_fn(|cx| {
-                    let polled = self.frames.poll_frame(cx);
-                    if polled.is_pending() {
-                        self.limit.caught_up();
-                    }
-                    polled
-                }) => Event::Frame(frame),
+                // Cancel-safe: `Frames` keeps a read that is under way.
+                frame = std::future::poll_fn(|cx| poll_frame(&mut self.frames, &mut self.limit, cx)) => {
+                    Event::Frame(frame)
+                }
             };
             let frame = match event {
                 Event::Work(Some(work)) => {
                     // Boxed: a quiet session's task carries no write state.
-                    let since = Instant::now();
-                    let written = Box::pin(self.write(work)).await;
-                    self.limit.stalled(since, Instant::now());
-                    if let Err(end) = written {
+                    if let Err(end) = Box::pin(self.write(work)).await {
                         return end;
                     }
                     continue;
@@ -374,9 +366,18 @@ impl Live {
         }
     }
 
+    /// Writes a batch of queued frames; the session reads nothing meanwhile,
+    /// which the rate limit does not charge the client for (see `limits`).
+    async fn write(&mut self, work: Work) -> Result<(), End> {
+        let since = Instant::now();
+        let written = self.write_batch(work).await;
+        self.limit.stalled(since, Instant::now());
+        written
+    }
+
     /// Writes a batch of queued frames in one go. A close asked for meanwhile
     /// (a slow consumer's, say) stops a write the socket doesn't take.
-    async fn write(&mut self, work: Work) -> Result<(), End> {
+    async fn write_batch(&mut self, work: Work) -> Result<(), End> {
         let batch = writer::batch(&work);
         drop(work);
         let mut written = 0;
@@ -484,6 +485,20 @@ impl Live {
             }
         }
     }
+}
+
+/// Polls for the client's next frame. `Pending` means the session has read
+/// everything the client sent so far: credit from a stall lapses.
+fn poll_frame(
+    frames: &mut Frames,
+    limit: &mut RateLimit,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<FrameResult> {
+    let polled = frames.poll_frame(cx);
+    if polled.is_pending() {
+        limit.caught_up();
+    }
+    polled
 }
 
 /// Takes the session out of the registry, the channel and presence, and
