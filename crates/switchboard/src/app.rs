@@ -35,6 +35,8 @@ const BACKGROUND_GRACE: Duration = Duration::from_secs(2);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// After the first failed `accept` is logged, at most one more line per this span.
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
+/// hyper's smallest allowed read buffer bound.
+const MIN_HEAD_BUFFER: usize = 8192;
 /// File descriptors the process needs besides its sockets: listener, Redis
 /// lanes and subscriber, runtime, logs, and connections still in their handshake.
 pub const FD_RESERVE: u64 = 64;
@@ -136,7 +138,7 @@ pub async fn run(
         Err(e) => tracing::debug!(error = %e, "cannot read the open-file limit"),
     }
 
-    let server = serve(listener, router(state.clone()), state.settings.handshake_timeout, state.clone());
+    let server = serve(listener, router(state.clone()), state.clone());
     let (served, ()) = tokio::join!(server, shut_down(state.clone(), Box::pin(requests)));
     state.sessions.close();
     if tokio::time::timeout(grace, state.sessions.wait()).await.is_err() {
@@ -278,13 +280,23 @@ fn close_all(state: &AppState) {
 }
 
 /// Accepts connections until the instance is closing, serving HTTP/1.1 with
-/// upgrades and a deadline on the request head (against slowloris), then
-/// waits briefly for in-flight requests. Upgraded sockets are the sessions'
+/// upgrades, a deadline on the request head (against slowloris) and a bound
+/// on its size, then waits briefly for in-flight requests. At most
+/// `SWITCHBOARD_MAX_HTTP_CONNECTIONS` connections are served at once; one
+/// more is answered 503 and closed. Upgraded sockets are the sessions'
 /// business.
-async fn serve(listener: TcpListener, router: Router, head_timeout: Duration, state: AppState) -> std::io::Result<()> {
+async fn serve(listener: TcpListener, router: Router, state: AppState) -> std::io::Result<()> {
     let connections = TaskTracker::new();
+    let settings = &state.settings;
+    let head_bytes = settings.max_request_head_bytes;
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(head_timeout);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.handshake_timeout)
+        // 431 past the limit; the buffer bound keeps a padded head from
+        // growing hyper's read buffer to its default (about 400 KB).
+        .max_header_size(head_bytes)
+        .max_buf_size(head_bytes.max(MIN_HEAD_BUFFER));
     let closing = state.lifecycle.reached(Phase::Closing);
     tokio::pin!(closing);
     let mut failures = AcceptFailures::default();
@@ -302,6 +314,10 @@ async fn serve(listener: TcpListener, router: Router, head_timeout: Duration, st
                 }
             },
         };
+        let Some(slot) = state.try_open_connection() else {
+            refuse(&stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
         let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
@@ -318,12 +334,27 @@ async fn serve(listener: TcpListener, router: Router, head_timeout: Duration, st
             if let Err(e) = result {
                 tracing::debug!(error = %e, "http connection ended with an error");
             }
+            // Given back once the connection ended or became a WebSocket
+            // (which hyper hands over as soon as the 101 is written).
+            drop(slot);
         });
     }
     drop(listener);
     connections.close();
     let _ = tokio::time::timeout(HTTP_GRACE, connections.wait()).await;
     Ok(())
+}
+
+/// What a connection past `SWITCHBOARD_MAX_HTTP_CONNECTIONS` is told before it is closed.
+const TOO_MANY_CONNECTIONS: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\nretry-after: 1\r\n\r\n";
+
+/// Answers a connection over the cap with a 503 and drops it, without a task
+/// or a buffer: a single non-blocking write of a few bytes, which a fresh
+/// socket's send buffer always takes.
+fn refuse(stream: &tokio::net::TcpStream) {
+    crate::metrics::reject("too_many_connections");
+    let _ = stream.try_write(TOO_MANY_CONNECTIONS);
 }
 
 /// The warning for a `max_sockets` that the open-file limit `nofile` (soft)

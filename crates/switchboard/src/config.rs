@@ -97,7 +97,16 @@ pub const SETTINGS: &[Setting] = &[
     ),
     whole("max_sockets", "50000", 1, 1_000_000, "open WebSockets per instance; more get HTTP 503"),
     whole("worker_threads", "0", 0, 256, "runtime worker threads; 0 = one per available core"),
+    whole(
+        "max_http_connections",
+        "1024",
+        1,
+        65536,
+        "connections still sending an HTTP request or idle between requests (not WebSockets); more get 503",
+    ),
     whole("handshake_timeout_secs", "10", 1, 300, "time allowed to send the HTTP request head"),
+    whole("max_request_head_bytes", "16384", 8192, 262_144, "largest HTTP request head; larger ones get 431"),
+    whole("frame_timeout_secs", "5", 1, 300, "time a WebSocket frame may take from its first byte to its last"),
     whole("ping_interval_secs", "20", 0, 3600, "server ping interval; 0 disables pings"),
     whole("pong_timeout_secs", "20", 0, 3600, "a socket silent this long after a ping is closed"),
     whole("rate_per_sec", "50", 1, 100_000, "client messages per second per socket (token bucket refill)"),
@@ -275,8 +284,14 @@ pub struct Settings {
     pub max_sockets: usize,
     /// Runtime worker threads; 0 means one per available core.
     pub worker_threads: usize,
+    /// HTTP connections that are not WebSockets (yet) allowed at once.
+    pub max_http_connections: usize,
     /// Time allowed to send the HTTP request head.
     pub handshake_timeout: Duration,
+    /// Largest HTTP request head, in bytes.
+    pub max_request_head_bytes: usize,
+    /// Time a WebSocket frame may take from its first byte to its last.
+    pub frame_timeout: Duration,
     /// Server ping interval; zero disables pings.
     pub ping_interval: Duration,
     /// Silence allowed after a ping before the socket is closed.
@@ -574,7 +589,10 @@ impl Values {
             drain: self.secs("drain_secs")?,
             max_sockets: self.whole("max_sockets")?,
             worker_threads: self.whole("worker_threads")?,
+            max_http_connections: self.whole("max_http_connections")?,
             handshake_timeout: self.secs("handshake_timeout_secs")?,
+            max_request_head_bytes: self.whole("max_request_head_bytes")?,
+            frame_timeout: self.secs("frame_timeout_secs")?,
             ping_interval,
             pong_timeout,
             rate_per_sec: self.whole("rate_per_sec")?,

@@ -15,6 +15,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub mod names {
     /// Gauge: WebSocket sessions open now.
     pub const OPEN_SOCKETS: &str = "switchboard_open_sockets";
+    /// Gauge: HTTP connections open now that are not WebSockets.
+    pub const HTTP_CONNECTIONS: &str = "switchboard_http_connections";
     /// Counter: sessions opened.
     pub const SESSIONS_OPENED: &str = "switchboard_sessions_opened_total";
     /// Counter: sessions closed, by `reason`.
@@ -101,6 +103,7 @@ pub fn handle() -> &'static PrometheusHandle {
 fn describe() {
     use names::*;
     describe_gauge!(OPEN_SOCKETS, "WebSocket sessions open now");
+    describe_gauge!(HTTP_CONNECTIONS, "HTTP connections open now that are not WebSockets");
     describe_counter!(SESSIONS_OPENED, "Sessions opened");
     describe_counter!(SESSIONS_CLOSED, "Sessions closed, by reason");
     describe_counter!(MESSAGES_IN, "Client messages received");
@@ -136,6 +139,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "too_big",
     "protocol",
     "broker_unavailable",
+    "slow_frame",
 ];
 
 /// `reason` values of [`names::REJECTS`] (docs/operations.md lists them).
@@ -146,6 +150,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "method_not_allowed",
     "shutting_down",
     "too_many_sockets",
+    "too_many_connections",
     "broker_unavailable",
     "unauthorized",
     "forbidden_origin",
@@ -158,7 +163,7 @@ pub const REJECT_REASONS: &[&str] = &[
 /// right after start shows them all, so rates and alerts have a first point.
 fn register() {
     use names::*;
-    for name in [OPEN_SOCKETS, PAIR_SUBSCRIPTIONS] {
+    for name in [OPEN_SOCKETS, HTTP_CONNECTIONS, PAIR_SUBSCRIPTIONS] {
         gauge!(name).increment(0.0);
     }
     for name in [
@@ -185,6 +190,16 @@ fn register() {
         // A registered histogram renders its buckets, sum and count at zero.
         let _ = histogram!(name);
     }
+}
+
+/// An HTTP connection was accepted under the cap.
+pub fn http_connection_opened() {
+    gauge!(names::HTTP_CONNECTIONS).increment(1.0);
+}
+
+/// An HTTP connection ended or became a WebSocket.
+pub fn http_connection_closed() {
+    gauge!(names::HTTP_CONNECTIONS).decrement(1.0);
 }
 
 /// A session opened.

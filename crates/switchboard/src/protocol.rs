@@ -24,7 +24,8 @@ pub mod close {
     pub const UNSUPPORTED_DATA: u16 = 1003;
     /// Never sent: the connection was lost without a close frame.
     pub const ABNORMAL: u16 = 1006;
-    /// A policy was broken: flood, or a socket too slow to read its queue.
+    /// A policy was broken: flood, a socket too slow to read its queue, or a
+    /// frame not finished in time.
     pub const POLICY: u16 = 1008;
     /// A frame or message was over the size limit.
     pub const TOO_BIG: u16 = 1009;
@@ -63,11 +64,13 @@ pub enum CloseReason {
     PingTimeout,
     /// The broker failed while the session opened.
     BrokerUnavailable,
+    /// The client started a frame and did not finish it in time.
+    SlowFrame,
 }
 
 impl CloseReason {
     /// Every reason, in `repr` order.
-    const ALL: [Self; 11] = [
+    const ALL: [Self; 12] = [
         Self::Replaced,
         Self::Shutdown,
         Self::Drain,
@@ -79,6 +82,7 @@ impl CloseReason {
         Self::Flood,
         Self::PingTimeout,
         Self::BrokerUnavailable,
+        Self::SlowFrame,
     ];
 
     /// The WebSocket close code.
@@ -87,7 +91,7 @@ impl CloseReason {
             Self::Replaced => close::REPLACED,
             Self::Shutdown | Self::PingTimeout => close::GOING_AWAY,
             Self::Drain => close::SERVICE_RESTART,
-            Self::SlowConsumer | Self::Flood => close::POLICY,
+            Self::SlowConsumer | Self::Flood | Self::SlowFrame => close::POLICY,
             Self::Gone => close::ABNORMAL,
             Self::Binary => close::UNSUPPORTED_DATA,
             Self::TooBig => close::TOO_BIG,
@@ -110,6 +114,7 @@ impl CloseReason {
             Self::Flood => "rate limit exceeded",
             Self::PingTimeout => "ping timeout",
             Self::BrokerUnavailable => "broker unavailable",
+            Self::SlowFrame => "frame not finished in time",
         }
     }
 
@@ -127,6 +132,7 @@ impl CloseReason {
             Self::Flood => "flood",
             Self::PingTimeout => "ping_timeout",
             Self::BrokerUnavailable => "broker_unavailable",
+            Self::SlowFrame => "slow_frame",
         }
     }
 

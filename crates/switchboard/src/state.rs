@@ -1,9 +1,9 @@
 //! What every request and session shares: [`AppState`], the instance's
-//! [`Phase`] in its life, and the socket cap.
+//! [`Phase`] in its life, and the socket and connection caps.
 
 use std::sync::Arc;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
@@ -77,6 +77,18 @@ impl Drop for SocketPermit {
     }
 }
 
+/// One of the instance's `SWITCHBOARD_MAX_HTTP_CONNECTIONS` slots, given back
+/// (and counted off `switchboard_http_connections`) on drop.
+pub struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        crate::metrics::http_connection_closed();
+    }
+}
+
 /// State shared by every request and session.
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
@@ -95,6 +107,8 @@ pub struct Shared {
     pub sessions: TaskTracker,
     /// Free socket slots.
     sockets: Semaphore,
+    /// Free slots for HTTP connections that are not WebSockets (yet).
+    connections: Arc<Semaphore>,
 }
 
 impl std::ops::Deref for AppState {
@@ -108,6 +122,7 @@ impl AppState {
     /// State over `broker` and `registry`, serving.
     pub fn new(settings: Settings, registry: Arc<Registry>, broker: Arc<dyn Broker>) -> Self {
         let sockets = Semaphore::new(settings.max_sockets.min(Semaphore::MAX_PERMITS));
+        let connections = Arc::new(Semaphore::new(settings.max_http_connections.min(Semaphore::MAX_PERMITS)));
         Self(Arc::new(Shared {
             settings,
             registry,
@@ -115,6 +130,7 @@ impl AppState {
             lifecycle: Lifecycle::default(),
             sessions: TaskTracker::new(),
             sockets,
+            connections,
         }))
     }
 
@@ -133,6 +149,17 @@ impl AppState {
         // Forgotten here, given back by the permit's `Drop`.
         self.sockets.try_acquire().ok()?.forget();
         Some(SocketPermit(self.clone()))
+    }
+
+    /// Takes an HTTP connection slot, held from `accept` until the connection
+    /// ends or becomes a WebSocket, or `None` when
+    /// `SWITCHBOARD_MAX_HTTP_CONNECTIONS` are open. A connection costs its
+    /// task, hyper's buffers and its file descriptor while it sends its
+    /// request head, so half-open ones must not pile up without a bound.
+    pub fn try_open_connection(&self) -> Option<ConnectionSlot> {
+        let permit = self.connections.clone().try_acquire_owned().ok()?;
+        crate::metrics::http_connection_opened();
+        Some(ConnectionSlot { _permit: permit })
     }
 
     /// How sessions close when the instance closes them: 1012 after a drain

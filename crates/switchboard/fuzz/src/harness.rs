@@ -142,7 +142,9 @@ fn read_path(stream: &[u8], limit: usize, arrival: &Arrival, expected: &Expected
                 client_frame(&payload);
             }
             // The session ends on each of these.
-            Some(Incoming::Binary | Incoming::TooBig | Incoming::Protocol | Incoming::Close(_)) => return,
+            Some(Incoming::Binary | Incoming::TooBig | Incoming::Protocol | Incoming::TooSlow | Incoming::Close(_)) => {
+                return
+            }
         }
     }
 }

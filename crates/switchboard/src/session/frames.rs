@@ -23,6 +23,8 @@ pub enum Incoming {
     TooBig,
     /// A protocol violation (1002).
     Protocol,
+    /// A frame not finished within the frame timeout (1008).
+    TooSlow,
 }
 
 /// A fragmented text message under way.
@@ -138,6 +140,9 @@ pub fn on_error(error: &WebSocketError) -> Option<Incoming> {
         | WebSocketError::InvalidCloseCode => Some(Incoming::Protocol),
         WebSocketError::IoError(e) if e.get_ref().is_some_and(|inner| inner.is::<super::reader::Unmasked>()) => {
             Some(Incoming::Protocol)
+        }
+        WebSocketError::IoError(e) if e.get_ref().is_some_and(|inner| inner.is::<super::reader::SlowFrame>()) => {
+            Some(Incoming::TooSlow)
         }
         _ => None,
     }

@@ -135,7 +135,8 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
         handle.close(reason);
     }
     // fastwebsockets refuses frames of `max_message_size` bytes or more.
-    let reader = Reader::new(stream.clone(), leftover, settings.max_message_bytes + 1);
+    let reader = Reader::new(stream.clone(), leftover, settings.max_message_bytes + 1)
+        .with_frame_timeout(settings.frame_timeout);
     let live = Live {
         frames: Frames::new(reader),
         stream,
@@ -281,7 +282,9 @@ impl Live {
                 work = self.handle.next_work() => Event::Work(work),
                 () = std::future::poll_fn(|cx| self.turn_refresh.poll_due(cx)) => Event::Turn,
                 // Cancel-safe: `Frames` keeps a read that is under way.
-                frame = self.frames.next() => Event::Frame(frame),
+                frame = std::future::poll_fn(|cx| poll_frame(&mut self.frames, &mut self.limit, cx)) => {
+                    Event::Frame(frame)
+                }
             };
             let frame = match event {
                 Event::Work(Some(work)) => {
@@ -316,12 +319,16 @@ impl Live {
                 None => {}
                 Some(Incoming::Text(payload)) => {
                     if let Some(wait) = self.on_text(payload) {
+                        // Not reading meanwhile: what piles up in the socket
+                        // is not the client's burst (see `limits`).
                         wait.await;
+                        self.limit.stalled(now, Instant::now());
                     }
                 }
                 Some(Incoming::Binary) => return End::Server(CloseReason::Binary),
                 Some(Incoming::TooBig) => return End::Server(CloseReason::TooBig),
                 Some(Incoming::Protocol) => return End::Server(CloseReason::Protocol),
+                Some(Incoming::TooSlow) => return End::Server(CloseReason::SlowFrame),
                 Some(Incoming::Close(code)) => {
                     return End::ClientClosed(wire::reply_code(code));
                 }
@@ -368,9 +375,18 @@ impl Live {
         }
     }
 
+    /// Writes a batch of queued frames; the session reads nothing meanwhile,
+    /// which the rate limit does not charge the client for (see `limits`).
+    async fn write(&mut self, work: Work) -> Result<(), End> {
+        let since = Instant::now();
+        let written = self.write_batch(work).await;
+        self.limit.stalled(since, Instant::now());
+        written
+    }
+
     /// Writes a batch of queued frames in one go. A close asked for meanwhile
     /// (a slow consumer's, say) stops a write the socket doesn't take.
-    async fn write(&mut self, work: Work) -> Result<(), End> {
+    async fn write_batch(&mut self, work: Work) -> Result<(), End> {
         let batch = writer::batch(&work);
         drop(work);
         let mut written = 0;
@@ -460,7 +476,7 @@ impl Live {
             // The frame reader may have given up half way through a frame:
             // skip raw bytes until the client hangs up, so unread input
             // doesn't turn into a reset.
-            End::Server(reason) if reason == CloseReason::TooBig || reason == CloseReason::Protocol => {
+            End::Server(CloseReason::TooBig | CloseReason::Protocol | CloseReason::SlowFrame) => {
                 let _ = tokio::time::timeout(CLOSE_LINGER, drain(&self.stream)).await;
             }
             // We closed first: wait for the client's close reply, then hang
@@ -478,6 +494,20 @@ impl Live {
             }
         }
     }
+}
+
+/// Polls for the client's next frame. `Pending` means the session has read
+/// everything the client sent so far: credit from a stall lapses.
+fn poll_frame(
+    frames: &mut Frames,
+    limit: &mut RateLimit,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<FrameResult> {
+    let polled = frames.poll_frame(cx);
+    if polled.is_pending() {
+        limit.caught_up();
+    }
+    polled
 }
 
 /// Takes the session out of the registry, the channel and presence, and

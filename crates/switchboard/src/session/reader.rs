@@ -141,6 +141,18 @@ impl std::fmt::Display for Unmasked {
 
 impl std::error::Error for Unmasked {}
 
+/// The error a read ends with when a frame was not finished in time.
+#[derive(Debug)]
+pub struct SlowFrame;
+
+impl std::fmt::Display for SlowFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a client frame was not finished in time")
+    }
+}
+
+impl std::error::Error for SlowFrame {}
+
 /// What a [`Metered`] reader has seen, readable while a fastwebsockets reader owns it.
 #[derive(Debug, Default)]
 struct Seen {
@@ -191,6 +203,10 @@ pub struct Reader<S = TcpStream> {
     /// Frames the current reader has handed back.
     returned: u64,
     max_message_size: u32,
+    /// How long a frame may take from its first byte to its last, in
+    /// milliseconds; 0 = no limit. (A `u32` fits where a `Duration` would
+    /// grow every quiet session.)
+    frame_timeout_ms: u32,
 }
 
 impl<S: Source> Reader<S> {
@@ -200,7 +216,36 @@ impl<S: Source> Reader<S> {
     /// session charges them to its rate limit before it answers.
     pub fn new(socket: Arc<S>, leftover: Box<[u8]>, max_message_size: usize) -> Self {
         let max_message_size = u32::try_from(max_message_size).unwrap_or(u32::MAX);
-        Self { socket, leftover, reader: None, seen: None, returned: 0, max_message_size }
+        Self { socket, leftover, reader: None, seen: None, returned: 0, max_message_size, frame_timeout_ms: 0 }
+    }
+
+    /// Limits the time a frame may take from its first byte to its last:
+    /// a read that takes longer ends with a [`SlowFrame`] error and drops the
+    /// reader's buffer, so a client can't hold a frame's worth of memory by
+    /// stopping one byte short of its end. Needs a Tokio runtime with time.
+    pub fn with_frame_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.frame_timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        self
+    }
+
+    /// Reads a frame once bytes are known to be waiting, within the frame
+    /// timeout if there is one. The clock starts here, at the frame's first
+    /// byte (or at once, when the reader holds the frame's first bytes).
+    async fn read_frame_in_time(&mut self) -> Result<Frame<'static>, WebSocketError> {
+        if self.frame_timeout_ms == 0 {
+            return self.read_frame().await;
+        }
+        let limit = std::time::Duration::from_millis(u64::from(self.frame_timeout_ms));
+        match tokio::time::timeout(limit, self.read_frame()).await {
+            Ok(frame) => frame,
+            Err(_) => {
+                // The read was dropped half way through a frame: the reader
+                // is of no further use, and its buffer goes now.
+                self.reader = None;
+                self.seen = None;
+                Err(WebSocketError::IoError(io::Error::new(io::ErrorKind::TimedOut, SlowFrame)))
+            }
+        }
     }
 
     /// Whether a fastwebsockets reader (and its buffer) exists right now.
@@ -317,7 +362,9 @@ impl<S: Source> Frames<S> {
         std::future::poll_fn(|cx| self.poll_frame(cx)).await
     }
 
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<FrameResult> {
+    /// Polls for the next frame. `Pending` means every byte the client sent
+    /// so far has been read from the socket: the session has caught up.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<FrameResult> {
         loop {
             match &mut self.state {
                 State::Quiet(reader) => {
@@ -328,7 +375,7 @@ impl<S: Source> Frames<S> {
                         unreachable!("matched above")
                     };
                     self.state = State::Reading(Box::pin(async move {
-                        let frame = reader.read_frame().await;
+                        let frame = reader.read_frame_in_time().await;
                         (frame, reader)
                     }));
                 }
