@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchboard::config::Settings;
-use switchboard_tests::{every_broker, eventually, Client, Cluster, RedisServer};
+use switchboard_tests::{eventually, every_broker, Client, Cluster, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 every_broker!(simultaneous_sessions_of_one_user_leave_the_newest_present);

@@ -162,6 +162,8 @@ impl Lanes {
 /// A lane's connection and the redis-rs task that drives it.
 struct Link {
     conn: Conn,
+    /// The cluster topology this connection was opened under.
+    topology: u64,
 }
 
 /// A lane's connection: to one server (with its closed flag), or redis-rs's
@@ -177,16 +179,20 @@ impl Link {
         config: &AsyncConnectionConfig,
         timeout: Option<Duration>,
     ) -> Result<Self, BrokerError> {
+        let topology = target.topology();
         let connect = async {
             if target.is_cluster() {
                 let client = target.cluster_client(timeout.unwrap_or(ASK_TIMEOUT))?;
                 let conn =
                     client.get_async_connection().await.map_err(|e| BrokerError::Connect(format!("cluster: {e}")))?;
-                return Ok(Self { conn: Conn::Cluster(conn) });
+                return Ok(Self { conn: Conn::Cluster(conn), topology });
             }
             // Our own TCP (keepalive) and TLS; Sentinel's master, checked with ROLE.
-            Ok(Self { conn: Conn::Single(target.command_connection(config).await?) })
+            Ok(Self { conn: Conn::Single(target.command_connection(config).await?), topology })
         };
+        // A cluster connection reaches every node, each within the limit; one
+        // that stopped answering is given up on, and the rest still serve.
+        let timeout = if target.is_cluster() { timeout.map(|t| t * 2 + Duration::from_secs(1)) } else { timeout };
         match timeout {
             Some(limit) => tokio::time::timeout(limit, connect)
                 .await
@@ -195,8 +201,12 @@ impl Link {
         }
     }
 
-    fn closed(&self) -> bool {
-        matches!(&self.conn, Conn::Single(c) if c.is_closed())
+    /// Whether it is dead, or (cluster) opened before the slot map last changed.
+    fn closed(&self, target: &Target) -> bool {
+        match &self.conn {
+            Conn::Single(c) => c.is_closed(),
+            Conn::Cluster(_) => self.topology != target.topology(),
+        }
     }
 }
 
@@ -216,7 +226,7 @@ async fn run(connector: Connector, mut queue: mpsc::Receiver<Job>, stop: Cancell
             _ = stop.cancelled() => return,
             n = queue.recv_many(&mut batch, MAX_BATCH) => n,
             () = tokio::time::sleep_until(idle_until), if link.is_some() => {
-                check_idle(&mut link).await;
+                check_idle(&connector.target, &mut link).await;
                 idle_until = tokio::time::Instant::now() + IDLE_PING;
                 continue;
             }
@@ -231,9 +241,9 @@ async fn run(connector: Connector, mut queue: mpsc::Receiver<Job>, stop: Cancell
 
 /// Drops `link` if it is closed, or silent to a PING: the next batch then
 /// goes on a fresh connection instead of failing on this one.
-async fn check_idle(link: &mut Option<Link>) {
+async fn check_idle(target: &Target, link: &mut Option<Link>) {
     let Some(current) = link.as_mut() else { return };
-    let failure = if current.closed() {
+    let failure = if current.closed(target) {
         "closed".to_owned()
     } else {
         let Conn::Single(Connection { conn, .. }) = &mut current.conn else {
@@ -255,8 +265,8 @@ async fn check_idle(link: &mut Option<Link>) {
 /// goes once, on the fresh one. A batch that fails after it was written is
 /// not sent again (it may have run: a PUBLISH would be delivered twice).
 async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Job>) {
-    if link.as_ref().is_some_and(Link::closed) {
-        tracing::info!("redis lane: connection was closed while idle; connecting anew");
+    if link.as_ref().is_some_and(|l| l.closed(&connector.target)) {
+        tracing::info!("redis lane: connection closed, or the cluster's slot map changed; connecting anew");
         crate::metrics::broker_dead_connection();
         *link = None;
     }
@@ -279,7 +289,15 @@ async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Jo
     // Each command gets its own reply: one failing command fails only its job.
     let conn = match &mut current.conn {
         Conn::Single(single) => &mut single.conn,
-        Conn::Cluster(conn) => return run_on_cluster(conn, batch).await,
+        Conn::Cluster(conn) => {
+            if !run_on_cluster(conn, batch).await {
+                // A master that stopped answering: redis-rs would keep its
+                // slot map until the old master woke; a new connection
+                // reads the map afresh (with the replica promoted).
+                *link = None;
+            }
+            return;
+        }
     };
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
@@ -311,19 +329,23 @@ async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Jo
 /// Sends a batch on a cluster connection: a pipeline may only name one
 /// slot there, so each command goes alone, all at once. redis-rs writes them
 /// in this order, so one channel's commands reach its master in order.
-async fn run_on_cluster(conn: &ClusterConnection, batch: &mut Vec<Job>) {
+/// Returns false when a command timed out.
+async fn run_on_cluster(conn: &ClusterConnection, batch: &mut Vec<Job>) -> bool {
     let calls = batch.iter_mut().map(|job| {
         let cmd = std::mem::replace(&mut job.cmd, redis::Cmd::new());
         let mut conn = conn.clone();
         async move { cmd.query_async::<redis::Value>(&mut conn).await }
     });
     let replies = futures_util::future::join_all(calls).await;
+    let mut answered = true;
     for (job, reply) in batch.drain(..).zip(replies) {
+        answered &= !reply.as_ref().is_err_and(redis::RedisError::is_timeout);
         job.reply.finish(reply.map_err(|e| match e.kind() {
             redis::ErrorKind::Server(_) => BrokerError::Redis(e),
             _ => BrokerError::Command(e.to_string()),
         }));
     }
+    answered
 }
 
 #[cfg(test)]

@@ -229,6 +229,7 @@ impl Subscriber {
             Ok(Layout::Cluster(map)) => {
                 if map != self.slots {
                     self.suspects.clear();
+                    self.target.topology_changed();
                 }
                 self.slots = map;
                 let masters = self.slots.masters();
@@ -573,7 +574,8 @@ impl Subscriber {
         // new cluster node connecting for its first channel is no reason to
         // turn sessions away (they wait for their own confirmation).
         let nodes_up = self.links.iter().flatten().all(|l| l.up || l.asked == 0);
-        let single_ok = self.target.is_cluster() || self.links.first().is_some_and(|l| l.as_ref().is_some_and(|l| l.up));
+        let single_ok =
+            self.target.is_cluster() || self.links.first().is_some_and(|l| l.as_ref().is_some_and(|l| l.up));
         let cluster_ok = !self.target.is_cluster() || !self.slots.is_empty();
         let ready = nodes_up && single_ok && cluster_ok && self.homeless.is_empty() && self.retry_at.is_none();
         let was = self.ready.swap(ready, Ordering::Relaxed);

@@ -10,7 +10,7 @@
 //! Sentinel demotes the old master by disconnecting its clients, so both
 //! kinds of connection come back through here.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +49,11 @@ impl Connection {
 pub struct Target {
     kind: Kind,
     tls: Option<Tls>,
+    /// Bumped by the subscriber whenever a cluster's slot map changes
+    /// (shared by clones): lanes then open new cluster connections, which
+    /// read the new map, rather than keep sending to a master that froze
+    /// until it wakes up and answers `MOVED`.
+    topology: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -99,7 +104,7 @@ pub fn parse(url: &str) -> Result<ConnectionInfo, BrokerError> {
 impl Target {
     /// One server at `url`.
     pub fn standalone(url: &str, tls: Option<Tls>) -> Result<Self, BrokerError> {
-        Ok(Self { kind: Kind::Standalone(parse(url)?), tls })
+        Ok(Self { kind: Kind::Standalone(parse(url)?), tls, topology: Arc::default() })
     }
 
     /// The master named `master` by the Sentinels at `urls` (comma-separated).
@@ -109,7 +114,7 @@ impl Target {
         if sentinels.is_empty() {
             return Err(BrokerError::Connect("no Sentinel URL".into()));
         }
-        Ok(Self { kind: Kind::Sentinel { sentinels, master: master.to_owned() }, tls })
+        Ok(Self { kind: Kind::Sentinel { sentinels, master: master.to_owned() }, tls, topology: Arc::default() })
     }
 
     /// The Redis Cluster whose seed nodes are `urls` (comma-separated).
@@ -119,7 +124,17 @@ impl Target {
         if seeds.is_empty() {
             return Err(BrokerError::Connect("no cluster seed URL".into()));
         }
-        Ok(Self { kind: Kind::Cluster { seeds }, tls })
+        Ok(Self { kind: Kind::Cluster { seeds }, tls, topology: Arc::default() })
+    }
+
+    /// The cluster's slot map changed.
+    pub fn topology_changed(&self) {
+        self.topology.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times the slot map changed.
+    pub fn topology(&self) -> u64 {
+        self.topology.load(Ordering::Relaxed)
     }
 
     /// Whether this is a Redis Cluster.
@@ -154,9 +169,12 @@ impl Target {
         let Kind::Cluster { seeds } = &self.kind else {
             return Err(BrokerError::Connect("not a cluster".into()));
         };
+        // One retry: a command to a master that stopped answering fails
+        // within seconds, and its lane reconnects (see `topology`).
         let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.clone())
             .connection_timeout(timeout)
-            .response_timeout(timeout);
+            .response_timeout(timeout)
+            .retries(1);
         if let Some(pem) = self.tls.as_ref().and_then(Tls::ca_pem) {
             builder = builder.certs(redis::TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) });
         }
