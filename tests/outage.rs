@@ -118,3 +118,57 @@ async fn a_refused_subscribe_is_unready_until_redis_takes_it() {
     }
     relays_both_ways(&mut alice, &mut bob, "after").await;
 }
+
+/// Issue #16, defect 5: a Redis that stops answering (frozen, or a network
+/// that drops everything) is noticed by the subscriber's PING probe: the
+/// instances turn unready, senders are told, new sessions are turned away at
+/// once rather than kept waiting, and `resync` follows recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_is_noticed_and_told() {
+    const PROBES: &str = "switchboard_broker_probe_failures_total";
+    let redis = switchboard_tests::RedisServer::start_with(switchboard_tests::Setup {
+        args: vec!["--enable-debug-command".into(), "local".into()],
+        ..Default::default()
+    })
+    .await;
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        instances.push(switchboard_tests::Instance::on(&redis).await);
+    }
+    let c = Cluster { redis: Some(redis), redis_cluster: None, instances };
+    let (mut alice, mut bob) = c.alice_and_bob().await;
+    relays_both_ways(&mut alice, &mut bob, "before").await;
+    let probes_before = metric(&c.node(0).get("/metrics").await.1, PROBES).unwrap_or(0.0);
+
+    // Redis answers nothing for 10 s.
+    let mut frozen = c.redis.as_ref().unwrap().conn().await;
+    let started = std::time::Instant::now();
+    let sleeper = tokio::spawn(async move {
+        let _: redis::RedisResult<()> = redis::cmd("DEBUG").arg("SLEEP").arg(10).query_async(&mut frozen).await;
+    });
+    for node in &c.instances {
+        eventually("readyz 503 while Redis is frozen", || async { node.get("/readyz").await.0 == 503 }).await;
+    }
+    let noticed = started.elapsed();
+    assert!(metric(&c.node(0).get("/metrics").await.1, PROBES).unwrap_or(0.0) > probes_before, "the probe failed");
+    // A message sent now is refused, and the sender hears so.
+    alice.send(r#"{"type":"candidate","during":"freeze"}"#).await;
+    let event = alice.recv_json().await;
+    assert_eq!((event["type"].as_str(), event["code"].as_str()), (Some("error"), Some("broker_unavailable")));
+    // A new session is turned away at once, not kept waiting for the freeze to end.
+    let asked = std::time::Instant::now();
+    let refused = Client::connect(&c.node(0).ws_url("carol", "dave")).await.err().expect("refused");
+    assert!(refused.to_string().contains("503"), "{refused}");
+    let refused_in = asked.elapsed();
+
+    // Redis wakes: the sessions stayed open, and each is told that messages may have been lost.
+    assert_eq!(alice.recv_json().await, json!({"type": "resync"}));
+    assert_eq!(bob.recv_json().await, json!({"type": "resync"}));
+    let recovered = started.elapsed();
+    eprintln!("frozen redis: unready after {noticed:?}, a new session refused in {refused_in:?}, resync after {recovered:?} (freeze 10 s)");
+    for node in &c.instances {
+        node.wait_ready().await;
+    }
+    relays_both_ways(&mut alice, &mut bob, "after").await;
+    sleeper.await.unwrap();
+}
