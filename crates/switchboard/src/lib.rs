@@ -7,8 +7,9 @@
 //! ```text
 //! socket ─▶ app (accept) ─▶ routes::ws ─▶ session (the task) ─▶ session::reader + wire ─▶ session::frames
 //!   ─▶ session::limits ─▶ protocol (check) ─▶ broker::envelope ─▶ broker::lanes ─▶ Redis channel {prefix}:pair:{lower}:{higher}
-//!                                                                                          │
-//! socket ◀─ session::writer + wire ◀─ session::outbox ◀─ session::handle ◀─ session::registry ◀─ broker::redis (subscriber) ◀┘
+//!                                                                        (cluster: {prefix}:{p<partition>}:pair:…)  │
+//! socket ◀─ session::writer + wire ◀─ session::outbox ◀─ session::handle ◀─ session::registry ◀─ broker::node ◀──────┘
+//!                                                         (broker::subscriber places each channel on a node; broker::pubsub is the connection)
 //! ```
 //!
 //! Floors run one way: [`routes`] → [`state`] → [`session`] → [`broker`] →
@@ -31,7 +32,14 @@
 //! - [`broker`]: the [`broker::Broker`] and [`broker::Inbox`] traits, the
 //!   in-memory broker, the Redis broker with its command lanes, and the
 //!   envelope that carries the sender's identity next to the client's bytes.
-//! - Leaves: [`pair`] (IDs, pairs, channel and key names, [`pair::Identity`]),
+//!   Redis is reached through a `broker::target` (one server, Sentinel's
+//!   master, or a cluster's seeds; TLS in `broker::tls`). Subscriptions are
+//!   switchboard's own: `broker::subscriber` counts sessions per channel and
+//!   places each channel on a `broker::node` (one connection per server, or
+//!   per cluster master, `broker::pubsub`'s RESP2 framing), using
+//!   `broker::cluster`'s slot map in a cluster.
+//! - Leaves: [`pair`] (IDs, pairs, channel and key names with their cluster
+//!   hash tags, [`pair::Identity`]),
 //!   [`protocol`] (client frame checks, server events, close codes and
 //!   reasons), [`auth`], [`origin`] and [`turn`] (signed links, the `Origin`
 //!   check, TURN credentials; see `docs/security.md`), [`config`] (settings
