@@ -54,6 +54,11 @@ async fn thousand_messages_keep_order_across_instances() {
     thousand_messages_of_mixed_sizes_keep_order(&Cluster::redis_with(2, roomy).await).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_messages_keep_order_on_a_redis_cluster() {
+    thousand_messages_of_mixed_sizes_keep_order(&Cluster::redis_cluster_with(2, roomy).await).await;
+}
+
 async fn thousand_messages_of_mixed_sizes_keep_order(c: &Cluster) {
     let limit = c.node(0).max_message_bytes();
     let (alice, _) = c.node(0).join("alice", "bob").await;

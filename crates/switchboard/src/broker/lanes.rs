@@ -67,6 +67,8 @@ const IDLE_PING: Duration = Duration::from_secs(10);
 struct Job {
     cmd: redis::Cmd,
     reply: Reply,
+    /// The cluster slot of the command's key (0 outside a cluster).
+    slot: u16,
 }
 
 /// Where a command's outcome goes.
@@ -94,6 +96,8 @@ impl Reply {
 /// The lanes of one instance.
 pub struct Lanes {
     senders: Vec<mpsc::Sender<Job>>,
+    /// A Redis Cluster: jobs carry their key's slot.
+    cluster: bool,
 }
 
 impl Lanes {
@@ -118,7 +122,17 @@ impl Lanes {
                 tx
             })
             .collect();
-        Self { senders }
+        Self { senders, cluster: target.is_cluster() }
+    }
+
+    /// The slot of `key`, which in a cluster is the slot of the command's keys
+    /// (a pair's channel and keys share their partition's hash tag).
+    fn slot(&self, key: &str) -> u16 {
+        if self.cluster {
+            super::cluster::slot(key)
+        } else {
+            0
+        }
     }
 
     fn lane(&self, key: &str) -> &mpsc::Sender<Job> {
@@ -130,7 +144,8 @@ impl Lanes {
     /// Sends `cmd` on the lane of `key` and waits for its reply.
     pub async fn call(&self, key: &str, cmd: redis::Cmd) -> Result<redis::Value, BrokerError> {
         let (reply, answer) = oneshot::channel();
-        self.lane(key).send(Job { cmd, reply: Reply::Wait(reply) }).await.map_err(|_| BrokerError::Disconnected)?;
+        let job = Job { cmd, reply: Reply::Wait(reply), slot: self.slot(key) };
+        self.lane(key).send(job).await.map_err(|_| BrokerError::Disconnected)?;
         answer.await.map_err(|_| BrokerError::Disconnected)?
     }
 
@@ -139,7 +154,7 @@ impl Lanes {
     /// there something to wait for, returned for the caller to await. A
     /// failure is told to `origin`.
     pub fn send(&self, key: &str, cmd: redis::Cmd, len: usize, origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
-        let job = Job { cmd, reply: Reply::Tell { origin, len, queued_at: Instant::now() } };
+        let job = Job { cmd, reply: Reply::Tell { origin, len, queued_at: Instant::now() }, slot: self.slot(key) };
         let lane = self.lane(key);
         match lane.try_send(job) {
             Ok(()) => None,
@@ -326,24 +341,47 @@ async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Jo
     }
 }
 
-/// Sends a batch on a cluster connection: a pipeline may only name one
-/// slot there, so each command goes alone, all at once. redis-rs writes them
-/// in this order, so one channel's commands reach its master in order.
-/// Returns false when a command timed out.
+/// Sends a batch on a cluster connection. A pipeline may only name one slot
+/// there, so the batch goes as one pipeline per slot, all at once: each
+/// channel's commands stay in queue order (one slot, one pipeline, one
+/// connection), and different slots go to their masters side by side.
+/// Returns false when a pipeline timed out.
 async fn run_on_cluster(conn: &ClusterConnection, batch: &mut Vec<Job>) -> bool {
-    let calls = batch.iter_mut().map(|job| {
-        let cmd = std::mem::replace(&mut job.cmd, redis::Cmd::new());
+    let mut by_slot: std::collections::HashMap<u16, Vec<Job>> = std::collections::HashMap::new();
+    for job in batch.drain(..) {
+        by_slot.entry(job.slot).or_default().push(job);
+    }
+    let calls = by_slot.into_values().map(|mut jobs| {
         let mut conn = conn.clone();
-        async move { cmd.query_async::<redis::Value>(&mut conn).await }
+        async move {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for job in &mut jobs {
+                pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
+            }
+            let replies = pipe.query_async::<Vec<redis::Value>>(&mut conn).await;
+            (jobs, replies)
+        }
     });
-    let replies = futures_util::future::join_all(calls).await;
     let mut answered = true;
-    for (job, reply) in batch.drain(..).zip(replies) {
-        answered &= !reply.as_ref().is_err_and(redis::RedisError::is_timeout);
-        job.reply.finish(reply.map_err(|e| match e.kind() {
-            redis::ErrorKind::Server(_) => BrokerError::Redis(e),
-            _ => BrokerError::Command(e.to_string()),
-        }));
+    for (jobs, replies) in futures_util::future::join_all(calls).await {
+        match replies {
+            Ok(values) => {
+                for (job, value) in jobs.into_iter().zip(values) {
+                    job.reply.finish(match value {
+                        redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
+                        value => Ok(value),
+                    });
+                }
+            }
+            Err(e) => {
+                answered &= !e.is_timeout();
+                let why = e.to_string();
+                for job in jobs {
+                    job.reply.finish(Err(BrokerError::Command(why.clone())));
+                }
+            }
+        }
     }
     answered
 }
