@@ -123,6 +123,14 @@ pub trait Broker: Send + Sync + 'static {
     /// Removes `user`'s presence in `pair` if it is still `session`'s.
     async fn release_presence(&self, pair: &PairId, user: &UserId, session: SessionId) -> Result<(), BrokerError>;
 
-    /// Whether the broker can deliver right now.
+    /// Whether the broker can take new sessions right now.
     fn is_ready(&self) -> bool;
+
+    /// Whether some channels are cut off right now while the broker is
+    /// ready: in a Redis Cluster, a shard failing over. Its sessions were
+    /// told (`resync` follows); sessions of other shards carry on, and new
+    /// sessions are taken (those of the lost shard are refused with 1013).
+    fn is_degraded(&self) -> bool {
+        false
+    }
 }

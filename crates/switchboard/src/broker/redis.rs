@@ -49,6 +49,7 @@ pub struct RedisBroker {
     lanes: Lanes,
     requests: mpsc::UnboundedSender<Request>,
     ready: Arc<AtomicBool>,
+    degraded: Arc<AtomicBool>,
     prefix: String,
     /// A Redis Cluster: hash-tagged names and sharded pub/sub.
     cluster: bool,
@@ -121,10 +122,16 @@ impl RedisBroker {
         first_connect: Duration,
     ) -> Result<Self, BrokerError> {
         let ready = Arc::new(AtomicBool::new(false));
+        let degraded = Arc::new(AtomicBool::new(false));
         let (requests, rx) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = oneshot::channel();
-        let (subscriber, events) =
-            Subscriber::new(options.target.clone(), inbox, ready.clone(), first_tx, tracker.clone());
+        let (subscriber, events) = Subscriber::new(
+            options.target.clone(),
+            inbox,
+            (ready.clone(), degraded.clone()),
+            first_tx,
+            tracker.clone(),
+        );
         tracker.spawn(subscriber.run(rx, events, shutdown.clone()));
         let _ = tokio::time::timeout(first_connect, first_rx).await;
 
@@ -142,7 +149,7 @@ impl RedisBroker {
         );
         let cluster = options.target.is_cluster();
         let ttl_secs = options.presence_ttl.as_secs().max(1);
-        Ok(Self { lanes, requests, ready, prefix: options.prefix, cluster, ttl_secs })
+        Ok(Self { lanes, requests, ready, degraded, prefix: options.prefix, cluster, ttl_secs })
     }
 
     fn keys(&self, pair: &PairId, user: &UserId) -> (String, String) {
@@ -256,6 +263,10 @@ impl Broker for RedisBroker {
 
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
     }
 }
 

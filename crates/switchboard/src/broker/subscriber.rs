@@ -102,6 +102,10 @@ pub struct Subscriber {
     target: Target,
     inbox: Arc<dyn Inbox>,
     ready: Arc<AtomicBool>,
+    /// Ready, with some channels cut off (a cluster shard failing over).
+    degraded: Arc<AtomicBool>,
+    /// A cluster node answered the last question about the slot map.
+    reachable: bool,
     first: Option<oneshot::Sender<()>>,
     tracker: TaskTracker,
     /// Local sessions per subscribed channel.
@@ -125,16 +129,21 @@ pub struct Subscriber {
     /// the slot map changes (their replica is likely being promoted).
     suspects: Vec<(Address, Instant)>,
     connected_before: bool,
+    /// Every channel was subscribed when last looked at.
+    was_whole: bool,
 }
 
 impl Subscriber {
-    /// A subscriber for `target`, delivering into `inbox`; `ready` tells
-    /// whether every live channel is subscribed, and `first` is told after
-    /// the first attempt to connect (successful or not). Node tasks run on `tracker`.
+    /// A subscriber for `target`, delivering into `inbox`. `health` is
+    /// (ready, degraded): one server (or Sentinel's master) is ready when
+    /// every live channel is subscribed; a cluster is ready while its slot
+    /// map is known and a node answers, and degraded while some channels are
+    /// cut off. `first` is told after the first attempt to connect
+    /// (successful or not). Node tasks run on `tracker`.
     pub fn new(
         target: Target,
         inbox: Arc<dyn Inbox>,
-        ready: Arc<AtomicBool>,
+        (ready, degraded): (Arc<AtomicBool>, Arc<AtomicBool>),
         first: oneshot::Sender<()>,
         tracker: TaskTracker,
     ) -> (Self, mpsc::UnboundedReceiver<NodeEvent>) {
@@ -143,6 +152,8 @@ impl Subscriber {
             target,
             inbox,
             ready,
+            degraded,
+            reachable: false,
             first: Some(first),
             tracker,
             channels: HashMap::new(),
@@ -156,6 +167,7 @@ impl Subscriber {
             suspects: Vec::new(),
             last_why: None,
             connected_before: false,
+            was_whole: false,
         };
         (subscriber, events)
     }
@@ -227,6 +239,7 @@ impl Subscriber {
                 self.ensure_single();
             }
             Ok(Layout::Cluster(map)) => {
+                self.reachable = true;
                 if map != self.slots {
                     self.suspects.clear();
                     self.target.topology_changed();
@@ -249,6 +262,7 @@ impl Subscriber {
                 }
             }
             Err(e) => {
+                self.reachable = false;
                 tracing::warn!(error = %e, "redis subscriber: can't find Redis");
                 self.lost_attempt();
                 return;
@@ -577,9 +591,16 @@ impl Subscriber {
         let single_ok =
             self.target.is_cluster() || self.links.first().is_some_and(|l| l.as_ref().is_some_and(|l| l.up));
         let cluster_ok = !self.target.is_cluster() || !self.slots.is_empty();
-        let ready = nodes_up && single_ok && cluster_ok && self.homeless.is_empty() && self.retry_at.is_none();
-        let was = self.ready.swap(ready, Ordering::Relaxed);
-        if ready && !was {
+        let whole = nodes_up && single_ok && cluster_ok && self.homeless.is_empty() && self.retry_at.is_none();
+        // A cluster that lost one shard still serves the others: new
+        // sessions are taken (a lost shard's are refused), and /readyz says
+        // "degraded". Turning every replica away would empty the load
+        // balancer for the whole failover.
+        let ready = whole || (self.target.is_cluster() && cluster_ok && self.reachable);
+        self.degraded.store(ready && !whole, Ordering::Relaxed);
+        self.ready.store(ready, Ordering::Relaxed);
+        if whole && !self.was_whole {
+            self.was_whole = true;
             self.last_why = None;
             if let Some(first) = self.first.take() {
                 let _ = first.send(());
@@ -591,6 +612,8 @@ impl Subscriber {
                 tracing::info!("redis subscriber: connected");
             }
             self.connected_before = true;
+        } else if !whole {
+            self.was_whole = false;
         }
     }
 }

@@ -61,7 +61,7 @@ pub async fn keep_alive(registry: Arc<Registry>, broker: Arc<dyn Broker>, ttl: D
             _ = tick.tick() => {}
         }
         let seen = registry.interruptions();
-        if seen != interruptions || !broker.is_ready() {
+        if seen != interruptions || !broker.is_ready() || broker.is_degraded() {
             interruptions = seen;
             healthy_since = now_ms();
         }
