@@ -20,6 +20,10 @@ METRICS = {
     "switchboard_sessions_replaced_total": "counter",
     "switchboard_broker_publish_seconds": "histogram",
     "switchboard_broker_reconnects_total": "counter",
+    "switchboard_broker_probe_failures_total": "counter",
+    "switchboard_broker_subscribe_refused_total": "counter",
+    "switchboard_broker_dead_connections_total": "counter",
+    "switchboard_http_connections": "gauge",
     "switchboard_pair_subscriptions": "gauge",
     "switchboard_call_setup_seconds": "histogram",
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the deployment tests: installs the Python test tools into
-# target/deploy-venv (ignored by git), then pytest. Needs nginx, openssl and
-# python3-venv on the machine; it says which are missing rather than installing them.
+# target/deploy-venv (ignored by git), then pytest. Needs nginx, openssl,
+# redis-server (with redis-cli) and python3-venv on the machine; it says which
+# are missing rather than installing them.
 #   bash deploy/tests/run.sh [pytest args...]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -11,6 +12,7 @@ cd "$root"
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+{ command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || missing+=(redis-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "deploy tests need: ${missing[*]} (Debian: apt-get install ${missing[*]})" >&2

@@ -1,6 +1,8 @@
 """deploy/k8s: every manifest against the Kubernetes schemas, then the wiring."""
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -179,3 +181,117 @@ def test_networkpolicy_lets_switchboard_reach_redis():
     (rule,) = np["spec"]["ingress"]
     assert any(selects(f["podSelector"]["matchLabels"], dep["spec"]["template"]["metadata"]["labels"])
                for f in rule["from"])
+
+
+# --- deploy/k8s-overlays/managed-cluster ---------------------------------------
+
+OVERLAY = REPO / "deploy" / "k8s-overlays" / "managed-cluster"
+
+
+def merge(base, patch):
+    """Strategic merge as far as the overlay's patches use it: maps merge key
+    by key (null deletes), lists of objects merge by `name` (`mountPath` for
+    volume mounts), anything else is replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = merge(base[k], v) if k in base else v
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(x, dict) for x in base + patch):
+        key = "name" if all("name" in x for x in base + patch) else "mountPath"
+        out = list(base)
+        for item in patch:
+            i = next((i for i, x in enumerate(out) if x.get(key) == item[key]), None)
+            if i is None:
+                out.append(item)
+            else:
+                out[i] = merge(out[i], item)
+        return out
+    return patch
+
+
+def render_overlay() -> list[dict]:
+    kust = yaml.safe_load((OVERLAY / "kustomization.yaml").read_text())
+    assert kust["resources"] == ["../../k8s"]
+    base_kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    resources = [d for name in base_kust["resources"] for d in load(K8S / name)]
+    for entry in kust["patches"]:
+        patch = yaml.safe_load((OVERLAY / entry["path"]).read_text() if "path" in entry else entry["patch"])
+        ident = (patch["kind"], patch["metadata"]["name"])
+        (i,) = [i for i, d in enumerate(resources) if (d["kind"], d["metadata"]["name"]) == ident]
+        if patch.get("$patch") == "delete":
+            del resources[i]
+        else:
+            resources[i] = merge(resources[i], patch)
+    return resources
+
+
+def kubectl_render() -> list[dict] | None:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        return None
+    out = subprocess.run([kubectl, "kustomize", str(OVERLAY)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+
+
+def renders() -> list[tuple[str, list[dict]]]:
+    """The overlay as this file's strategic merge renders it, and as
+    kustomize (`kubectl kustomize`) does where kubectl is installed."""
+    found = [("python", render_overlay())]
+    if (real := kubectl_render()) is not None:
+        found.append(("kubectl", real))
+    return found
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_managed_cluster_overlay_matches_kubernetes_schema(version):
+    for _, resources in renders():
+        for res in resources:
+            kubernetes_validate.validate(res, version, strict=True)
+
+
+def test_managed_cluster_overlay_wiring():
+    for how, resources in renders():
+        by = {(d["kind"], d["metadata"]["name"]): d for d in resources}
+        # No in-cluster Redis, nor the policy that guarded it; the rest of the base stays.
+        assert ("StatefulSet", "redis") not in by and ("Service", "redis") not in by, how
+        assert not [d for d in resources if d["kind"] == "NetworkPolicy"], how
+        base = {(d["kind"], d["metadata"]["name"]) for p in MANIFESTS for d in load(p)}
+        assert set(by) == base - {("StatefulSet", "redis"), ("Service", "redis"),
+                                  ("NetworkPolicy", "redis-from-switchboard")}, how
+
+        data = by[("ConfigMap", "switchboard-config")]["data"]
+        assert data["SWITCHBOARD_REDIS_MODE"] == "cluster", how
+        # The URL holds the password: only the Secret gives it.
+        assert "SWITCHBOARD_REDIS_URL" not in data, how
+        c = container(by[("Deployment", "switchboard")])
+        (url,) = [e for e in c["env"] if e["name"] == "SWITCHBOARD_REDIS_URL"]
+        ref = url["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("switchboard-redis", "url") and not ref.get("optional"), how
+        # The CA file is where the ConfigMap switchboard-redis-ca is mounted.
+        ca = Path(data["SWITCHBOARD_REDIS_CA_FILE"])
+        (mount,) = [m for m in c["volumeMounts"] if Path(m["mountPath"]) == ca.parent]
+        assert mount["readOnly"] is True, how
+        spec = by[("Deployment", "switchboard")]["spec"]["template"]["spec"]
+        (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert vol["configMap"]["name"] == "switchboard-redis-ca" and not vol["configMap"].get("optional"), how
+        assert [i["path"] for i in vol["configMap"]["items"]] == [ca.name], how
+        # The base's probes, envFrom and drain are untouched.
+        assert c["envFrom"] == container(one("Deployment", "switchboard"))["envFrom"], how
+        assert c["readinessProbe"] == container(one("Deployment", "switchboard"))["readinessProbe"], how
+
+
+def test_overlay_merge_agrees_with_kustomize():
+    real = kubectl_render()
+    if real is None:
+        pytest.skip("kubectl is not installed: the overlay was checked with this file's merge only")
+    ours = render_overlay()
+    pick = lambda rs, kind: next(d for d in rs if d["kind"] == kind)  # noqa: E731
+    assert pick(real, "ConfigMap")["data"] == pick(ours, "ConfigMap")["data"]
+    real_spec, our_spec = (pick(rs, "Deployment")["spec"]["template"]["spec"] for rs in (real, ours))
+    assert real_spec["volumes"] == our_spec["volumes"]
+    assert container({"spec": {"template": {"spec": real_spec}}}) == container({"spec": {"template": {"spec": our_spec}}})
