@@ -39,6 +39,11 @@ export const MEDIA_STATE_TYPE = 'media-state';
 
 /** Largest number of remote candidates kept while waiting for a matching description. */
 const MAX_PENDING_CANDIDATES = 256;
+// After `resync`, the polite side leaves the ICE restart to the impolite one
+// for this long (both usually hear `resync` at once, and two restarts would
+// collide); if no offer arrives meanwhile (only it heard `resync`), it
+// restarts ICE itself.
+const RESYNC_POLITE_WAIT_MS = 2000;
 
 /**
  * Builds the WebSocket URL for `/ws` on the same host as `base` (default: the page),
@@ -187,6 +192,7 @@ export class SwitchboardCall extends EventTarget {
     this._byeTimer = null;
 
     this._pc = null;
+    this._lastRemoteOfferAt = 0; // when the peer's last offer arrived (Date.now())
     this._sid = null; // random id of our current RTCPeerConnection
     this._remoteSid = null; // sid of the remote RTCPeerConnection ours is negotiated with
     this._makingOffer = false;
@@ -429,7 +435,18 @@ export class SwitchboardCall extends EventTarget {
         return;
       case 'resync':
         if (this.peerOnline) this._sendMediaState();
-        if (this._pc) await this._restartIce('resync');
+        if (!this._pc) return;
+        if (!this.polite) {
+          await this._restartIce('resync');
+          return;
+        }
+        {
+          const heard = Date.now();
+          setTimeout(() => {
+            if (this._stopped || !this._pc || this._lastRemoteOfferAt >= heard) return;
+            this._restartIce('resync (the peer did not restart)');
+          }, RESYNC_POLITE_WAIT_MS);
+        }
         return;
       case 'ice-servers':
         this._applyIceServers(msg.iceServers);
@@ -634,6 +651,7 @@ export class SwitchboardCall extends EventTarget {
     if (!pc) pc = this._createPeerConnection('received an offer');
 
     const description = { type: msg.type, sdp: msg.sdp };
+    if (description.type === 'offer') this._lastRemoteOfferAt = Date.now();
     if (description.type === 'answer') {
       // An answer is only good for the offer it answers; an older offer's
       // answer (ours was rolled back or replaced meanwhile) would mismatch.
