@@ -8,11 +8,13 @@ import { test } from 'node:test';
 import { ARTIFACTS_DIR } from './paths.mjs';
 import { launchChromium, Participant } from './browser.mjs';
 import { startRedis, startSwitchboard } from './processes.mjs';
+import { RedisCluster } from './cluster.mjs';
 
 export class Scenario {
   constructor(name) {
     this.name = name;
     this.redis = null;
+    this.redisCluster = null;
     this.instances = [];
     this.participants = [];
     this.browsers = new Map(); // 'fake' | 'none' | 'denied' -> launched chromium
@@ -26,14 +28,27 @@ export class Scenario {
     return this.redis;
   }
 
+  /**
+   * Starts a private 3+3 Redis Cluster (see lib/cluster.mjs); instances started
+   * afterwards join it (SWITCHBOARD_REDIS_MODE=cluster, every node a seed).
+   */
+  async startRedisCluster() {
+    this.redisCluster = await RedisCluster.start();
+    this.cleanups.push(() => this.redisCluster.stop());
+    return this.redisCluster;
+  }
+
   /** Starts a switchboard instance (joined to this scenario's Redis if one was started). */
   async startInstance(opts = {}) {
+    const cluster = this.redisCluster && !this.redis;
+    const env = cluster ? { SWITCHBOARD_REDIS_MODE: 'cluster', ...opts.env } : opts.env;
     const inst = await startSwitchboard({
       name: `switchboard#${this.instances.length + 1}`,
-      redisUrl: this.redis?.url,
+      redisUrl: cluster ? this.redisCluster.urls : this.redis?.url,
       ...opts,
+      env,
     });
-    inst.env = opts.env;
+    inst.env = env;
     this.instances.push(inst);
     this.cleanups.push(() => inst.stop());
     return inst;
@@ -44,7 +59,7 @@ export class Scenario {
    * a new instance on the same address, as a replica restart would.
    * @returns {Promise<object>} the new instance (also replaces `inst` in `instances`)
    */
-  async restartInstance(inst, { redisUrl = this.redis?.url, env = inst.env } = {}) {
+  async restartInstance(inst, { redisUrl = this.redis?.url ?? this.redisCluster?.urls, env = inst.env } = {}) {
     await inst.stop();
     const index = this.instances.indexOf(inst);
     const fresh = await startSwitchboard({ name: `${inst.name}'`, redisUrl, listen: inst.addr, env });
@@ -84,6 +99,7 @@ export class Scenario {
     }
     for (const inst of this.instances) fs.writeFileSync(path.join(dir, `${inst.name}.log`), inst.child.lines.join('\n'));
     if (this.redis) fs.writeFileSync(path.join(dir, 'redis.log'), this.redis.child.lines.join('\n'));
+    if (this.redisCluster) fs.writeFileSync(path.join(dir, 'redis-cluster.log'), this.redisCluster.logs());
     return dir;
   }
 
