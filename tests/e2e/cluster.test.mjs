@@ -129,14 +129,11 @@ function longestStall(samples, key, from) {
 /** Media counters may pause this long (ms) at most; the failover itself takes seconds. */
 const MAX_MEDIA_STALL_MS = 2000;
 
-// Known gap (static/switchboard.js): `resync` reaches both pages at the same
-// moment and both restart ICE, so their offers collide; the polite page rolls
-// its offer back and answers the other. After that rollback Chromium replaces
-// the polite page's RTP receive streams (inbound-rtp counters start again from
-// zero) and the remote <video> stops presenting frames for good, although the
-// tracks stay `live`, unmuted, and bytes keep arriving. With only the impolite
-// side restarting ICE on `resync` (the polite one answers), this test passes.
-const RESYNC_GLARE = 'on resync both pages restart ICE; after the glare rollback the polite page’s remote video freezes (client fix pending)';
+// `resync` reaches both pages at the same moment. Were both to restart ICE,
+// their offers would collide, and after the polite page's rollback Chromium
+// leaves its remote <video> frozen (bytes still arrive). switchboard.js lets
+// the impolite side restart and the polite one answer; this test fails on a
+// client that restarts on both sides.
 
 scenarioTest('Redis Cluster: the call survives the SIGKILL of the master owning its pair’s slot', async (sc, t) => {
   const { cluster, a, b, channel, slot, master, frames } = await clusterCall(sc, 'k');
@@ -235,4 +232,4 @@ scenarioTest('Redis Cluster: the call survives the SIGKILL of the master owning 
   await a.page.click('#hangup');
   await Promise.all([a.waitForState('ended'), b.waitForState('ended')]);
   assert.ok(b.received.includes('bye'), 'B received A’s bye through the cluster after the failover');
-}, { todo: RESYNC_GLARE });
+});
