@@ -250,3 +250,32 @@ async fn each_channel_lives_on_its_shard_only() {
         .await;
     let _: Value = json!(null);
 }
+
+/// An ACL user (the default user off): the seeds are
+/// `redis://user:password@…`, every node is reached with those credentials,
+/// and pairs on every shard relay and see each other join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_on_a_cluster() {
+    let cluster = switchboard_tests::RedisCluster::start_with(switchboard_tests::ClusterSetup {
+        login: Some(("switchboard".into(), "s3cret-cluster".into())),
+        tls: None,
+    })
+    .await;
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut s = switchboard_tests::settings(Some(&cluster.urls()));
+        s.redis_mode = switchboard::config::RedisMode::Cluster;
+        instances.push(switchboard_tests::Instance::start(s).await);
+    }
+    let c = Cluster { redis: None, redis_cluster: Some(cluster), instances };
+    let mut pairs = pairs_over_every_shard(&c).await;
+    for pair in &mut pairs {
+        relays(pair, "tls").await;
+    }
+    let cluster = c.redis_cluster.as_ref().unwrap();
+    let home = cluster.master_of(pairs[0].slot).await;
+    let pair =
+        PairId::new(&UserId::parse(&pairs[0].name).unwrap(), &UserId::parse(&pairs[0].name.replace('a', "b")).unwrap());
+    let channel = Names::new("switchboard", true).channel(&pair.unwrap());
+    assert_eq!(cluster.shard_numsub(home, &channel).await, 2, "both instances, as the ACL user");
+}

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 pub use client::Client;
 pub use process::{switchboard_bin, Process};
-pub use redis_cluster::RedisCluster;
+pub use redis_cluster::{ClusterSetup, RedisCluster};
 pub use redis_server::{RedisServer, Setup};
 
 /// How long any awaited event may take before a test fails. Generous, for a

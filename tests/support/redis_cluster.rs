@@ -18,10 +18,21 @@ struct Node {
     child: Option<Child>,
 }
 
+/// How a cluster is set up beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSetup {
+    /// An ACL user (user, password) that clients and replicas must log in as;
+    /// the default user is off.
+    pub login: Option<(String, String)>,
+    /// TLS only, cluster bus and replication included (plain ports off).
+    pub tls: Option<crate::redis_server::TlsFiles>,
+}
+
 /// A running 3+3 cluster owned by one test.
 pub struct RedisCluster {
     nodes: Vec<Node>,
     dir: PathBuf,
+    setup: ClusterSetup,
 }
 
 /// A port that is free, with its bus port (+10000) free too.
@@ -38,11 +49,27 @@ fn free_pair() -> u16 {
     }
 }
 
-fn spawn(port: u16, dir: &std::path::Path) -> Child {
+fn spawn(port: u16, dir: &std::path::Path, setup: &ClusterSetup) -> Child {
     let node_dir = dir.join(port.to_string());
     std::fs::create_dir_all(&node_dir).unwrap();
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    let mut cmd = Command::new("redis-server");
+    match &setup.tls {
+        None => cmd.args(["--port", &port.to_string()]),
+        Some(tls) => cmd
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--tls-cluster", "yes", "--tls-replication", "yes"])
+            .args(["--tls-auth-clients", "no"])
+            .arg("--tls-cert-file")
+            .arg(&tls.cert)
+            .arg("--tls-key-file")
+            .arg(&tls.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&tls.ca),
+    };
+    if let Some((user, password)) = &setup.login {
+        cmd.args(["--user", user, "on", &format!(">{password}"), "~*", "&*", "+@all", "--user", "default", "off"])
+            .args(["--masteruser", user, "--masterauth", password]);
+    }
+    cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
         .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
         .args(["--enable-debug-command", "local", "--loglevel", "warning"])
@@ -64,23 +91,30 @@ fn redis_cli(args: &[String]) -> String {
 
 impl RedisCluster {
     /// Starts six nodes and makes them a cluster with one replica per master.
+    pub async fn start() -> Self {
+        Self::start_with(ClusterSetup::default()).await
+    }
+
+    /// As [`RedisCluster::start`], with a login or TLS.
     /// At most two clusters of one test binary start at once: six
     /// `redis-server`s each, on a 2-core machine.
-    pub async fn start() -> Self {
+    pub async fn start_with(setup: ClusterSetup) -> Self {
         static STARTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
         let _turn = STARTING.acquire().await.expect("never closed");
         let dir = std::env::temp_dir().join(format!("switchboard-cluster-{}-{}", std::process::id(), free_pair()));
         let mut nodes = Vec::new();
         for _ in 0..6 {
             let port = free_pair();
-            nodes.push(Node { port, child: Some(spawn(port, &dir)) });
+            nodes.push(Node { port, child: Some(spawn(port, &dir, &setup)) });
         }
-        let cluster = Self { nodes, dir };
+        let cluster = Self { nodes, dir, setup };
         for node in &cluster.nodes {
-            let url = format!("redis://127.0.0.1:{}", node.port);
-            eventually("cluster node answers", || async { ping(&url).await }).await;
+            let url = cluster.node_url(node.port);
+            let ca = cluster.ca();
+            eventually("cluster node answers", || async { ping(&url, ca.as_deref()).await }).await;
         }
-        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        let mut args: Vec<String> = cluster.cli_login();
+        args.extend(["--cluster".into(), "create".into()]);
         args.extend(cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
         args.extend(["--cluster-replicas".into(), "1".into(), "--cluster-yes".into()]);
         tokio::task::spawn_blocking(move || redis_cli(&args)).await.unwrap();
@@ -91,9 +125,10 @@ impl RedisCluster {
     /// Waits until every live node says `cluster_state:ok` and agrees on three masters.
     pub async fn wait_healthy(&self) {
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-            let url = format!("redis://127.0.0.1:{}", node.port);
+            let url = self.node_url(node.port);
+            let ca = self.ca();
             eventually("cluster_state:ok", || async {
-                let Ok(mut conn) = connect(&url).await else { return false };
+                let Ok(mut conn) = connect(&url, ca.as_deref()).await else { return false };
                 let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut conn).await.unwrap_or_default();
                 info.contains("cluster_state:ok")
             })
@@ -106,22 +141,49 @@ impl RedisCluster {
         .await;
     }
 
-    /// The seed URLs, comma-separated (all six nodes).
+    /// The seed URLs, comma-separated (all six nodes), with the login and TLS.
     pub fn urls(&self) -> String {
-        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+        self.nodes.iter().map(|n| self.node_url(n.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The URL of the node on `port`, with the login and TLS.
+    pub fn node_url(&self, port: u16) -> String {
+        let scheme = if self.setup.tls.is_some() { "rediss" } else { "redis" };
+        let login = match &self.setup.login {
+            Some((user, password)) => format!("{user}:{password}@"),
+            None => String::new(),
+        };
+        format!("{scheme}://{login}127.0.0.1:{port}")
+    }
+
+    /// The CA file, with TLS.
+    pub fn ca(&self) -> Option<PathBuf> {
+        self.setup.tls.as_ref().map(|t| t.ca.clone())
+    }
+
+    /// `redis-cli` arguments for the login and TLS.
+    fn cli_login(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some((user, password)) = &self.setup.login {
+            args.extend(["--user".into(), user.clone(), "--pass".into(), password.clone(), "--no-auth-warning".into()]);
+        }
+        if let Some(tls) = &self.setup.tls {
+            args.extend(["--tls".into(), "--cacert".into(), tls.ca.display().to_string()]);
+        }
+        args
     }
 
     /// A live node's URL.
     fn any_url(&self) -> String {
         let node = self.nodes.iter().find(|n| n.child.is_some()).expect("a live node");
-        format!("redis://127.0.0.1:{}", node.port)
+        self.node_url(node.port)
     }
 
     /// `CLUSTER SLOTS` from a live node: `(first, last, master port, replica ports)`.
     pub async fn slots(&self) -> Vec<(u16, u16, u16, Vec<u16>)> {
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-            let url = format!("redis://127.0.0.1:{}", node.port);
-            let Ok(mut conn) = connect(&url).await else { continue };
+            let url = self.node_url(node.port);
+            let Ok(mut conn) = connect(&url, self.ca().as_deref()).await else { continue };
             let Ok(reply) = redis::cmd("CLUSTER").arg("SLOTS").query_async::<redis::Value>(&mut conn).await else {
                 continue;
             };
@@ -176,7 +238,7 @@ impl RedisCluster {
 
     /// A command connection to the node on `port`.
     pub async fn node_conn(&self, port: u16) -> redis::aio::MultiplexedConnection {
-        connect(&format!("redis://127.0.0.1:{port}")).await.expect("node connection")
+        connect(&self.node_url(port), self.ca().as_deref()).await.expect("node connection")
     }
 
     /// The node ID of the node on `port`.
@@ -250,19 +312,29 @@ impl RedisCluster {
 
     /// Runs `f` on a connection to any live node (for assertions).
     pub async fn any_conn(&self) -> redis::aio::MultiplexedConnection {
-        connect(&self.any_url()).await.expect("a node")
+        connect(&self.any_url(), self.ca().as_deref()).await.expect("a node")
     }
 }
 
-async fn connect(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+async fn connect(url: &str, ca: Option<&std::path::Path>) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(DEADLINE));
-    redis::Client::open(url)?.get_multiplexed_async_connection_with_config(&config).await
+    let client = match ca {
+        Some(ca) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates { client_tls: None, root_cert: Some(std::fs::read(ca).expect("the CA file")) },
+            )?
+        }
+        None => redis::Client::open(url)?,
+    };
+    client.get_multiplexed_async_connection_with_config(&config).await
 }
 
-async fn ping(url: &str) -> bool {
-    let Ok(mut conn) = connect(url).await else { return false };
+async fn ping(url: &str, ca: Option<&std::path::Path>) -> bool {
+    let Ok(mut conn) = connect(url, ca).await else { return false };
     redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
 }
 
