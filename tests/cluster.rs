@@ -279,3 +279,31 @@ async fn an_acl_user_on_a_cluster() {
     let channel = Names::new("switchboard", true).channel(&pair.unwrap());
     assert_eq!(cluster.shard_numsub(home, &channel).await, 2, "both instances, as the ACL user");
 }
+
+
+/// TLS (client connections, the cluster bus and replication) with an ACL
+/// user: the seeds are `rediss://user:password@…` and the CA is
+/// `SWITCHBOARD_REDIS_CA_FILE`; the subscriber's own connections and
+/// redis-rs's cluster connection both reach every node that way, and pairs on
+/// every shard relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_an_acl_user_on_a_cluster() {
+    let certs = switchboard_tests::tls::Certificates::new();
+    let cluster = switchboard_tests::RedisCluster::start_with(switchboard_tests::ClusterSetup {
+        login: Some(("switchboard".into(), "s3cret-cluster".into())),
+        tls: Some(certs.server_files()),
+    })
+    .await;
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut s = switchboard_tests::settings(Some(&cluster.urls()));
+        s.redis_mode = switchboard::config::RedisMode::Cluster;
+        s.redis_ca_file = Some(certs.ca());
+        instances.push(switchboard_tests::Instance::start(s).await);
+    }
+    let c = Cluster { redis: None, redis_cluster: Some(cluster), instances };
+    let mut pairs = pairs_over_every_shard(&c).await;
+    for pair in &mut pairs {
+        relays(pair, "tls").await;
+    }
+}
