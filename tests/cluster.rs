@@ -280,7 +280,6 @@ async fn an_acl_user_on_a_cluster() {
     assert_eq!(cluster.shard_numsub(home, &channel).await, 2, "both instances, as the ACL user");
 }
 
-
 /// TLS (client connections, the cluster bus and replication) with an ACL
 /// user: the seeds are `rediss://user:password@…` and the CA is
 /// `SWITCHBOARD_REDIS_CA_FILE`; the subscriber's own connections and
