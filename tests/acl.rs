@@ -1,9 +1,10 @@
 //! ACL users: an instance logs in as the user of its URL, needs no more than
 //! the minimal ACL of docs/operations.md, and never shows its password.
 
-use serde_json::json;
 use switchboard_tests::redis_server::Setup;
-use switchboard_tests::{eventually, http_get, metric, settings, Client, Cluster, Instance, Process, RedisServer};
+use switchboard_tests::{
+    eventually, http_get, metric, relays_both_ways, settings, Client, Cluster, Instance, Process, RedisServer,
+};
 
 const PASSWORD: &str = "s3cret-Pa55word";
 
@@ -35,13 +36,6 @@ async fn acl_redis(rules: Vec<String>) -> RedisServer {
 
 fn url(redis: &RedisServer, password: &str) -> String {
     format!("redis://switchboard:{password}@127.0.0.1:{}", redis.port())
-}
-
-async fn relays_both_ways(alice: &mut Client, bob: &mut Client, tag: &str) {
-    alice.send(json!({"type": "offer", "tag": tag}).to_string()).await;
-    assert_eq!(bob.recv_json().await, json!({"type": "offer", "tag": tag}));
-    bob.send(json!({"type": "answer", "tag": tag}).to_string()).await;
-    assert_eq!(alice.recv_json().await, json!({"type": "answer", "tag": tag}));
 }
 
 /// Everything an instance does in Redis (subscribe, publish, presence scripts

@@ -3,14 +3,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use switchboard_tests::{eventually, metric, Client, Cluster};
-
-async fn relays_both_ways(alice: &mut Client, bob: &mut Client, tag: &str) {
-    alice.send(json!({"type": "offer", "tag": tag}).to_string()).await;
-    assert_eq!(bob.recv_json().await, json!({"type": "offer", "tag": tag}));
-    bob.send(json!({"type": "answer", "tag": tag}).to_string()).await;
-    assert_eq!(alice.recv_json().await, json!({"type": "answer", "tag": tag}));
-}
+use switchboard_tests::{eventually, metric, relays_both_ways, Client, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_for_five_seconds_then_back() {

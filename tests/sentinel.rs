@@ -7,14 +7,7 @@ use std::time::Instant;
 use serde_json::json;
 use switchboard::config::RedisMode;
 use switchboard_tests::sentinel::{Sentinels, MASTER};
-use switchboard_tests::{eventually, settings, Client, Instance};
-
-async fn relays_both_ways(alice: &mut Client, bob: &mut Client, tag: &str) {
-    alice.send(json!({"type": "offer", "tag": tag}).to_string()).await;
-    assert_eq!(bob.recv_json().await, json!({"type": "offer", "tag": tag}));
-    bob.send(json!({"type": "answer", "tag": tag}).to_string()).await;
-    assert_eq!(alice.recv_json().await, json!({"type": "answer", "tag": tag}));
-}
+use switchboard_tests::{eventually, relays_both_ways, settings, Instance};
 
 async fn instance(sentinels: &Sentinels) -> Instance {
     let mut s = settings(Some(&sentinels.urls()));

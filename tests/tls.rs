@@ -1,17 +1,9 @@
 //! rediss://: instances reach a TLS-only Redis whose certificate a private
 //! CA signed (SWITCHBOARD_REDIS_CA_FILE), and refuse to pretend without it.
 
-use serde_json::json;
 use switchboard_tests::redis_server::Setup;
 use switchboard_tests::tls::Certificates;
-use switchboard_tests::{http_get, settings, Client, Instance, Process, RedisServer};
-
-async fn relays_both_ways(alice: &mut Client, bob: &mut Client, tag: &str) {
-    alice.send(json!({"type": "offer", "tag": tag}).to_string()).await;
-    assert_eq!(bob.recv_json().await, json!({"type": "offer", "tag": tag}));
-    bob.send(json!({"type": "answer", "tag": tag}).to_string()).await;
-    assert_eq!(alice.recv_json().await, json!({"type": "answer", "tag": tag}));
-}
+use switchboard_tests::{http_get, relays_both_ways, settings, Client, Instance, Process, RedisServer};
 
 async fn tls_redis(certs: &Certificates) -> RedisServer {
     RedisServer::start_with(Setup { tls: Some(certs.server_files()), ..Setup::default() }).await

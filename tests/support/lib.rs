@@ -246,16 +246,7 @@ impl Cluster {
 #[macro_export]
 macro_rules! both_brokers {
     ($($name:ident),+ $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name(&$crate::Cluster::memory().await).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                super::$name(&$crate::Cluster::redis(3).await).await
-            }
-        }
+        $crate::broker_tests!($name: memory => memory(), redis => redis(3));
     )+};
 }
 
@@ -264,21 +255,25 @@ macro_rules! both_brokers {
 #[macro_export]
 macro_rules! every_broker {
     ($($name:ident),+ $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name(&$crate::Cluster::memory().await).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                super::$name(&$crate::Cluster::redis(3).await).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis_cluster() {
-                super::$name(&$crate::Cluster::redis_cluster(3).await).await
-            }
-        }
+        $crate::broker_tests!($name: memory => memory(), redis => redis(3), redis_cluster => redis_cluster(3));
     )+};
+}
+
+/// The module of [`both_brokers!`] and [`every_broker!`]: one test per
+/// `Cluster` constructor.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! broker_tests {
+    ($name:ident: $($test:ident => $make:ident($($arg:expr)?)),+) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$name(&$crate::Cluster::$make($($arg)?).await).await
+                }
+            )+
+        }
+    };
 }
 
 /// The value of `series` (name with its labels, as rendered) in Prometheus
@@ -288,6 +283,16 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// An offer from `alice` and an answer from `bob`, each the next thing the
+/// other hears (tagged with `tag`).
+pub async fn relays_both_ways(alice: &mut Client, bob: &mut Client, tag: &str) {
+    use serde_json::json;
+    alice.send(json!({"type": "offer", "tag": tag}).to_string()).await;
+    assert_eq!(bob.recv_json().await, json!({"type": "offer", "tag": tag}));
+    bob.send(json!({"type": "answer", "tag": tag}).to_string()).await;
+    assert_eq!(alice.recv_json().await, json!({"type": "answer", "tag": tag}));
 }
 
 impl Cluster {

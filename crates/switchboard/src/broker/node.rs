@@ -154,12 +154,11 @@ struct Node {
     last_heard: Instant,
 }
 
-/// Runs a node until its connection ends or `stop`: connects, resubscribes
-/// `channels`, then serves `commands`. Always ends with [`NodeEvent::Lost`]
-/// unless stopped.
+/// Runs a node until its connection ends or `stop`: connects, says
+/// [`NodeEvent::Up`], then serves `commands` (channels to resubscribe come as
+/// [`NodeCmd::Resubscribe`]). Always ends with [`NodeEvent::Lost`] unless stopped.
 pub async fn run(
     spec: NodeSpec,
-    channels: Vec<Arc<str>>,
     inbox: Arc<dyn Inbox>,
     mut commands: mpsc::UnboundedReceiver<NodeCmd>,
     events: mpsc::UnboundedSender<NodeEvent>,
@@ -192,7 +191,7 @@ pub async fn run(
     };
     let why = tokio::select! {
         _ = stop.cancelled() => return,
-        why = node.serve(channels, &mut commands) => why,
+        why = node.serve(&mut commands) => why,
     };
     let mut failed = node.fail_waiting(&why);
     failed.extend(fail_queued(&mut commands, &BrokerError::Disconnected));
@@ -230,12 +229,9 @@ fn copy(error: &BrokerError) -> BrokerError {
 
 impl Node {
     /// Serves until the connection ends; returns why.
-    async fn serve(&mut self, channels: Vec<Arc<str>>, commands: &mut mpsc::UnboundedReceiver<NodeCmd>) -> String {
-        if channels.is_empty() {
-            let _ = self.events.send(NodeEvent::Up(self.id, 0));
-        } else {
-            self.subscribe(channels, true);
-        }
+    async fn serve(&mut self, commands: &mut mpsc::UnboundedReceiver<NodeCmd>) -> String {
+        // Connected, with nothing yet: channels come as commands.
+        let _ = self.events.send(NodeEvent::Up(self.id, 0));
         let mut probe = tokio::time::interval(PROBE_EVERY);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(64);

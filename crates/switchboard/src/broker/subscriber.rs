@@ -277,7 +277,7 @@ impl Subscriber {
         if self.links.first().is_some_and(Option::is_some) {
             return;
         }
-        self.spawn_link(0, endpoint, Vec::new());
+        self.spawn_link(0, endpoint);
     }
 
     fn address_of(&self, node: NodeId) -> Option<&Address> {
@@ -307,11 +307,11 @@ impl Subscriber {
         }
         let endpoint = self.target.node_endpoint(&address.0, address.1)?;
         let id = self.links.iter().position(Option::is_none).unwrap_or(self.links.len());
-        self.spawn_link(id as NodeId, endpoint, Vec::new());
+        self.spawn_link(id as NodeId, endpoint);
         Ok(id as NodeId)
     }
 
-    fn spawn_link(&mut self, id: NodeId, endpoint: Endpoint, channels: Vec<Arc<str>>) {
+    fn spawn_link(&mut self, id: NodeId, endpoint: Endpoint) {
         let (tx, rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let spec = NodeSpec {
@@ -322,7 +322,7 @@ impl Subscriber {
             check_master: self.target.checks_master(),
         };
         let address = (endpoint.host, endpoint.port);
-        self.tracker.spawn(node::run(spec, channels, self.inbox.clone(), rx, self.events_tx.clone(), stop.clone()));
+        self.tracker.spawn(node::run(spec, self.inbox.clone(), rx, self.events_tx.clone(), stop.clone()));
         let link = Some(Link { address, tx, stop, up: false, asked: 0 });
         match self.links.get_mut(id as usize) {
             Some(slot) => *slot = link,

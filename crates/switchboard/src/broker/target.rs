@@ -17,7 +17,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo};
 
-use super::pubsub::{self, Endpoint, Reader, Writer};
+use super::pubsub::{self, Endpoint};
 use super::tls::Tls;
 use super::BrokerError;
 
@@ -274,17 +274,6 @@ impl Target {
             flag.store(true, Ordering::Relaxed);
         });
         Ok(Connection { conn, closed })
-    }
-
-    /// The subscriber's own connection to the current server.
-    pub async fn subscriber_connection(&self, timeout: Duration) -> Result<(Reader, Writer), BrokerError> {
-        let server = self.server(timeout).await?;
-        let endpoint = Endpoint::from_info(&server)?;
-        let (mut reader, mut writer) = pubsub::open(&endpoint, self.tls.as_ref(), timeout).await?;
-        if matches!(self.kind, Kind::Sentinel { .. }) {
-            pubsub::check_role(&endpoint, &mut reader, &mut writer, timeout).await?;
-        }
-        Ok((reader, writer))
     }
 }
 
