@@ -11,6 +11,7 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -80,6 +81,9 @@ def server():
                 addr = fields["addr"]
                 break
         assert addr, f"switchboard exited {proc.wait()} without a listening line"
+        # Keep reading its log: a pipe nobody drains fills up (64 KiB), and
+        # the server then blocks on its next log line, mid-request.
+        threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
         yield addr
     finally:
         proc.terminate()
