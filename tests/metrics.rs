@@ -58,6 +58,11 @@ async fn metrics_count_sessions_messages_rejects_and_broker_events() {
     assert_eq!(value("switchboard_broker_reconnects_total"), 1.0);
     assert_eq!(value("switchboard_pair_subscriptions"), 1.0);
     assert_eq!(value("switchboard_call_setup_seconds_count"), 1.0);
+    // Every step of each of the three sessions' setups was timed.
+    for step in ["upgrade", "subscribe", "claim", "welcome", "handoff"] {
+        let count = value(&format!(r#"switchboard_session_setup_seconds_count{{step="{step}"}}"#));
+        assert_eq!(count, 3.0, "setup step {step}");
+    }
     assert!(m.contains("switchboard_broker_publish_seconds_bucket{le=\"0.001\"}"), "a histogram, not a summary");
 }
 
@@ -96,8 +101,16 @@ async fn every_documented_series_is_there_at_zero_from_the_first_scrape() {
         let lines: Vec<&str> = m.lines().filter(|l| !l.starts_with('#')).collect();
         match kind.as_str() {
             "histogram" => {
+                // Unlabelled, or one series per label value: all at zero.
                 for suffix in ["_count", "_sum"] {
-                    assert_eq!(metric(&m, &format!("{name}{suffix}")), Some(0.0), "{name}{suffix} in:\n{m}");
+                    let series = format!("{name}{suffix}");
+                    let values: Vec<&str> = lines
+                        .iter()
+                        .filter(|l| l.starts_with(&format!("{series} ")) || l.starts_with(&format!("{series}{{")))
+                        .filter_map(|l| l.rsplit(' ').next())
+                        .collect();
+                    assert!(!values.is_empty(), "{series} missing from:\n{m}");
+                    assert!(values.iter().all(|v| *v == "0"), "{series} not at zero: {values:?}");
                 }
                 assert!(lines.iter().any(|l| l.starts_with(&format!("{name}_bucket{{"))), "{name} buckets in:\n{m}");
             }

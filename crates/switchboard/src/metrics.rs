@@ -48,6 +48,41 @@ pub mod names {
     pub const PAIR_SUBSCRIPTIONS: &str = "switchboard_pair_subscriptions";
     /// Histogram: from a session receiving the first offer to it sending the first answer.
     pub const CALL_SETUP_SECONDS: &str = "switchboard_call_setup_seconds";
+    /// Histogram: each step of a session's setup, by `step` (see [`super::SetupStep`]).
+    pub const SESSION_SETUP_SECONDS: &str = "switchboard_session_setup_seconds";
+}
+
+/// The steps of a session's setup, in order; each is timed into
+/// [`names::SESSION_SETUP_SECONDS`] with its [`SetupStep::label`] as `step`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupStep {
+    /// From the handler's upgrade to the socket back from hyper (the 101 is written meanwhile).
+    Upgrade,
+    /// Waiting for the subscriber to confirm the pair's channel.
+    Subscribe,
+    /// Waiting for Redis to claim presence and announce the join (one script).
+    Claim,
+    /// Building and writing the welcome.
+    Welcome,
+    /// Moving the socket to the runtime of live sessions, until it is registered there.
+    Handoff,
+}
+
+impl SetupStep {
+    /// Every step, in order.
+    pub const ALL: [SetupStep; 5] =
+        [SetupStep::Upgrade, SetupStep::Subscribe, SetupStep::Claim, SetupStep::Welcome, SetupStep::Handoff];
+
+    /// The `step` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            SetupStep::Upgrade => "upgrade",
+            SetupStep::Subscribe => "subscribe",
+            SetupStep::Claim => "claim",
+            SetupStep::Welcome => "welcome",
+            SetupStep::Handoff => "handoff",
+        }
+    }
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -62,6 +97,12 @@ struct Hot {
     bytes_out: Counter,
     publish_seconds: Histogram,
 }
+
+/// The setup steps' histograms, in [`SetupStep::ALL`]'s order.
+static SETUP: LazyLock<Vec<Histogram>> = LazyLock::new(|| {
+    handle();
+    SetupStep::ALL.iter().map(|step| histogram!(names::SESSION_SETUP_SECONDS, "step" => step.label())).collect()
+});
 
 static HOT: LazyLock<Hot> = LazyLock::new(|| {
     handle();
@@ -86,6 +127,12 @@ pub fn handle() -> &'static PrometheusHandle {
                 b.set_buckets_for_metric(
                     Matcher::Full(names::CALL_SETUP_SECONDS.into()),
                     &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(names::SESSION_SETUP_SECONDS.into()),
+                    &[0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
                 )
             })
             .expect("bucket lists are not empty");
@@ -122,6 +169,11 @@ fn describe() {
         CALL_SETUP_SECONDS,
         Unit::Seconds,
         "From the first offer a session receives to its first answer"
+    );
+    describe_histogram!(
+        SESSION_SETUP_SECONDS,
+        Unit::Seconds,
+        "Each step of a session's setup, from the upgrade to the welcome and the move to the live runtime"
     );
 }
 
@@ -189,6 +241,9 @@ fn register() {
     for name in [PUBLISH_SECONDS, CALL_SETUP_SECONDS] {
         // A registered histogram renders its buckets, sum and count at zero.
         let _ = histogram!(name);
+    }
+    for step in SetupStep::ALL {
+        let _ = histogram!(SESSION_SETUP_SECONDS, "step" => step.label());
     }
 }
 
@@ -267,6 +322,11 @@ pub fn pair_channel_opened() {
 /// A pair channel lost its last local session.
 pub fn pair_channel_closed() {
     gauge!(names::PAIR_SUBSCRIPTIONS).decrement(1.0);
+}
+
+/// A session's setup step took `elapsed`.
+pub fn setup_step(step: SetupStep, elapsed: Duration) {
+    SETUP[step as usize].record(elapsed.as_secs_f64());
 }
 
 /// A call was set up in `elapsed`, offer to answer.

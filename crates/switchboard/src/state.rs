@@ -105,6 +105,10 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Tracks session tasks so shutdown can wait for them.
     pub sessions: TaskTracker,
+    /// The runtime that live sessions run on: the one [`AppState::new`] was
+    /// called on. Connections are accepted and sessions set up on the
+    /// instance's front thread (see `app::run`), then moved here.
+    pub live: tokio::runtime::Handle,
     /// Free socket slots.
     sockets: Semaphore,
     /// Free slots for HTTP connections that are not WebSockets (yet).
@@ -119,7 +123,8 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    /// State over `broker` and `registry`, serving.
+    /// State over `broker` and `registry`, serving; live sessions run on the
+    /// current runtime.
     pub fn new(settings: Settings, registry: Arc<Registry>, broker: Arc<dyn Broker>) -> Self {
         let sockets = Semaphore::new(settings.max_sockets.min(Semaphore::MAX_PERMITS));
         let connections = Arc::new(Semaphore::new(settings.max_http_connections.min(Semaphore::MAX_PERMITS)));
@@ -129,6 +134,7 @@ impl AppState {
             broker,
             lifecycle: Lifecycle::default(),
             sessions: TaskTracker::new(),
+            live: tokio::runtime::Handle::current(),
             sockets,
             connections,
         }))

@@ -43,6 +43,7 @@ use tokio::time::Instant;
 
 use crate::broker::envelope::{self, Kind};
 use crate::broker::{BrokerError, SessionId, Waiting};
+use crate::metrics::SetupStep;
 use crate::pair::{Identity, Names, UserId};
 use crate::protocol::{self, CloseReason, ServerEvent};
 // Upward: the route that upgraded the socket hands the session the instance's
@@ -102,6 +103,12 @@ fn random_session_id() -> u64 {
 
 /// Runs a session on an upgraded socket until it ends.
 ///
+/// Setup runs where this future is polled: the instance's front thread,
+/// which also accepts connections and serves HTTP (see `app::run`). Once the
+/// client is welcomed, the socket moves to the runtime of live sessions
+/// ([`AppState::live`]), so a connect storm's handshakes and setups queue
+/// behind one another, not in front of live calls' messages.
+///
 /// Not an `async fn`: the arguments go straight into the boxed setup, so the
 /// task's future doesn't keep room for them for the socket's whole life.
 pub fn run(
@@ -110,21 +117,87 @@ pub fn run(
     identity: Identity,
     permit: SocketPermit,
 ) -> impl Future<Output = ()> + Send {
-    let opening = Box::pin(open(state, socket, identity, random_session_id()));
+    let opening = Box::pin(open(state, socket, identity, random_session_id(), Instant::now()));
     async move {
-        if let Some(mut live) = opening.await {
-            let end = if live.joined { live.serve().await } else { End::Server(CloseReason::BrokerUnavailable) };
-            Box::pin(live.finish(end)).await;
+        if let Some(opened) = opening.await {
+            let (tracker, runtime) = (opened.state.sessions.clone(), opened.state.live.clone());
+            tracker.spawn_on(live(opened, permit), &runtime);
         }
-        drop(permit);
+    }
+}
+
+/// The rest of a session's life, on the runtime of live sessions.
+async fn live(opened: Box<Opened>, permit: SocketPermit) {
+    if let Some(mut live) = Box::pin(opened.into_live()).await {
+        let end = if live.joined { live.serve().await } else { End::Server(CloseReason::BrokerUnavailable) };
+        Box::pin(live.finish(end)).await;
+    }
+    drop(permit);
+}
+
+/// A session that is set up (and its client welcomed, if `joined`), on its
+/// way to the runtime of live sessions: its socket is registered with no
+/// runtime meanwhile.
+struct Opened {
+    state: AppState,
+    handle: Arc<SessionHandle>,
+    channel: Arc<str>,
+    stream: std::net::TcpStream,
+    /// Bytes hyper read past the request.
+    leftover: Box<[u8]>,
+    joined: bool,
+    /// When the socket left the front thread.
+    released_at: Instant,
+}
+
+impl Opened {
+    /// Registers the socket with the current runtime and makes the session
+    /// live; if that fails, the session ends as if the connection were gone.
+    async fn into_live(self: Box<Self>) -> Option<Box<Live>> {
+        let Opened { state, handle, channel, stream, leftover, joined, released_at } = *self;
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => {
+                crate::metrics::setup_step(SetupStep::Handoff, released_at.elapsed());
+                Arc::new(stream)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, session = %Sid(handle.id), "cannot register the socket");
+                clean_up(&state, &handle, &channel, &End::Gone).await;
+                return None;
+            }
+        };
+        let settings = &state.settings;
+        // fastwebsockets refuses frames of `max_message_size` bytes or more.
+        let reader = Reader::new(stream.clone(), leftover, settings.max_message_bytes + 1)
+            .with_frame_timeout(settings.frame_timeout);
+        Some(Box::new(Live {
+            frames: Frames::new(reader),
+            stream,
+            joined,
+            assembler: Assembler::new(settings.max_message_bytes),
+            limit: RateLimit::new(settings.rate_per_sec, settings.rate_burst),
+            turn_refresh: crate::turn::Refresh::new(settings.ice_servers.refresh_every()),
+            broken: false,
+            channel,
+            handle,
+            state,
+        }))
     }
 }
 
 /// Takes the socket back from hyper, sets the session up and welcomes the
-/// client. Boxed, the live session takes no room twice in the task's future.
-async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) -> Option<Box<Live>> {
+/// client, then lets go of the socket's registration with this runtime.
+/// Boxed, the session takes no room twice in the task's future.
+async fn open(
+    state: AppState,
+    socket: UpgradeFut,
+    identity: Identity,
+    id: u64,
+    upgraded_at: Instant,
+) -> Option<Box<Opened>> {
     let Identity { user, pair } = identity;
     let (stream, leftover) = take_socket(socket, &user, Sid(id)).await?;
+    crate::metrics::setup_step(SetupStep::Upgrade, upgraded_at.elapsed());
     crate::metrics::session_opened();
     let settings = &state.settings;
     let channel: Arc<str> = Names::new(&settings.channel_prefix, settings.tagged_names()).channel(&pair).into();
@@ -134,22 +207,15 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
     if let Some(reason) = state.stop_reason() {
         handle.close(reason);
     }
-    // fastwebsockets refuses frames of `max_message_size` bytes or more.
-    let reader = Reader::new(stream.clone(), leftover, settings.max_message_bytes + 1)
-        .with_frame_timeout(settings.frame_timeout);
-    let live = Live {
-        frames: Frames::new(reader),
-        stream,
-        joined,
-        assembler: Assembler::new(settings.max_message_bytes),
-        limit: RateLimit::new(settings.rate_per_sec, settings.rate_burst),
-        turn_refresh: crate::turn::Refresh::new(settings.ice_servers.refresh_every()),
-        broken: false,
-        channel,
-        handle,
-        state,
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(error = %e, session = %Sid(id), "cannot release the socket");
+            clean_up(&state, &handle, &channel, &End::Gone).await;
+            return None;
+        }
     };
-    Some(Box::new(live))
+    Some(Box::new(Opened { state, handle, channel, stream, leftover, joined, released_at: Instant::now() }))
 }
 
 /// Finishes the upgrade and takes the connection back from hyper, with the
@@ -157,9 +223,8 @@ async fn open(state: AppState, socket: UpgradeFut, identity: Identity, id: u64) 
 ///
 /// The upgraded connection is our own `TcpStream` (see `app::serve`): taking
 /// it back lets the reading side wait for bytes without holding a buffer (see
-/// `reader`). Reading and writing both go through `&TcpStream`, so one `Arc`
-/// serves both sides.
-async fn take_socket(socket: UpgradeFut, user: &UserId, sid: Sid) -> Option<(Arc<TcpStream>, Box<[u8]>)> {
+/// `reader`).
+async fn take_socket(socket: UpgradeFut, user: &UserId, sid: Sid) -> Option<(TcpStream, Box<[u8]>)> {
     let ws = match socket.await {
         Ok(ws) => ws,
         Err(e) => {
@@ -173,7 +238,7 @@ async fn take_socket(socket: UpgradeFut, user: &UserId, sid: Sid) -> Option<(Arc
     };
     // Copied out: the `Bytes` holds the server's whole read buffer.
     let leftover = Box::from(&parts.read_buf[..]);
-    Some((Arc::new(parts.io.into_inner()), leftover))
+    Some((parts.io.into_inner(), leftover))
 }
 
 /// Registers and subscribes the session before anything can be announced,
@@ -195,6 +260,7 @@ async fn join(state: &AppState, handle: &Arc<SessionHandle>, channel: &Arc<str>,
             return None;
         }
     };
+    let welcoming = Instant::now();
     let peer_online = state.registry.finish_setup(handle, peer_session);
     let welcome = welcome(state, handle, peer_online);
     // Anything the channel delivered meanwhile waits in the outbox, which is
@@ -202,6 +268,7 @@ async fn join(state: &AppState, handle: &Arc<SessionHandle>, channel: &Arc<str>,
     let joined = match write_all(stream, &wire::text(&welcome)).await {
         Ok(()) => {
             crate::metrics::messages_out(1, welcome.len());
+            crate::metrics::setup_step(SetupStep::Welcome, welcoming.elapsed());
             Ok(())
         }
         Err(e) => Err(e),
@@ -223,12 +290,17 @@ async fn subscribe_and_claim(
     channel: &Arc<str>,
 ) -> Result<Option<SessionId>, BrokerError> {
     let broker = &state.broker;
+    let start = Instant::now();
     broker.subscribe(channel).await?;
+    let subscribed = Instant::now();
+    crate::metrics::setup_step(SetupStep::Subscribe, subscribed - start);
     let join = envelope::encode(Kind::Join, &handle.user, handle.id, b"");
-    broker
+    let claimed = broker
         .claim_presence(&handle.pair, &handle.user, handle.id, channel, join)
         .await
-        .inspect_err(|_| broker.unsubscribe(channel))
+        .inspect_err(|_| broker.unsubscribe(channel))?;
+    crate::metrics::setup_step(SetupStep::Claim, subscribed.elapsed());
+    Ok(claimed)
 }
 
 /// The welcome event for `handle`'s client.
@@ -252,7 +324,8 @@ struct Live {
     /// The pair's channel; the registry's key is this same string.
     channel: Arc<str>,
     frames: Frames,
-    /// The socket, shared with `frames`.
+    /// The socket, shared with `frames`: reading and writing both go
+    /// through `&TcpStream`.
     stream: Arc<TcpStream>,
     /// Whether the welcome went out (the join was announced with the claim); if not, the session closes at once.
     joined: bool,
@@ -566,8 +639,11 @@ mod tests {
     #[test]
     fn a_quiet_session_stays_small() {
         let serve = |live: &'static mut Live| live.serve();
-        let task = |(s, u, i, p): (AppState, UpgradeFut, Identity, SocketPermit)| run(s, u, i, p);
-        assert!(returned_size(&task) <= 280, "the session task's future: {} bytes", returned_size(&task));
+        let task = |(o, p): (Box<Opened>, SocketPermit)| live(o, p);
+        assert!(returned_size(&task) <= 280, "the live session's task: {} bytes", returned_size(&task));
+        // Setup's task lives only until the welcome, but a storm holds many at once.
+        let setup = |(s, u, i, p): (AppState, UpgradeFut, Identity, SocketPermit)| run(s, u, i, p);
+        assert!(returned_size(&setup) <= 64, "the setup task: {} bytes", returned_size(&setup));
         assert!(returned_size(&serve) <= 224, "the wait: {} bytes", returned_size(&serve));
         assert!(std::mem::size_of::<Live>() <= 192, "Live: {} bytes", std::mem::size_of::<Live>());
         let handle = std::mem::size_of::<SessionHandle>();
