@@ -2,8 +2,9 @@
 //! sessions open at once on two instances, a live pair's messages keep
 //! arriving in order, every new session is welcomed, and nobody hears
 //! `resync` or an error. The tight figures live in `bench/run`. The bound
-//! here is a guard for a debug build on a shared 2-core machine: p99 measured
-//! 63–69 ms on an idle one (issue #12 asks for 50 ms; not met yet).
+//! here, 50 ms at p99, is a guard for a test build on a shared 2-core
+//! machine: measured 23–34 ms with the machine's load average near 5 (63–196
+//! ms before sessions were set up on a front thread of their own).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -120,5 +121,5 @@ async fn a_connect_storm_does_not_hold_up_a_live_pair() {
     let p99 = delays[delays.len() * 99 / 100];
     let max = *delays.last().unwrap();
     eprintln!("live pair during a {STORM_SOCKETS}-socket storm: {} messages, p99 {p99:?}, max {max:?}", delays.len());
-    assert!(p99 < Duration::from_millis(300), "p99 {p99:?} during the storm");
+    assert!(p99 < Duration::from_millis(50), "p99 {p99:?} during the storm");
 }
