@@ -237,13 +237,6 @@ impl Sentinels {
         connect(&url, self.ca().as_deref()).await
     }
 
-    /// Every line the Sentinels logged so far.
-    pub fn logs(&self) -> String {
-        (0..self.sentinels.len())
-            .map(|i| std::fs::read_to_string(self.dir.path().join(format!("sentinel-{i}.log"))).unwrap_or_default())
-            .collect()
-    }
-
     /// The master's port as the first Sentinel names it now.
     pub async fn master_port(&self) -> Option<u16> {
         let mut conn = self.admin(&self.sentinels[0]).await?;
