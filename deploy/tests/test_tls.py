@@ -4,6 +4,7 @@ says, in front of a real switchboard, all on loopback. HTTPS serves the pages,
 WSS carries a call's signaling both ways, plain HTTP is redirected, and the
 server's same-origin check passes for the https:// origin (and only for it)."""
 
+import collections
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import REPO
+from conftest import REPO, add_diagnosis
 from nginxctl import Nginx, command, make_prefix, render_tls, TLS_CONF
 
 README = REPO / "README.md"
@@ -63,8 +64,9 @@ def cert():
 
 
 @pytest.fixture(scope="module")
-def server():
-    """A real switchboard on a free loopback port (in-memory broker)."""
+def server(request):
+    """A real switchboard on a free loopback port (in-memory broker); a failed
+    test's report shows the tail of its log."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
     env.update(SWITCHBOARD_LISTEN="127.0.0.1:0", SWITCHBOARD_LOG_FORMAT="json", SWITCHBOARD_DRAIN_SECS="0",
                RUST_LOG="info")
@@ -83,7 +85,9 @@ def server():
         assert addr, f"switchboard exited {proc.wait()} without a listening line"
         # Keep reading its log: a pipe nobody drains fills up (64 KiB), and
         # the server then blocks on its next log line, mid-request.
-        threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
+        tail = collections.deque([line], maxlen=200)
+        threading.Thread(target=lambda: tail.extend(proc.stdout), daemon=True).start()
+        add_diagnosis(request, "switchboard log (last 200 lines)", lambda: "".join(tail))
         yield addr
     finally:
         proc.terminate()
@@ -91,8 +95,12 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def front(cert, server):
+def front(request, cert, server):
+    """nginx with tls.conf in front of `server`; a failed test's report shows
+    its logs."""
     ngx = Nginx([server], tls=True, files={"cert.pem": cert["cert.pem"], "key.pem": cert["key.pem"]})
+    add_diagnosis(request, "nginx stdout and stderr (access log, warnings)", ngx.output)
+    add_diagnosis(request, "nginx error log down to info", ngx.info_log)
     try:
         yield ngx
     finally:
