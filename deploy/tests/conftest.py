@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,3 +42,32 @@ ENV_KEYS = [
     "SWITCHBOARD_DRAIN_SECS",
     "RUST_LOG",
 ]
+
+
+# Diagnostics for failed tests: a fixture registers a callable with
+# `add_diagnosis(request, title, fn)`; when a test that uses it fails, each
+# callable's text is shown as a section of the failure report (for example
+# nginx's error log and the tail of a server's log).
+_DIAGNOSES = pytest.StashKey[list]()
+
+
+def add_diagnosis(request, title: str, fn) -> None:
+    """Shows `fn()` under `title` in the report of every failed test that
+    runs while `request`'s fixture is set up."""
+    node = request.node
+    node.stash.setdefault(_DIAGNOSES, []).append((title, fn))
+    request.addfinalizer(lambda: node.stash[_DIAGNOSES].remove((title, fn)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        for node in item.listchain():
+            for title, fn in node.stash.get(_DIAGNOSES, []):
+                try:
+                    text = fn()
+                except Exception as e:  # the diagnosis must not hide the failure
+                    text = f"(could not be read: {e!r})"
+                report.sections.append((title, text or "(empty)"))
+    return report

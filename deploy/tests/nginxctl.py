@@ -19,6 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
 TLS_CONF = REPO / "deploy" / "nginx" / "tls.conf"
+# nginx's error log at `info`, in the prefix (see command()).
+INFO_LOG = "info.log"
 
 UPSTREAM_RE = re.compile(r"^(\s*server\s+)(switchboard-\d+:8080)(\b.*)$", re.M)
 LISTEN_RE = re.compile(r"^(\s*listen\s+)(8080)(\s*;.*)$", re.M)
@@ -78,7 +80,9 @@ def command(prefix: Path, *extra: str) -> list[str]:
         "-p", f"{prefix}/",
         "-e", "stderr",
         "-c", str(prefix / "nginx.conf"),
-        "-g", f"daemon off; pid {prefix}/nginx.pid;",
+        # A second error log at `info`, for diagnosing a failed test: client
+        # connections closed early and TLS errors are logged at that level only.
+        "-g", f"daemon off; pid {prefix}/nginx.pid; error_log {prefix}/{INFO_LOG} info;",
         *extra,
     ]
 
@@ -113,6 +117,12 @@ class Nginx:
     def output(self) -> str:
         self.log.flush()
         return (self.prefix / "nginx.out").read_text(errors="replace")
+
+    def info_log(self) -> str:
+        """nginx's error log down to `info` (may hold query strings: never
+        for the access-log checks)."""
+        path = self.prefix / INFO_LOG
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
         if self.proc.poll() is None:

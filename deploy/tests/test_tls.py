@@ -4,6 +4,8 @@ says, in front of a real switchboard, all on loopback. HTTPS serves the pages,
 WSS carries a call's signaling both ways, plain HTTP is redirected, and the
 server's same-origin check passes for the https:// origin (and only for it)."""
 
+import asyncio
+import collections
 import json
 import os
 import re
@@ -18,9 +20,15 @@ from pathlib import Path
 
 import pytest
 from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect
+# The asyncio client, not websockets.sync: the sync client reads its socket on
+# a thread of its own while the caller writes, and two threads in one
+# OpenSSL connection at once is not allowed. Over TLS 1.3 the server's
+# session tickets arrive just as the request is written, and now and then
+# the request was lost (nginx: "client closed connection while waiting for
+# request"; the client: no handshake response in 10 s).
+from websockets.asyncio.client import connect
 
-from conftest import REPO
+from conftest import REPO, add_diagnosis
 from nginxctl import Nginx, command, make_prefix, render_tls, TLS_CONF
 
 README = REPO / "README.md"
@@ -63,8 +71,9 @@ def cert():
 
 
 @pytest.fixture(scope="module")
-def server():
-    """A real switchboard on a free loopback port (in-memory broker)."""
+def server(request):
+    """A real switchboard on a free loopback port (in-memory broker); a failed
+    test's report shows the tail of its log."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
     env.update(SWITCHBOARD_LISTEN="127.0.0.1:0", SWITCHBOARD_LOG_FORMAT="json", SWITCHBOARD_DRAIN_SECS="0",
                RUST_LOG="info")
@@ -83,7 +92,9 @@ def server():
         assert addr, f"switchboard exited {proc.wait()} without a listening line"
         # Keep reading its log: a pipe nobody drains fills up (64 KiB), and
         # the server then blocks on its next log line, mid-request.
-        threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
+        tail = collections.deque([line], maxlen=200)
+        threading.Thread(target=lambda: tail.extend(proc.stdout), daemon=True).start()
+        add_diagnosis(request, "switchboard log (last 200 lines)", lambda: "".join(tail))
         yield addr
     finally:
         proc.terminate()
@@ -91,8 +102,12 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def front(cert, server):
+def front(request, cert, server):
+    """nginx with tls.conf in front of `server`; a failed test's report shows
+    its logs."""
     ngx = Nginx([server], tls=True, files={"cert.pem": cert["cert.pem"], "key.pem": cert["key.pem"]})
+    add_diagnosis(request, "nginx stdout and stderr (access log, warnings)", ngx.output)
+    add_diagnosis(request, "nginx error log down to info", ngx.info_log)
     try:
         yield ngx
     finally:
@@ -161,33 +176,46 @@ def test_plain_http_on_the_tls_port_is_redirected_to_https(front):
     assert headers["Location"] == f"https://127.0.0.1:{front.port}/call?userID=alice&peerID=bob"
 
 
+async def recv(ws, timeout: float = 10):
+    return await asyncio.wait_for(ws.recv(), timeout)
+
+
 def test_a_call_signals_over_wss_through_the_front(front, cert):
     ctx = tls_context(cert)
     origin = f"https://127.0.0.1:{front.port}"
     url = f"wss://127.0.0.1:{front.port}/ws"
-    with connect(f"{url}?userID=alice&peerID=bob", ssl=ctx, origin=origin, open_timeout=10) as alice:
-        welcome = json.loads(alice.recv(timeout=10))
-        assert welcome["type"] == "welcome" and welcome["peerOnline"] is False
-        with connect(f"{url}?userID=bob&peerID=alice", ssl=ctx, origin=origin, open_timeout=10) as bob:
-            assert json.loads(bob.recv(timeout=10))["peerOnline"] is True
-            assert json.loads(alice.recv(timeout=10)) == {"type": "peer-joined", "peerID": "bob"}
-            offer = '{"type":"offer","sdp":"v=0\\r\\n over TLS"}'
-            answer = '{"type":"answer","sdp":"v=0\\r\\n back"}'
-            alice.send(offer)
-            assert bob.recv(timeout=10) == offer
-            bob.send(answer)
-            assert alice.recv(timeout=10) == answer
-            bob.send('{"type":"bye"}')
-            assert alice.recv(timeout=10) == '{"type":"bye"}'
-        assert json.loads(alice.recv(timeout=10)) == {"type": "peer-left", "peerID": "bob"}
+
+    async def call():
+        async with connect(f"{url}?userID=alice&peerID=bob", ssl=ctx, origin=origin, open_timeout=10) as alice:
+            welcome = json.loads(await recv(alice))
+            assert welcome["type"] == "welcome" and welcome["peerOnline"] is False
+            async with connect(f"{url}?userID=bob&peerID=alice", ssl=ctx, origin=origin, open_timeout=10) as bob:
+                assert json.loads(await recv(bob))["peerOnline"] is True
+                assert json.loads(await recv(alice)) == {"type": "peer-joined", "peerID": "bob"}
+                offer = '{"type":"offer","sdp":"v=0\\r\\n over TLS"}'
+                answer = '{"type":"answer","sdp":"v=0\\r\\n back"}'
+                await alice.send(offer)
+                assert await recv(bob) == offer
+                await bob.send(answer)
+                assert await recv(alice) == answer
+                await bob.send('{"type":"bye"}')
+                assert await recv(alice) == '{"type":"bye"}'
+            assert json.loads(await recv(alice)) == {"type": "peer-left", "peerID": "bob"}
+
+    asyncio.run(call())
 
 
 def test_the_origin_check_still_refuses_other_sites(front, cert):
     ctx = tls_context(cert)
-    with pytest.raises(InvalidStatus) as refused:
-        connect(f"wss://127.0.0.1:{front.port}/ws?userID=alice&peerID=bob", ssl=ctx,
-                origin="https://evil.example", open_timeout=10)
-    assert refused.value.response.status_code == 403
+
+    async def refused():
+        async with connect(f"wss://127.0.0.1:{front.port}/ws?userID=alice&peerID=bob", ssl=ctx,
+                           origin="https://evil.example", open_timeout=10):
+            pass
+
+    with pytest.raises(InvalidStatus) as refused_with:
+        asyncio.run(refused())
+    assert refused_with.value.response.status_code == 403
 
 
 def test_the_access_log_never_holds_link_tokens(front, cert):

@@ -177,7 +177,8 @@ async fn start_broker(
     let target = match settings.redis_mode {
         RedisMode::Standalone => Target::standalone(url, tls)?,
         RedisMode::Sentinel => {
-            Target::sentinel(url, settings.redis_sentinel_master.as_deref().unwrap_or_default(), tls)?
+            let master = settings.redis_sentinel_master.as_deref().unwrap_or_default();
+            Target::sentinel(url, master, settings.redis_master_login.as_ref(), tls)?
         }
         RedisMode::Cluster => Target::cluster(url, tls)?,
     };

@@ -76,6 +76,18 @@ pub const SETTINGS: &[Setting] = &[
     ),
     text("redis_mode", Some("standalone"), "standalone | sentinel | cluster"),
     text("redis_sentinel_master", None, "sentinel mode: the name of the Sentinels' master set"),
+    text(
+        "redis_master_username",
+        None,
+        "sentinel mode: ACL user for the master and replicas (the URLs' user:password@ is then the Sentinels' \
+         login only); needs REDIS_MASTER_PASSWORD",
+    ),
+    text(
+        "redis_master_password",
+        None,
+        "sentinel mode: password for the master and replicas (of REDIS_MASTER_USERNAME, or of the default user); \
+         unset = the Sentinel URL's login is used for the master too",
+    ),
     text("redis_ca_file", None, "PEM file of the CA that signed Redis's TLS certificate; unset = the system's roots"),
     text("channel_prefix", Some("switchboard"), "start of every Redis channel and key"),
     whole("max_message_bytes", "65536", 1, 16 << 20, "largest client message, in bytes"),
@@ -256,6 +268,9 @@ pub struct Settings {
     pub redis_mode: RedisMode,
     /// Sentinel mode: the master set's name.
     pub redis_sentinel_master: Option<String>,
+    /// Sentinel mode: the login of the master and replicas, when not the
+    /// Sentinel URLs' (its `Debug` hides the password).
+    pub redis_master_login: Option<crate::broker::target::Login>,
     /// The CA that signed Redis's TLS certificates, if not the system's roots.
     pub redis_ca_file: Option<PathBuf>,
     /// Start of every Redis channel and key.
@@ -503,6 +518,20 @@ impl Values {
         if redis_mode == RedisMode::Sentinel && redis_url.is_some() && redis_sentinel_master.is_none() {
             return Err(self.bad("redis_sentinel_master", "must name the master set in sentinel mode"));
         }
+        // The passwords are not repeated in errors.
+        let master_username = self.text("redis_master_username")?;
+        let master_password = self.text("redis_master_password")?;
+        if redis_mode != RedisMode::Sentinel {
+            let given = [("redis_master_username", &master_username), ("redis_master_password", &master_password)];
+            if let Some((key, _)) = given.iter().find(|(_, v)| v.is_some()) {
+                return Err(self.bad(key, "is for sentinel mode only (put the login in SWITCHBOARD_REDIS_URL)"));
+            }
+        }
+        let redis_master_login = match (master_username, master_password) {
+            (Some(_), None) => return Err(self.bad("redis_master_username", "needs SWITCHBOARD_REDIS_MASTER_PASSWORD")),
+            (username, Some(password)) => Some(crate::broker::target::Login::new(username, password)),
+            (None, None) => None,
+        };
         let channel_prefix = self.text_or_empty("channel_prefix")?;
         if channel_prefix.is_empty() || channel_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
         {
@@ -575,6 +604,7 @@ impl Values {
             redis_url,
             redis_mode,
             redis_sentinel_master,
+            redis_master_login,
             redis_ca_file: self.text("redis_ca_file")?.map(PathBuf::from),
             channel_prefix,
             max_message_bytes,
@@ -697,6 +727,52 @@ mod tests {
             let err = Settings::load_with_env(None, &[(key, value)]).unwrap_err().to_string();
             assert!(err.contains(key), "{key}={value}: {err}");
             assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    /// Sentinel mode's master login: read, checked, and never shown (not in
+    /// `Debug`, not in an error).
+    #[test]
+    fn the_master_login_is_for_sentinel_mode_and_never_shown() {
+        let sentinel = [
+            ("SWITCHBOARD_REDIS_URL", "redis://watcher:sentinel-pw@10.0.0.1:26379"),
+            ("SWITCHBOARD_REDIS_MODE", "sentinel"),
+            ("SWITCHBOARD_REDIS_SENTINEL_MASTER", "m"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| [&sentinel[..], extra].concat();
+        let s = Settings::load_with_env(None, &sentinel).unwrap();
+        assert_eq!(s.redis_master_login, None);
+        let s = Settings::load_with_env(
+            None,
+            &with(&[
+                ("SWITCHBOARD_REDIS_MASTER_USERNAME", "switchboard"),
+                ("SWITCHBOARD_REDIS_MASTER_PASSWORD", "m-s3cret"),
+            ]),
+        )
+        .unwrap();
+        let login = s.redis_master_login.as_ref().unwrap();
+        assert_eq!(*login, crate::broker::target::Login::new(Some("switchboard".into()), "m-s3cret".into()));
+        assert!(!format!("{s:?}").contains("m-s3cret"), "{s:?}");
+        let s = Settings::load_with_env(None, &with(&[("SWITCHBOARD_REDIS_MASTER_PASSWORD", "m-s3cret")])).unwrap();
+        assert_eq!(s.redis_master_login.unwrap().username, None);
+
+        let err = Settings::load_with_env(None, &with(&[("SWITCHBOARD_REDIS_MASTER_USERNAME", "switchboard")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SWITCHBOARD_REDIS_MASTER_USERNAME needs SWITCHBOARD_REDIS_MASTER_PASSWORD"), "{err}");
+        for mode in ["standalone", "cluster"] {
+            let err = Settings::load_with_env(
+                None,
+                &[
+                    ("SWITCHBOARD_REDIS_URL", "redis://10.0.0.1:6379"),
+                    ("SWITCHBOARD_REDIS_MODE", mode),
+                    ("SWITCHBOARD_REDIS_MASTER_PASSWORD", "m-s3cret"),
+                ],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("SWITCHBOARD_REDIS_MASTER_PASSWORD is for sentinel mode only"), "{err}");
+            assert!(!err.contains("m-s3cret"), "{err}");
         }
     }
 

@@ -9,13 +9,20 @@
 //! publication on a replica would reach only that replica's subscribers.
 //! Sentinel demotes the old master by disconnecting its clients, so both
 //! kinds of connection come back through here.
+//!
+//! The Sentinels and the data nodes (master and replicas) may want different
+//! logins: the Sentinel URLs' `user:password@` is what the Sentinels get, and
+//! a [`Login`] given to [`Target::sentinel`] is what the master gets. Without
+//! one the master gets the login of the Sentinel URL that named it, as it
+//! did before the two could differ. TLS is the same for both: a `rediss://`
+//! Sentinel URL means a TLS master.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo};
+use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
 
 use super::pubsub::{self, Endpoint};
 use super::tls::Tls;
@@ -56,6 +63,28 @@ pub struct Target {
     topology: Arc<AtomicU64>,
 }
 
+/// A user (or none: the default user, `requirepass`) and password. Neither
+/// `Debug` nor anything else shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Login {
+    /// ACL user; `None` logs in with the password alone.
+    pub username: Option<String>,
+    password: String,
+}
+
+impl Login {
+    /// `password` for `username`, or for the default user.
+    pub fn new(username: Option<String>, password: String) -> Self {
+        Self { username, password }
+    }
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
+}
+
 #[derive(Clone)]
 enum Kind {
     Standalone(ConnectionInfo),
@@ -64,6 +93,8 @@ enum Kind {
         sentinels: Vec<ConnectionInfo>,
         /// The master set's name.
         master: String,
+        /// How to log in to the master, if not as to the Sentinels.
+        master_login: Option<RedisConnectionInfo>,
     },
     Cluster {
         /// Nodes to ask for the slot map.
@@ -75,9 +106,10 @@ impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             Kind::Standalone(info) => write!(f, "{}", describe(info)),
-            Kind::Sentinel { sentinels, master } => {
+            Kind::Sentinel { sentinels, master, master_login } => {
                 let list: Vec<String> = sentinels.iter().map(describe).collect();
-                write!(f, "master {master:?} of sentinels {}", list.join(","))
+                let login = if master_login.is_some() { " (master login of its own)" } else { "" };
+                write!(f, "master {master:?}{login} of sentinels {}", list.join(","))
             }
             Kind::Cluster { seeds } => {
                 let list: Vec<String> = seeds.iter().map(describe).collect();
@@ -108,13 +140,34 @@ impl Target {
     }
 
     /// The master named `master` by the Sentinels at `urls` (comma-separated).
-    /// The master is reached with the Sentinels' credentials and TLS.
-    pub fn sentinel(urls: &str, master: &str, tls: Option<Tls>) -> Result<Self, BrokerError> {
+    /// The master is reached with the Sentinels' TLS, and with `master_login`
+    /// if given, else with the login of the Sentinel URL that named it.
+    pub fn sentinel(
+        urls: &str,
+        master: &str,
+        master_login: Option<&Login>,
+        tls: Option<Tls>,
+    ) -> Result<Self, BrokerError> {
         let sentinels = urls.split(',').filter(|u| !u.trim().is_empty()).map(parse).collect::<Result<Vec<_>, _>>()?;
         if sentinels.is_empty() {
             return Err(BrokerError::Connect("no Sentinel URL".into()));
         }
-        Ok(Self { kind: Kind::Sentinel { sentinels, master: master.to_owned() }, tls, topology: Arc::default() })
+        let master_login = master_login.map(|login| {
+            let first = sentinels[0].redis_settings();
+            let settings = RedisConnectionInfo::default()
+                .set_db(first.db())
+                .set_protocol(first.protocol())
+                .set_password(&login.password);
+            match &login.username {
+                Some(user) => settings.set_username(user),
+                None => settings,
+            }
+        });
+        Ok(Self {
+            kind: Kind::Sentinel { sentinels, master: master.to_owned(), master_login },
+            tls,
+            topology: Arc::default(),
+        })
     }
 
     /// The Redis Cluster whose seed nodes are `urls` (comma-separated).
@@ -203,7 +256,13 @@ impl Target {
     pub async fn server(&self, timeout: Duration) -> Result<ConnectionInfo, BrokerError> {
         match &self.kind {
             Kind::Standalone(info) => Ok(info.clone()),
-            Kind::Sentinel { sentinels, master } => self.ask_sentinels(sentinels, master, timeout).await,
+            Kind::Sentinel { sentinels, master, master_login } => {
+                let server = self.ask_sentinels(sentinels, master, timeout).await?;
+                Ok(match master_login {
+                    Some(login) => server.set_redis_settings(login.clone()),
+                    None => server,
+                })
+            }
             Kind::Cluster { seeds } => Ok(seeds[0].clone()),
         }
     }
@@ -331,21 +390,52 @@ mod tests {
 
     #[test]
     fn sentinel_mode_reconnects_sooner() {
-        let sentinel = Target::sentinel("redis://127.0.0.1:26000,redis://127.0.0.1:26001", "m", None).unwrap();
+        let sentinel = Target::sentinel("redis://127.0.0.1:26000,redis://127.0.0.1:26001", "m", None, None).unwrap();
         assert_eq!(sentinel.max_backoff(), SENTINEL_MAX_BACKOFF);
         let standalone = Target::standalone("redis://127.0.0.1:7000", None).unwrap();
         assert_eq!(standalone.max_backoff(), Duration::MAX);
     }
 
     #[test]
-    fn the_master_gets_the_sentinels_credentials_and_tls() {
+    fn without_a_master_login_the_master_gets_the_sentinels_credentials_and_tls() {
         let sentinel = parse("rediss://user:pw@127.0.0.1:26000").unwrap();
         let master = Endpoint::from_info(&with_address(&sentinel, "10.0.0.5", 6380)).unwrap();
         assert_eq!((master.host.as_str(), master.port, master.tls), ("10.0.0.5", 6380, true));
         assert_eq!((master.username.as_deref(), master.password.as_deref()), (Some("user"), Some("pw")));
         assert_eq!(
-            format!("{:?}", Target::sentinel("redis://u:secret@h:1", "m", None).unwrap()),
+            format!("{:?}", Target::sentinel("redis://u:secret@h:1", "m", None, None).unwrap()),
             "master \"m\" of sentinels redis://h:1"
         );
+    }
+
+    /// The master login replaces the Sentinel URL's whole login (a password
+    /// alone logs in as the default user), and is shown nowhere.
+    #[test]
+    fn a_master_login_replaces_the_sentinels_and_is_never_shown() {
+        let Kind::Sentinel { master_login, .. } = Target::sentinel(
+            "rediss://watcher:sentinel-pw@127.0.0.1:26000/2",
+            "m",
+            Some(&Login::new(None, "master-pw".into())),
+            None,
+        )
+        .unwrap()
+        .kind
+        else {
+            unreachable!()
+        };
+        let sentinel = parse("rediss://watcher:sentinel-pw@127.0.0.1:26000/2").unwrap();
+        let info = with_address(&sentinel, "10.0.0.5", 6380).set_redis_settings(master_login.unwrap());
+        let master = Endpoint::from_info(&info).unwrap();
+        assert_eq!((master.host.as_str(), master.port, master.tls), ("10.0.0.5", 6380, true));
+        assert_eq!((master.username.as_deref(), master.password.as_deref()), (None, Some("master-pw")));
+        assert_eq!(info.redis_settings().db(), 2);
+
+        let login = Login::new(Some("switchboard".into()), "master-secret".into());
+        let target = Target::sentinel("redis://u:sentinel-secret@h:1", "m", Some(&login), None).unwrap();
+        for shown in [format!("{target:?}"), format!("{login:?}"), format!("{:?}", Endpoint::from_info(&info).unwrap())]
+        {
+            assert!(!shown.contains("secret") && !shown.contains("master-pw"), "{shown}");
+        }
+        assert_eq!(format!("{target:?}"), "master \"m\" (master login of its own) of sentinels redis://h:1");
     }
 }
