@@ -17,12 +17,16 @@
 //! knows no client events; `tests/layers.rs` checks the imports.
 //!
 //! - [`app`]: the router and [`app::run`], which serves a listener through
-//!   the instance's phases until shutdown.
+//!   the instance's phases until shutdown. Connections are accepted, served
+//!   and set up as sessions on a front thread of their own; welcomed sessions
+//!   move to the runtime `run` was called on, so connect storms don't queue
+//!   in front of live calls.
 //! - [`routes`]: HTTP only: `/ws` (query checks and the upgrade), health
 //!   probes, page files.
 //! - [`state`]: [`state::AppState`], the lifecycle [`state::Phase`] and the
 //!   socket cap.
-//! - [`session`]: one socket in one task: setup, then a loop that reads
+//! - [`session`]: one socket in one task at a time: setup on the front
+//!   thread, then, on the live runtime, a loop that reads
 //!   frames (from `session::reader`, which holds no buffer while the client
 //!   is quiet) and writes what its outbox collected (as one batch per write,
 //!   built by `session::writer`), then cleanup. `session::wire` holds the
