@@ -644,6 +644,8 @@ mod tests {
         // Setup's task lives only until the welcome, but a storm holds many at once.
         let setup = |(s, u, i, p): (AppState, UpgradeFut, Identity, SocketPermit)| run(s, u, i, p);
         assert!(returned_size(&setup) <= 64, "the setup task: {} bytes", returned_size(&setup));
+        let opening = |(s, u, i, id, at): (AppState, UpgradeFut, Identity, u64, Instant)| open(s, u, i, id, at);
+        eprintln!("open future: {} bytes, Opened {}", returned_size(&opening), std::mem::size_of::<Opened>());
         assert!(returned_size(&serve) <= 224, "the wait: {} bytes", returned_size(&serve));
         assert!(std::mem::size_of::<Live>() <= 192, "Live: {} bytes", std::mem::size_of::<Live>());
         let handle = std::mem::size_of::<SessionHandle>();
