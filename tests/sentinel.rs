@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use switchboard::broker::target::Login;
+use switchboard::config::Login;
 use switchboard::config::RedisMode;
 use switchboard_tests::sentinel::{SentinelSetup, Sentinels, MASTER};
 use switchboard_tests::tls::Certificates;

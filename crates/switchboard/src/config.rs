@@ -270,7 +270,7 @@ pub struct Settings {
     pub redis_sentinel_master: Option<String>,
     /// Sentinel mode: the login of the master and replicas, when not the
     /// Sentinel URLs' (its `Debug` hides the password).
-    pub redis_master_login: Option<crate::broker::target::Login>,
+    pub redis_master_login: Option<Login>,
     /// The CA that signed Redis's TLS certificates, if not the system's roots.
     pub redis_ca_file: Option<PathBuf>,
     /// Start of every Redis channel and key.
@@ -529,7 +529,7 @@ impl Values {
         }
         let redis_master_login = match (master_username, master_password) {
             (Some(_), None) => return Err(self.bad("redis_master_username", "needs SWITCHBOARD_REDIS_MASTER_PASSWORD")),
-            (username, Some(password)) => Some(crate::broker::target::Login::new(username, password)),
+            (username, Some(password)) => Some(Login::new(username, password)),
             (None, None) => None,
         };
         let channel_prefix = self.text_or_empty("channel_prefix")?;
@@ -636,6 +636,33 @@ impl Values {
 impl Default for Settings {
     fn default() -> Self {
         Settings::load_with_env(None, &[]).expect("the built-in defaults are valid")
+    }
+}
+
+/// A user (or none: the default user, `requirepass`) and password. Neither
+/// `Debug` nor anything else shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Login {
+    /// ACL user; `None` logs in with the password alone.
+    pub username: Option<String>,
+    password: String,
+}
+
+impl Login {
+    /// `password` for `username`, or for the default user.
+    pub fn new(username: Option<String>, password: String) -> Self {
+        Self { username, password }
+    }
+
+    /// The password, for the connection that logs in with it only.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login").field("username", &self.username).field("password", &"<redacted>").finish()
     }
 }
 
@@ -751,7 +778,7 @@ mod tests {
         )
         .unwrap();
         let login = s.redis_master_login.as_ref().unwrap();
-        assert_eq!(*login, crate::broker::target::Login::new(Some("switchboard".into()), "m-s3cret".into()));
+        assert_eq!(*login, Login::new(Some("switchboard".into()), "m-s3cret".into()));
         assert!(!format!("{s:?}").contains("m-s3cret"), "{s:?}");
         let s = Settings::load_with_env(None, &with(&[("SWITCHBOARD_REDIS_MASTER_PASSWORD", "m-s3cret")])).unwrap();
         assert_eq!(s.redis_master_login.unwrap().username, None);

@@ -27,6 +27,7 @@ use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, RedisConn
 use super::pubsub::{self, Endpoint};
 use super::tls::Tls;
 use super::BrokerError;
+use crate::config::Login;
 
 /// Time allowed for a command connection's TCP, TLS and login, and for asking the Sentinels.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -61,28 +62,6 @@ pub struct Target {
     /// read the new map, rather than keep sending to a master that froze
     /// until it wakes up and answers `MOVED`.
     topology: Arc<AtomicU64>,
-}
-
-/// A user (or none: the default user, `requirepass`) and password. Neither
-/// `Debug` nor anything else shows the password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Login {
-    /// ACL user; `None` logs in with the password alone.
-    pub username: Option<String>,
-    password: String,
-}
-
-impl Login {
-    /// `password` for `username`, or for the default user.
-    pub fn new(username: Option<String>, password: String) -> Self {
-        Self { username, password }
-    }
-}
-
-impl std::fmt::Debug for Login {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Login").field("username", &self.username).field("password", &"<redacted>").finish()
-    }
 }
 
 #[derive(Clone)]
@@ -157,7 +136,7 @@ impl Target {
             let settings = RedisConnectionInfo::default()
                 .set_db(first.db())
                 .set_protocol(first.protocol())
-                .set_password(&login.password);
+                .set_password(login.password());
             match &login.username {
                 Some(user) => settings.set_username(user),
                 None => settings,
