@@ -144,6 +144,10 @@ enum Scenario {
         /// Concurrency of the initial open (the reconnect itself is unbounded).
         #[arg(long, default_value_t = 128)]
         concurrency: usize,
+        /// Wait this long after the first open and after the reconnect before reading server
+        /// RSS, in milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        settle_ms: u64,
     },
     /// P live pairs send at a fixed rate; report their latency while quiet, while K other
     /// sockets connect (in `--procs` worker processes), and after.

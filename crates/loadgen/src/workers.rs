@@ -490,22 +490,50 @@ pub async fn parent(cli: &Cli, run_id: &str) -> Result<Report> {
                 );
             }
         }
-        Scenario::Storm { pairs, .. } => {
+        Scenario::Storm { pairs, concurrency, settle_ms } => {
             pb.finish_and_clear();
-            r.set("pairs", *pairs).set("sockets_opened", opened).set("sockets_failed_initial", failed);
+            r.set("pairs", *pairs)
+                .set("concurrency", *concurrency)
+                .set("sockets_opened", opened)
+                .set("sockets_failed_initial", failed);
+            // Server RSS per connection (over the RSS before any socket) after the first open,
+            // at its peak during the reconnect, and settle_ms after the last welcome.
+            tokio::time::sleep(Duration::from_millis(*settle_ms)).await;
+            let rss_open = procstat::rss_kib(pids).unwrap_or(0);
+            let peak = Arc::new(AtomicU64::new(rss_open));
+            let sampler = {
+                let (peak, pids) = (peak.clone(), pids.clone());
+                tokio::spawn(async move {
+                    let mut iv = tokio::time::interval(Duration::from_millis(100));
+                    loop {
+                        iv.tick().await;
+                        peak.fetch_max(procstat::rss_kib(&pids).unwrap_or(0), Ordering::Relaxed);
+                    }
+                })
+            };
             let pb = bar(opened, "reconnect");
             let t0 = Instant::now();
             send_all(&mut workers, "go").await?;
-            let done = collect(&mut rx, procs, &pb, limit).await?;
+            let done = collect(&mut rx, procs, &pb, limit).await;
             let secs = t0.elapsed().as_secs_f64();
             pb.finish_and_clear();
-            let m = merge_done(done, &mut errors);
+            let m = merge_done(done?, &mut errors);
+            tokio::time::sleep(Duration::from_millis(*settle_ms)).await;
+            sampler.abort();
+            let rss_after = procstat::rss_kib(pids).unwrap_or(0);
             r.set("reconnected", m.ok)
                 .set("failed", m.failed)
                 .set("retries", m.retries)
                 .setf("secs_until_all_welcomed", secs, 3)
                 .latency("welcome_after", &m.to_welcome)
                 .latency("welcome_after_101", &m.welcome_after_101);
+            if !pids.is_empty() {
+                let per = |kib: u64| kib.saturating_sub(rss0) as f64 / opened.max(1) as f64;
+                r.set("settle_ms", *settle_ms)
+                    .setf("server_rss_per_conn_kib_after_open", per(rss_open), 2)
+                    .setf("server_rss_per_conn_kib_peak_during_reconnect", per(peak.load(Ordering::Relaxed)), 2)
+                    .setf("server_rss_per_conn_kib_after_reconnect", per(rss_after), 2);
+            }
         }
         _ => {}
     }
