@@ -101,12 +101,17 @@ impl Target {
     /// Connects `user` (talking to `peer`) to instance `instance % instances`, and waits for the
     /// welcome. Returns the socket positioned right after the welcome.
     pub async fn connect(&self, instance: usize, user: &str, peer: &str) -> Result<Ws> {
+        Ok(self.connect_timed(instance, user, peer).await?.0)
+    }
+
+    /// As [`Target::connect`], and also returns how long the welcome took after the upgrade.
+    pub async fn connect_timed(&self, instance: usize, user: &str, peer: &str) -> Result<(Ws, Opened)> {
         tokio::time::timeout(self.timeout, self.connect_inner(instance, user, peer))
             .await
             .map_err(|_| anyhow!("timed out after {:?} (connect/upgrade/welcome)", self.timeout))?
     }
 
-    async fn connect_inner(&self, instance: usize, user: &str, peer: &str) -> Result<Ws> {
+    async fn connect_inner(&self, instance: usize, user: &str, peer: &str) -> Result<(Ws, Opened)> {
         let i = instance % self.addrs.len();
         let dst = self.addrs[i];
         let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
@@ -121,6 +126,8 @@ impl Target {
         let (mut ws, _resp) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
             .await
             .context("websocket upgrade")?;
+        // tungstenite returns as soon as it has parsed the 101 response.
+        let upgraded = Instant::now();
         if self.protocol == Protocol::Socketio {
             // Engine.IO open packet, then CONNECT to the default namespace.
             let open = next_text(&mut ws).await?;
@@ -132,13 +139,25 @@ impl Target {
         loop {
             let text = next_text(&mut ws).await?;
             match classify(self.protocol, &text) {
-                Incoming::Welcome => return Ok(ws),
+                Incoming::Welcome => {
+                    let welcome_after_101_us = upgraded.elapsed().as_micros() as u64;
+                    return Ok((ws, Opened { welcome_after_101_us }));
+                }
                 Incoming::Ping => ws.send(Message::text("3")).await?,
                 Incoming::Error => bail!("server error before welcome: {text:.200}"),
                 _ => {}
             }
         }
     }
+}
+
+/// Timing of one successful open.
+#[derive(Clone, Copy, Debug)]
+pub struct Opened {
+    /// From the parsed `101 Switching Protocols` response to the parsed `welcome` event, in
+    /// microseconds. For Socket.IO this includes the Engine.IO open packet and the client's
+    /// namespace CONNECT (`40`), one more round trip before the server can emit its welcome.
+    pub welcome_after_101_us: u64,
 }
 
 /// Reads the next text frame (skipping control frames).

@@ -1,12 +1,14 @@
 //! `switchboard-loadgen`: a load generator for switchboard and for WebSocket signaling peers
 //! (Socket.IO + redis-adapter, ws + ioredis) with the same pair semantics.
 //!
-//! Scenarios: `idle` (server RSS per connection), `latency` (one-way latency at a fixed rate),
-//! `throughput` (windowed max rate and server CPU per message), `connect` (upgrades/s) and
-//! `storm` (mass reconnect). Every run prints a readable table on stderr and one JSON line on
+//! Scenarios: `idle` (server RSS and kernel memory per connection), `latency` (one-way latency
+//! at a fixed rate), `throughput` (windowed max rate and server CPU per message), `connect`
+//! (upgrades/s), `storm` (mass reconnect) and `latency-under-storm` (live pairs' latency while
+//! other sockets connect). Every run prints a readable table on stderr and one JSON line on
 //! stdout. Only loopback targets are accepted.
 
 mod client;
+mod kernel;
 mod messaging;
 mod procstat;
 mod report;
@@ -73,7 +75,7 @@ struct Common {
 
 #[derive(Subcommand, Debug, Clone)]
 enum Scenario {
-    /// Open N pairs (2N sockets) and report server RSS per connection.
+    /// Open N pairs (2N sockets) and report server RSS and kernel memory per connection.
     Idle {
         /// Number of pairs.
         #[arg(long)]
@@ -142,6 +144,38 @@ enum Scenario {
         /// Concurrency of the initial open (the reconnect itself is unbounded).
         #[arg(long, default_value_t = 128)]
         concurrency: usize,
+        /// Wait this long after the first open and after the reconnect before reading server
+        /// RSS, in milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        settle_ms: u64,
+    },
+    /// P live pairs send at a fixed rate; report their latency while quiet, while K other
+    /// sockets connect (in `--procs` worker processes), and after.
+    LatencyUnderStorm {
+        /// Live pairs; both users of each pair send.
+        #[arg(long, default_value_t = 100)]
+        pairs: usize,
+        /// Size of each JSON message in bytes.
+        #[arg(long, default_value_t = 300)]
+        size: usize,
+        /// Total messages per second over all live sockets.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        /// Unmeasured warm-up in seconds.
+        #[arg(long, default_value_t = 2)]
+        warmup_secs: u64,
+        /// Measured quiet time before the storm, in seconds.
+        #[arg(long, default_value_t = 5)]
+        quiet_secs: u64,
+        /// Measured time after the storm's last welcome, in seconds.
+        #[arg(long, default_value_t = 2)]
+        after_secs: u64,
+        /// Sockets the storm opens (as pairs of other users).
+        #[arg(long, default_value_t = 8_000)]
+        storm_count: usize,
+        /// Storm handshakes in flight at once (over all worker processes).
+        #[arg(long, default_value_t = 200)]
+        storm_concurrency: usize,
     },
 }
 
@@ -153,6 +187,7 @@ impl Scenario {
             Scenario::Throughput { .. } => "throughput",
             Scenario::Connect { .. } => "connect",
             Scenario::Storm { .. } => "storm",
+            Scenario::LatencyUnderStorm { .. } => "latency-under-storm",
         }
     }
 }
@@ -195,6 +230,32 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
                 warmup: Duration::from_secs(*warmup_secs),
             };
             messaging::run(c, &target, &run_id, "throughput", p).await?
+        }
+        Scenario::LatencyUnderStorm {
+            pairs,
+            size,
+            rate,
+            warmup_secs,
+            quiet_secs,
+            after_secs,
+            storm_count,
+            storm_concurrency,
+        } => {
+            target.read_buffer = 16 * 1024;
+            let sp = messaging::StormParams {
+                live: messaging::Params {
+                    pairs: *pairs,
+                    size: *size,
+                    pacing: messaging::Pacing::Rate(*rate),
+                    duration: Duration::ZERO,
+                    warmup: Duration::from_secs(*warmup_secs),
+                },
+                quiet: Duration::from_secs(*quiet_secs),
+                after: Duration::from_secs(*after_secs),
+                storm_count: *storm_count,
+                storm_concurrency: *storm_concurrency,
+            };
+            messaging::run_under_storm(&cli, &target, &run_id, sp).await?
         }
         _ => workers::parent(&cli, &run_id).await?,
     };
