@@ -28,6 +28,7 @@ METRICS = {
     "switchboard_http_connections": "gauge",
     "switchboard_pair_subscriptions": "gauge",
     "switchboard_call_setup_seconds": "histogram",
+    "switchboard_session_setup_seconds": "histogram",
 }
 
 # Environment keys the server reads (brief + issue 4).
