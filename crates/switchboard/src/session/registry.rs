@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use super::handle::SessionHandle;
-use crate::broker::{envelope, Inbox};
+use super::handle::{Cursor, SessionHandle};
+use crate::broker::{envelope, Inbox, Seq, SessionId};
 use crate::protocol::ServerEvent;
 
 /// Local sessions by pair channel.
@@ -21,6 +21,9 @@ use crate::protocol::ServerEvent;
 pub struct Registry {
     /// Keyed by the same `Arc<str>` the sessions hold, so a channel's name is stored once.
     channels: Mutex<HashMap<Arc<str>, Vec<Arc<SessionHandle>>>>,
+    /// The cursors of resumable sessions (see [`Cursor`]), by session. Taken
+    /// only under `channels`' lock, so that their frames' order is dispatch order.
+    cursors: Mutex<HashMap<SessionId, Cursor>>,
     /// How often the broker's subscriber lost or regained its connection: the
     /// presence upkeep judges a peer gone only across a span without either.
     interruptions: AtomicU64,
@@ -48,9 +51,22 @@ impl Registry {
         list.push(session);
     }
 
+    fn cursors(&self) -> MutexGuard<'_, HashMap<SessionId, Cursor>> {
+        self.cursors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the session `id` resumable: its relayed frames go out as `relay`
+    /// events; with `replaying`, held until [`Registry::finish_replay`].
+    /// Before [`Registry::insert`].
+    pub fn make_resumable(&self, id: SessionId, replaying: bool) {
+        let _map = self.lock();
+        self.cursors().insert(id, Cursor::new(replaying));
+    }
+
     /// Removes the session `id` from `channel`.
     pub fn remove(&self, channel: &str, id: u64) {
         let mut map = self.lock();
+        self.cursors().remove(&id);
         if let Some(list) = map.get_mut(channel) {
             list.retain(|s| s.id != id);
             if list.is_empty() {
@@ -66,6 +82,15 @@ impl Registry {
         session.peer.finish_setup(from_presence)
     }
 
+    /// Ends a resuming session's replay (see [`SessionHandle::finish_replay`])
+    /// atomically with respect to dispatch.
+    pub fn finish_replay(&self, session: &SessionHandle, first: Vec<Bytes>, last: Option<Seq>) {
+        let _map = self.lock();
+        if let Some(cursor) = self.cursors().get_mut(&session.id) {
+            cursor.finish_replay(session, first, last);
+        }
+    }
+
     /// Hands an envelope received on `channel` to every local session there.
     /// Returns how many local sessions the channel has.
     pub fn dispatch(&self, channel: &str, raw: &Bytes) -> usize {
@@ -78,8 +103,15 @@ impl Registry {
         let Some(list) = map.get(channel) else {
             return 0;
         };
-        for session in list {
-            session.on_envelope(&env, raw, body_at);
+        let mut cursors = self.cursors();
+        if cursors.is_empty() {
+            for session in list {
+                session.on_envelope(&env, raw, body_at);
+            }
+        } else {
+            for session in list {
+                session.on_envelope_at(&env, raw, body_at, cursors.get_mut(&session.id));
+            }
         }
         list.len()
     }
