@@ -62,8 +62,12 @@ pub enum Replay {
         last: Seq,
     },
     /// The named entry is gone (expired, trimmed, or never there): what
-    /// followed it can't be told.
-    Gap,
+    /// followed it can't be told. `last` is the history's newest entry, if
+    /// any: everything up to it is lost to the client.
+    Gap {
+        /// The newest entry.
+        last: Option<Seq>,
+    },
 }
 
 /// The in-memory broker's history of one pair: the last [`HISTORY_LEN`]
@@ -97,12 +101,12 @@ impl Ring {
 
     /// What followed `after`, with each envelope's `Seq` put in by `stamp`.
     pub fn replay(&self, after: Seq, stamp: impl Fn(&Bytes, Seq) -> Bytes) -> Replay {
+        let newest = self.entries.back().map(|(seq, _)| *seq);
         let Ok(at) = self.entries.binary_search_by(|(seq, _)| seq.cmp(&after)) else {
-            return Replay::Gap;
+            return Replay::Gap { last: newest };
         };
         let envelopes = self.entries.iter().skip(at + 1).map(|(seq, env)| stamp(env, *seq)).collect();
-        let last = self.entries.back().map_or(after, |(seq, _)| *seq);
-        Replay::Covered { envelopes, last }
+        Replay::Covered { envelopes, last: newest.unwrap_or(after) }
     }
 }
 
@@ -135,9 +139,10 @@ mod tests {
         }
         let stamp = |env: &Bytes, s: Seq| Bytes::from(format!("{s}:{}", String::from_utf8_lossy(env)));
         // The first 10 fell out: a client that last saw one of them has a gap.
-        assert_eq!(ring.replay(seq(10), stamp), Replay::Gap);
-        assert_eq!(ring.replay(seq(1000), stamp), Replay::Gap, "a Seq never given out");
         let last = seq(HISTORY_LEN as u64 + 10);
+        assert_eq!(ring.replay(seq(10), stamp), Replay::Gap { last: Some(last) });
+        assert_eq!(ring.replay(seq(1000), stamp), Replay::Gap { last: Some(last) }, "a Seq never given out");
+        assert_eq!(Ring::new(now).replay(seq(1), stamp), Replay::Gap { last: None });
         match ring.replay(seq(HISTORY_LEN as u64 + 7), stamp) {
             Replay::Covered { envelopes, last: newest } => {
                 assert_eq!(envelopes, ["0-72:72", "0-73:73", "0-74:74"].map(Bytes::from));

@@ -136,13 +136,13 @@ impl Broker for MemoryBroker {
     }
 
     async fn replay(&self, channel: &str, after: Seq) -> Result<Replay, BrokerError> {
-        let Some(window) = self.window else { return Ok(Replay::Gap) };
+        let Some(window) = self.window else { return Ok(Replay::Gap { last: None }) };
         let histories = self.histories();
         Ok(match histories.rings.get(channel) {
             Some(ring) if !ring.expired(Instant::now(), window) => {
                 ring.replay(after, |env, seq| envelope::stamp(env, seq))
             }
-            _ => Replay::Gap,
+            _ => Replay::Gap { last: None },
         })
     }
 

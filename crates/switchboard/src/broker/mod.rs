@@ -146,7 +146,7 @@ pub trait Broker: Send + Sync + 'static {
     /// What `channel`'s history holds after `after` (see [`history`]). A
     /// broker without history has a gap everywhere.
     async fn replay(&self, _channel: &str, _after: Seq) -> Result<Replay, BrokerError> {
-        Ok(Replay::Gap)
+        Ok(Replay::Gap { last: None })
     }
 
     /// Keeps the presence of each `(pair, user, session)` alive (re-creating

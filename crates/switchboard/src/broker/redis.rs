@@ -106,12 +106,14 @@ redis.call('EXPIRE', KEYS[4], ARGV[5])
 redis.call(ARGV[4], KEYS[3], ARGV[3] .. ' ' .. id .. '\n')
 return {redis.call('GET', KEYS[2]) or '', id}";
 
-/// The entries of the stream `KEYS[1]` after `ARGV[1]` when that entry is
-/// still there (`{last ID, entries}`), else nil. One script, so the check and
+/// The newest ID of the stream `KEYS[1]` and the entries after `ARGV[1]`
+/// when that entry is still there (`{last ID, entries}`); else the newest ID
+/// alone (`{last ID}`), or nil for no stream. One script, so the check and
 /// the read see the same stream.
 const REPLAY_LUA: &str = r"
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 then return false end
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return {last[1][1]} end
 return {last[1][1], redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+')}";
 
 /// Sets `KEYS[1]` to `ARGV[1]` for `ARGV[2]` seconds, publishes the join
@@ -315,19 +317,26 @@ impl Broker for RedisBroker {
 
     async fn replay(&self, channel: &str, after: Seq) -> Result<Replay, BrokerError> {
         if self.history.is_none() {
-            return Ok(Replay::Gap);
+            return Ok(Replay::Gap { last: None });
         }
         let pair = PairId::from_channel(&self.prefix, channel)
             .ok_or_else(|| BrokerError::Command(format!("{channel} names no pair")))?;
         let stream = crate::pair::history_key(channel);
         let reply = self.eval(&pair, &REPLAY, &[stream.as_str()], &[after.to_string().as_str()]).await?;
         if reply == redis::Value::Nil {
-            return Ok(Replay::Gap);
+            return Ok(Replay::Gap { last: None });
         }
         type Entry = (String, Vec<Vec<u8>>);
-        let (last, entries): (String, Vec<Entry>) = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+        fn parse<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, BrokerError> {
+            redis::from_redis_value(value).map_err(|e| BrokerError::Redis(redis::RedisError::from(e)))
+        }
+        let mut reply: Vec<redis::Value> = parse(reply)?;
+        let entries: Option<Vec<Entry>> =
+            if reply.len() == 2 { reply.pop().map(parse::<Vec<Entry>>).transpose()? } else { None };
+        let last: String = parse(reply.pop().unwrap_or(redis::Value::Nil))?;
         let bad = |what: &str| BrokerError::Command(format!("unexpected history entry: {what}"));
         let last = Seq::parse(&last).ok_or_else(|| bad(&last))?;
+        let Some(entries) = entries else { return Ok(Replay::Gap { last: Some(last) }) };
         let mut envelopes = Vec::with_capacity(entries.len());
         for (id, fields) in entries {
             let seq = Seq::parse(&id).ok_or_else(|| bad(&id))?;

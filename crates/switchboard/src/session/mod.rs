@@ -375,9 +375,9 @@ async fn resume_from(
     let replay = match after {
         Some(after) => state.broker.replay(channel, after).await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, session = %Sid(handle.id), "replay failed: the client gets resync");
-            Replay::Gap
+            Replay::Gap { last: None }
         }),
-        None => Replay::Gap,
+        None => Replay::Gap { last: None },
     };
     let seq = match (replay, after) {
         (Replay::Covered { envelopes, last }, Some(after)) => {
@@ -389,10 +389,16 @@ async fn resume_from(
             registry.finish_replay(handle, frames, Some(last));
             seq
         }
-        _ => {
+        (replay, _) => {
+            // Everything up to the history's newest entry is lost to the
+            // client: `resync`, then only what follows it.
+            let last = match replay {
+                Replay::Gap { last } => last,
+                Replay::Covered { .. } => None,
+            };
             tracing::debug!(session = %Sid(handle.id), "resume: the history has a gap");
-            registry.finish_replay(handle, vec![ServerEvent::Resync.to_bytes()], None);
-            join
+            registry.finish_replay(handle, vec![ServerEvent::Resync.to_bytes()], last);
+            last.map_or(join, |last| last.max(join))
         }
     };
     Some((token, seq))
