@@ -148,7 +148,7 @@ mod tests {
                 assert_eq!(envelopes, ["0-72:72", "0-73:73", "0-74:74"].map(Bytes::from));
                 assert_eq!(newest, last);
             }
-            Replay::Gap => panic!("covered"),
+            Replay::Gap { .. } => panic!("covered"),
         }
         assert_eq!(ring.replay(last, stamp), Replay::Covered { envelopes: vec![], last });
         assert_eq!(ring.replay(seq(11), stamp), Replay::Covered { envelopes: ring_after(&ring, 11), last });
