@@ -1003,6 +1003,25 @@ mod tests {
     }
 
     #[test]
+    fn resume_is_off_by_default_and_needs_a_shared_key_with_redis() {
+        let redis = ("SWITCHBOARD_REDIS_URL", "redis://127.0.0.1:6379");
+        let on = ("SWITCHBOARD_RESUME_SECS", "30");
+        let off = Settings::load_with_env(None, &[redis]).unwrap();
+        assert!(off.resume.is_zero() && off.resume_key.is_none());
+        let err = Settings::load_with_env(None, &[redis, on]).unwrap_err().to_string();
+        assert!(err.to_ascii_uppercase().contains("RESUME_SECRET"), "{err}");
+        let short = Settings::load_with_env(None, &[redis, on, ("SWITCHBOARD_RESUME_SECRET", "short")]);
+        assert!(short.is_err());
+        let secret = "0123456789abcdef0123456789abcdef";
+        for key in ["SWITCHBOARD_RESUME_SECRET", "SWITCHBOARD_AUTH_SECRET"] {
+            let s = Settings::load_with_env(None, &[redis, on, (key, secret)]).unwrap();
+            assert_eq!((s.resume, s.resume_key.is_some()), (Duration::from_secs(30), true), "{key}");
+        }
+        let memory = Settings::load_with_env(None, &[on]).unwrap();
+        assert!(memory.resume_key.is_some(), "one process: a random key will do");
+    }
+
+    #[test]
     fn readme_and_help_show_each_range() {
         let readme = repo_file("README.md");
         let help = env_help().split_whitespace().collect::<Vec<_>>().join(" ");

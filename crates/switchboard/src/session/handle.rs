@@ -72,6 +72,12 @@ impl Cursor {
         }
     }
 
+    /// Forgets which `seq` was delivered last: after a broker reconnect, the
+    /// history may start over.
+    pub fn forget_position(&mut self) {
+        self.last = None;
+    }
+
     /// Whether a frame at `seq` is new, noting it as delivered if so.
     fn advance(&mut self, seq: Option<Seq>) -> bool {
         match (seq, self.last) {
@@ -323,5 +329,52 @@ mod tests {
         let parsed = crate::broker::envelope::decode(&other).expect("an envelope");
         h.on_envelope(&parsed, &other, other.len() - parsed.body.len());
         assert_eq!(h.echo.owed(), 60, "the same user's other session's copy is not ours");
+    }
+
+    #[test]
+    fn a_resumable_session_holds_live_frames_during_a_replay_and_never_repeats_one() {
+        use crate::broker::envelope::{decode, encode, stamp};
+        let h = handle(16, 1 << 20);
+        let bob = UserId::parse("bob").expect("valid");
+        let mut cursor = Cursor::new(true);
+        let live = |n: Option<u64>, cursor: &mut Cursor| {
+            let raw = encode(Kind::Message, &bob, 9, format!(r#"{{"n":{}}}"#, n.unwrap_or(0)).as_bytes());
+            let raw = match n {
+                Some(n) => stamp(&raw, Seq { ms: 1, n }),
+                None => raw,
+            };
+            let env = decode(&raw).expect("an envelope");
+            h.on_envelope_at(&env, &raw, raw.len() - env.body.len(), Some(cursor));
+        };
+        // Live frames 3 to 5 arrive while the replay (up to 4) is read.
+        for n in 3..=5 {
+            live(Some(n), &mut cursor);
+        }
+        cursor.finish_replay(
+            &h,
+            vec![Bytes::from_static(b"replayed 3"), Bytes::from_static(b"replayed 4")],
+            Some(Seq { ms: 1, n: 4 }),
+        );
+        live(Some(5), &mut cursor);
+        live(Some(6), &mut cursor);
+        live(None, &mut cursor);
+        let work = tokio::runtime::Builder::new_current_thread().build().expect("rt").block_on(h.next_work());
+        let frames: Vec<String> =
+            work.expect("work").frames.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+        assert_eq!(
+            frames,
+            [
+                "replayed 3",
+                "replayed 4",
+                r#"{"type":"relay","seq":"1-5","data":{"n":5}}"#,
+                r#"{"type":"relay","seq":"1-6","data":{"n":6}}"#,
+                r#"{"type":"relay","data":{"n":0}}"#,
+            ]
+        );
+        // After a broker reconnect the history may number anew.
+        cursor.forget_position();
+        live(Some(2), &mut cursor);
+        let work = tokio::runtime::Builder::new_current_thread().build().expect("rt").block_on(h.next_work());
+        assert_eq!(work.expect("work").frames.len(), 1);
     }
 }

@@ -175,6 +175,17 @@ impl Inbox for Registry {
         // are the echoes senders wait for: their clients must renegotiate.
         let channels: Vec<&str> = channels.collect();
         self.forget_echoes(channels.iter().copied());
-        self.broadcast(channels, &ServerEvent::Resync.to_bytes());
+        self.broadcast(channels.iter().copied(), &ServerEvent::Resync.to_bytes());
+        // The history may be gone too (a failover), and a new one may number
+        // from lower IDs: resumable sessions take whatever comes next.
+        let map = self.lock();
+        let mut cursors = self.cursors();
+        if !cursors.is_empty() {
+            for session in channels.iter().filter_map(|c| map.get(*c)).flatten() {
+                if let Some(cursor) = cursors.get_mut(&session.id) {
+                    cursor.forget_position();
+                }
+            }
+        }
     }
 }
