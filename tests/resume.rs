@@ -210,3 +210,43 @@ async fn with_resume_off_a_resume_request_changes_nothing() {
         redis::cmd("KEYS").arg("*history*").query_async(&mut redis.conn().await).await.expect("KEYS");
     assert!(keys.is_empty(), "no history kept: {keys:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_larger_than_half_the_outbound_queue_gives_resync() {
+    let c = Cluster::memory_with(|s| {
+        resume_on(s);
+        s.outbox_messages = 16;
+    })
+    .await;
+    let node = c.node(0);
+    let (mut bob, welcome) = connect(node, "bob", "alice", "&resume=1").await;
+    let (token, seq) = resume_of(&welcome);
+    let (mut alice, _) = connect(node, "alice", "bob", "").await;
+    assert_eq!(bob.recv_json().await["type"], "peer-joined");
+    bob.reset_connection();
+    // Within the history (64), but more than 8 of a 16-frame queue.
+    for n in 0..9 {
+        alice.send(json!({"type": "n", "n": n}).to_string()).await;
+    }
+    alice.round_trip().await;
+    let (mut bob, _) = connect(node, "bob", "alice", &format!("&resume={token}&after={seq}")).await;
+    assert_eq!(bob.recv_json().await, json!({"type": "resync"}));
+    alice.send(r#"{"type":"n","n":"live"}"#).await;
+    assert_eq!(bob.recv_json().await["data"]["n"], "live");
+
+    // Eight fit.
+    let (token, seq) = resume_of(&{
+        let (bob, welcome) = connect(node, "bob", "alice", "&resume=1").await;
+        bob.reset_connection();
+        welcome
+    });
+    drop(bob);
+    for n in 0..8 {
+        alice.send(json!({"type": "n", "n": n}).to_string()).await;
+    }
+    alice.round_trip().await;
+    let (mut bob, _) = connect(node, "bob", "alice", &format!("&resume={token}&after={seq}")).await;
+    for n in 0..8 {
+        assert_eq!(bob.recv_json().await["data"]["n"], n);
+    }
+}

@@ -379,9 +379,30 @@ async fn resume_from(
         }),
         None => Replay::Gap { last: None },
     };
-    let seq = match (replay, after) {
+    let settings = &state.settings;
+    // A replay the outbound queue can't hold beside live traffic would close
+    // the socket as a slow consumer, and the client would come back with the
+    // same `seq`, again and again: it gets `resync` instead.
+    let fits = |frames: &[Bytes]| {
+        frames.len() <= settings.outbox_messages / 2
+            && frames.iter().map(Bytes::len).sum::<usize>() <= settings.outbox_bytes / 2
+    };
+    // What the client gets: the replayed frames up to the history's newest
+    // entry, or (`Err`) `resync` and nothing up to that entry.
+    let replayed = match (replay, after) {
         (Replay::Covered { envelopes, last }, Some(after)) => {
             let frames = handle::replayed(&handle.user, &envelopes);
+            if fits(&frames) {
+                Ok((frames, last, after))
+            } else {
+                Err(Some(last))
+            }
+        }
+        (Replay::Covered { .. }, None) => Err(None),
+        (Replay::Gap { last }, _) => Err(last),
+    };
+    let seq = match replayed {
+        Ok((frames, last, after)) => {
             tracing::debug!(session = %Sid(handle.id), frames = frames.len(), "resumed");
             // With frames to come, the client stands where it asked until
             // they arrive; without, at the history's newest entry.
@@ -389,14 +410,8 @@ async fn resume_from(
             registry.finish_replay(handle, frames, Some(last));
             seq
         }
-        (replay, _) => {
-            // Everything up to the history's newest entry is lost to the
-            // client: `resync`, then only what follows it.
-            let last = match replay {
-                Replay::Gap { last } => last,
-                Replay::Covered { .. } => None,
-            };
-            tracing::debug!(session = %Sid(handle.id), "resume: the history has a gap");
+        Err(last) => {
+            tracing::debug!(session = %Sid(handle.id), "resume: the history does not cover the gap");
             registry.finish_replay(handle, vec![ServerEvent::Resync.to_bytes()], last);
             last.map_or(join, |last| last.max(join))
         }

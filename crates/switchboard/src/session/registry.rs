@@ -7,7 +7,7 @@
 //! broker's subscriber reconnects: `resync`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -24,6 +24,9 @@ pub struct Registry {
     /// The cursors of resumable sessions (see [`Cursor`]), by session. Taken
     /// only under `channels`' lock, so that their frames' order is dispatch order.
     cursors: Mutex<HashMap<SessionId, Cursor>>,
+    /// How many cursors there are (changed under `channels`' lock): while
+    /// none, dispatch takes no second lock (resume off, or never asked for).
+    resumables: AtomicUsize,
     /// How often the broker's subscriber lost or regained its connection: the
     /// presence upkeep judges a peer gone only across a span without either.
     interruptions: AtomicU64,
@@ -60,13 +63,17 @@ impl Registry {
     /// Before [`Registry::insert`].
     pub fn make_resumable(&self, id: SessionId, replaying: bool) {
         let _map = self.lock();
-        self.cursors().insert(id, Cursor::new(replaying));
+        if self.cursors().insert(id, Cursor::new(replaying)).is_none() {
+            self.resumables.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Removes the session `id` from `channel`.
     pub fn remove(&self, channel: &str, id: u64) {
         let mut map = self.lock();
-        self.cursors().remove(&id);
+        if self.resumables.load(Ordering::Relaxed) > 0 && self.cursors().remove(&id).is_some() {
+            self.resumables.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(list) = map.get_mut(channel) {
             list.retain(|s| s.id != id);
             if list.is_empty() {
@@ -103,12 +110,12 @@ impl Registry {
         let Some(list) = map.get(channel) else {
             return 0;
         };
-        let mut cursors = self.cursors();
-        if cursors.is_empty() {
+        if self.resumables.load(Ordering::Relaxed) == 0 {
             for session in list {
                 session.on_envelope(&env, raw, body_at);
             }
         } else {
+            let mut cursors = self.cursors();
             for session in list {
                 session.on_envelope_at(&env, raw, body_at, cursors.get_mut(&session.id));
             }
@@ -179,8 +186,8 @@ impl Inbox for Registry {
         // The history may be gone too (a failover), and a new one may number
         // from lower IDs: resumable sessions take whatever comes next.
         let map = self.lock();
-        let mut cursors = self.cursors();
-        if !cursors.is_empty() {
+        if self.resumables.load(Ordering::Relaxed) > 0 {
+            let mut cursors = self.cursors();
             for session in channels.iter().filter_map(|c| map.get(*c)).flatten() {
                 if let Some(cursor) = cursors.get_mut(&session.id) {
                     cursor.forget_position();
