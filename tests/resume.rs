@@ -250,3 +250,36 @@ async fn a_replay_larger_than_half_the_outbound_queue_gives_resync() {
         assert_eq!(bob.recv_json().await["data"]["n"], n);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_signed_links_the_token_must_match_the_links_identity() {
+    use switchboard::auth::LinkSigner;
+    use switchboard::pair::UserId;
+    let signer = LinkSigner::new(&Secret::new("a link secret for tests, 32+ bytes long"));
+    let c = Cluster::memory_with(|s| {
+        resume_on(s);
+        s.auth = Some(signer.clone());
+    })
+    .await;
+    let node = c.node(0);
+    let link = |user: &str, peer: &str| {
+        let (user, peer) = (UserId::parse(user).unwrap(), UserId::parse(peer).unwrap());
+        let jwt = signer.sign(&user, &peer, std::time::SystemTime::now() + Duration::from_secs(3600));
+        format!("ws://{}/ws?token={jwt}", node.addr)
+    };
+    let mut bob = Client::connect(&format!("{}&resume=1", link("bob", "alice"))).await.expect("upgrade");
+    let (token, seq) = resume_of(&bob.recv_json().await);
+    // Alice's link with Bob's resume token: refused.
+    let mut alice =
+        Client::connect(&format!("{}&resume={token}&after={seq}", link("alice", "bob"))).await.expect("upgrade");
+    assert_eq!(alice.expect_closed().await.code, Some(4003));
+    // Bob's own link resumes.
+    let mut bob =
+        Client::connect(&format!("{}&resume={token}&after={seq}", link("bob", "alice"))).await.expect("upgrade");
+    let welcome = bob.recv_json().await;
+    assert_eq!(
+        (welcome["type"].as_str(), welcome["resume"]["token"].is_string()),
+        (Some("welcome"), true),
+        "{welcome}"
+    );
+}
