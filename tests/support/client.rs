@@ -78,6 +78,23 @@ impl Client {
         }
     }
 
+    /// Sends a ping and waits for its pong; returns the text frames that came
+    /// before it. The server answers a ping only after it handled every
+    /// frame sent before it.
+    pub async fn round_trip(&mut self) -> Vec<String> {
+        self.ping(b"round trip").await;
+        let mut texts = Vec::new();
+        loop {
+            let msg = tokio::time::timeout(DEADLINE, self.ws.next()).await.expect("a pong before the deadline");
+            match msg {
+                Some(Ok(Message::Pong(payload))) if &payload[..] == b"round trip" => return texts,
+                Some(Ok(Message::Text(text))) => texts.push(text.to_string()),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a pong, got {other:?}"),
+            }
+        }
+    }
+
     /// The next text frame, failing on anything else or after the deadline.
     pub async fn recv_text(&mut self) -> String {
         next_text(&mut self.ws).await
@@ -122,6 +139,15 @@ impl Client {
     pub fn drop_connection(self) {
         drop(self);
     }
+
+    /// Resets the TCP connection (RST, not FIN): whatever the server still
+    /// writes to it is lost, as when a phone's network changes.
+    pub fn reset_connection(self) {
+        if let MaybeTlsStream::Plain(tcp) = self.ws.get_ref() {
+            socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO)).expect("SO_LINGER 0");
+        }
+        drop(self);
+    }
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -136,6 +162,11 @@ impl ClientTx {
     /// Sends a text frame.
     pub async fn send(&mut self, text: String) {
         self.0.send(Message::text(text)).await.expect("send text");
+    }
+
+    /// Sends a ping carrying `payload`.
+    pub async fn ping(&mut self, payload: &[u8]) {
+        self.0.send(Message::Ping(payload.to_vec().into())).await.expect("send ping");
     }
 
     /// Joins the halves again.

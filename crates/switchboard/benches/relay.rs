@@ -116,6 +116,7 @@ fn server_events(c: &mut Criterion) {
                 polite: false,
                 peer_online: true,
                 ice_servers: black_box(&*ice),
+                resume: None,
             }
             .to_bytes()
         })

@@ -163,7 +163,7 @@ async fn start_broker(
 ) -> Result<Arc<dyn Broker>, BrokerError> {
     let inbox: Arc<dyn Inbox> = registry;
     let Some(url) = &settings.redis_url else {
-        return Ok(Arc::new(MemoryBroker::new(inbox)));
+        return Ok(Arc::new(MemoryBroker::new(inbox).with_history(settings.resume)));
     };
     let ca_pem = match &settings.redis_ca_file {
         Some(path) => Some(
@@ -188,7 +188,8 @@ async fn start_broker(
         presence_ttl: settings.presence_ttl,
         pool_size: settings.redis_pool_size,
     };
-    Ok(Arc::new(RedisBroker::start(options, inbox, stop.clone(), background, FIRST_BROKER_CONNECT).await?))
+    let broker = RedisBroker::start(options, inbox, stop.clone(), background, FIRST_BROKER_CONNECT).await?;
+    Ok(Arc::new(broker.with_history(settings.resume)))
 }
 
 /// Presence upkeep and pings: instance-wide tasks that stop with the broker,

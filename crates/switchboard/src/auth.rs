@@ -301,6 +301,65 @@ pub fn call_links(
     Ok([link(&user, &peer), link(&peer, &user)])
 }
 
+/// Signs and checks resume tokens (`SWITCHBOARD_RESUME_SECS`): a welcome
+/// gives one to a client that asked to resume later, and a later session
+/// may resume the pair's history only with a token made for the same user
+/// and pair. Token: `{session:x}.{MAC}`, the MAC (HMAC-SHA256, base64url) over
+/// the user, the pair and the session that was given it.
+#[derive(Clone)]
+pub struct ResumeKey {
+    key: Hmac<Sha256>,
+}
+
+impl fmt::Debug for ResumeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResumeKey(<redacted>)")
+    }
+}
+
+impl ResumeKey {
+    /// A key from `secret` (`SWITCHBOARD_RESUME_SECRET`, or the link secret).
+    pub fn new(secret: &Secret) -> Self {
+        // A key of its own: a resume token can never pass as a link's signature.
+        let mut derive = Hmac::<Sha256>::new_from_slice(secret.expose()).expect("HMAC takes keys of any length");
+        derive.update(b"switchboard resume key v1");
+        let key = derive.finalize().into_bytes();
+        Self { key: Hmac::new_from_slice(&key).expect("HMAC takes keys of any length") }
+    }
+
+    /// A key of random bytes, for one process (the in-memory broker).
+    pub fn random() -> Self {
+        let bytes: [u8; 32] = rand::random();
+        Self { key: Hmac::new_from_slice(&bytes).expect("HMAC takes keys of any length") }
+    }
+
+    fn mac(&self, identity: &Identity, session: &str) -> Hmac<Sha256> {
+        let mut mac = self.key.clone();
+        let (user, pair) = (&identity.user, &identity.pair);
+        // IDs hold no spaces: the fields can't run into one another.
+        let peer = pair.other(user);
+        mac.update(format!("{user} {peer} {session}").as_bytes());
+        mac
+    }
+
+    /// The token of `session` for `identity`.
+    pub fn token(&self, identity: &Identity, session: u64) -> String {
+        let session = format!("{session:x}");
+        let mac = self.mac(identity, &session).finalize().into_bytes();
+        format!("{session}.{}", URL_SAFE_NO_PAD.encode(mac))
+    }
+
+    /// Whether `token` was made by [`ResumeKey::token`] for `identity`.
+    pub fn verify(&self, identity: &Identity, token: &str) -> bool {
+        let Some((session, mac)) = token.split_once('.') else { return false };
+        if session.is_empty() || session.len() > 16 || !session.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return false;
+        }
+        let Ok(mac) = URL_SAFE_NO_PAD.decode(mac) else { return false };
+        self.mac(identity, session).verify_slice(&mac).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,5 +588,34 @@ mod tests {
         assert!(matches!(call_links(&s, "http://x", "alice", "alice", hour, now), Err(LinkError::BadId(_))));
         assert!(matches!(call_links(&s, "http://x", "a:b", "bob", hour, now), Err(LinkError::BadId(_))));
         assert!(matches!(call_links(&s, "http://x", "alice", "bob", Duration::ZERO, now), Err(LinkError::BadTtl)));
+    }
+
+    #[test]
+    fn a_resume_token_fits_its_own_user_and_pair_only() {
+        let key = ResumeKey::new(&Secret::new("a resume secret of 32 bytes, or more"));
+        let who =
+            |user: &str, peer: &str| Identity { user: id(user), pair: PairId::new(&id(user), &id(peer)).unwrap() };
+        let token = key.token(&who("alice", "bob"), 0xabc);
+        assert!(token.starts_with("abc."));
+        assert!(key.verify(&who("alice", "bob"), &token));
+        assert!(!key.verify(&who("bob", "alice"), &token), "the peer can't use it");
+        assert!(!key.verify(&who("alice", "carol"), &token), "nor can another pair");
+        let other = ResumeKey::new(&Secret::new("another secret, also 32 bytes long"));
+        assert!(!other.verify(&who("alice", "bob"), &token), "another key");
+        assert!(!ResumeKey::random().verify(&who("alice", "bob"), &token));
+        let (_, mac) = token.split_once('.').unwrap();
+        for forged in [
+            format!("abd.{mac}"),
+            "abc.".into(),
+            "abc".into(),
+            String::new(),
+            format!("xyz.{mac}"),
+            format!("{token}A"),
+        ] {
+            assert!(!key.verify(&who("alice", "bob"), &forged), "{forged:?}");
+        }
+        // A link signed with the same secret is no resume token, nor the reverse.
+        let link = LinkSigner::new(&Secret::new("a resume secret of 32 bytes, or more"));
+        assert!(!key.verify(&who("alice", "bob"), &link.sign(&id("alice"), &id("bob"), SystemTime::now())));
     }
 }

@@ -124,6 +124,20 @@ pub const SETTINGS: &[Setting] = &[
     whole("rate_per_sec", "50", 1, 100_000, "client messages per second per socket (token bucket refill)"),
     whole("rate_burst", "200", 1, 1_000_000, "token bucket size; more drops than this within 10 s closes with 1008"),
     text("auth_secret", None, "HS256 key (32+ bytes); set = /ws needs a signed token (see `switchboard link`)"),
+    whole(
+        "resume_secs",
+        "0",
+        0,
+        3600,
+        "how long a pair's last 64 relayed messages are kept for clients that reconnect with `resume` \
+         (docs/protocol.md); 0 = off: no history, no resume",
+    ),
+    text(
+        "resume_secret",
+        None,
+        "key (32+ bytes, the same on every replica) of resume tokens; unset = AUTH_SECRET's, or a random one \
+         with the in-memory broker; needed with Redis when RESUME_SECS > 0 and AUTH_SECRET is unset",
+    ),
     text(
         "allowed_origins",
         None,
@@ -317,6 +331,10 @@ pub struct Settings {
     pub rate_burst: u32,
     /// Signed links: `Some` when `SWITCHBOARD_AUTH_SECRET` is set.
     pub auth: Option<crate::auth::LinkSigner>,
+    /// How long a pair's history outlives its last message; zero: no history.
+    pub resume: Duration,
+    /// The key of resume tokens; `Some` when `resume` is not zero.
+    pub resume_key: Option<crate::auth::ResumeKey>,
     /// Browser origins allowed to open `/ws`.
     pub allowed_origins: crate::origin::AllowedOrigins,
 }
@@ -564,14 +582,35 @@ impl Values {
         if !ping_interval.is_zero() && pong_timeout.is_zero() {
             return Err(self.bad("pong_timeout_secs", "must be at least 1 while pings are on"));
         }
-        let auth = match self.text("auth_secret")? {
+        let auth_secret = self.text("auth_secret")?;
+        let auth = match &auth_secret {
             Some(secret) if secret.len() < crate::auth::MIN_SECRET_BYTES => {
                 return Err(
                     self.bad("auth_secret", "must be at least 32 bytes, e.g. the output of `openssl rand -hex 32`")
                 )
             }
-            Some(secret) => Some(crate::auth::LinkSigner::new(&crate::auth::Secret::new(&secret))),
+            Some(secret) => Some(crate::auth::LinkSigner::new(&crate::auth::Secret::new(secret))),
             None => None,
+        };
+        let resume = self.secs("resume_secs")?;
+        let resume_key = match (self.text("resume_secret")?, auth_secret) {
+            _ if resume.is_zero() => None,
+            (Some(secret), _) if secret.len() < crate::auth::MIN_SECRET_BYTES => {
+                return Err(
+                    self.bad("resume_secret", "must be at least 32 bytes, e.g. the output of `openssl rand -hex 32`")
+                )
+            }
+            (Some(secret), _) | (None, Some(secret)) => {
+                Some(crate::auth::ResumeKey::new(&crate::auth::Secret::new(&secret)))
+            }
+            (None, None) if redis_url.is_none() => Some(crate::auth::ResumeKey::random()),
+            (None, None) => {
+                return Err(self.bad(
+                    "resume_secret",
+                    "must be set (the same on every replica) when SWITCHBOARD_RESUME_SECS > 0 with Redis, \
+                     unless SWITCHBOARD_AUTH_SECRET is",
+                ))
+            }
         };
         let allowed_origins = crate::origin::AllowedOrigins::parse(&self.text_or_empty("allowed_origins")?)
             .map_err(|why| self.bad("allowed_origins", format!("must list origins: {why}")))?
@@ -628,6 +667,8 @@ impl Values {
             rate_per_sec: self.whole("rate_per_sec")?,
             rate_burst: self.whole("rate_burst")?,
             auth,
+            resume,
+            resume_key,
             allowed_origins,
         })
     }
@@ -986,6 +1027,25 @@ mod tests {
         }
         let s = Settings::load_with_env(None, &[("SWITCHBOARD_DRAIN_SECS", "3600")]).unwrap();
         assert_eq!(s.drain, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn resume_is_off_by_default_and_needs_a_shared_key_with_redis() {
+        let redis = ("SWITCHBOARD_REDIS_URL", "redis://127.0.0.1:6379");
+        let on = ("SWITCHBOARD_RESUME_SECS", "30");
+        let off = Settings::load_with_env(None, &[redis]).unwrap();
+        assert!(off.resume.is_zero() && off.resume_key.is_none());
+        let err = Settings::load_with_env(None, &[redis, on]).unwrap_err().to_string();
+        assert!(err.to_ascii_uppercase().contains("RESUME_SECRET"), "{err}");
+        let short = Settings::load_with_env(None, &[redis, on, ("SWITCHBOARD_RESUME_SECRET", "short")]);
+        assert!(short.is_err());
+        let secret = "0123456789abcdef0123456789abcdef";
+        for key in ["SWITCHBOARD_RESUME_SECRET", "SWITCHBOARD_AUTH_SECRET"] {
+            let s = Settings::load_with_env(None, &[redis, on, (key, secret)]).unwrap();
+            assert_eq!((s.resume, s.resume_key.is_some()), (Duration::from_secs(30), true), "{key}");
+        }
+        let memory = Settings::load_with_env(None, &[on]).unwrap();
+        assert!(memory.resume_key.is_some(), "one process: a random key will do");
     }
 
     #[test]

@@ -36,6 +36,9 @@
 //! - [`broker`]: the [`broker::Broker`] and [`broker::Inbox`] traits, the
 //!   in-memory broker, the Redis broker with its command lanes, and the
 //!   envelope that carries the sender's identity next to the client's bytes.
+//!   With `SWITCHBOARD_RESUME_SECS` > 0, `broker::history`: each pair's last
+//!   envelopes (a Redis stream, or a ring in memory), whose `Seq` resuming
+//!   clients name; the session's side is the registry's cursors.
 //!   Redis is reached through a `broker::target` (one server, Sentinel's
 //!   master, or a cluster's seeds; TLS in `broker::tls`). Subscriptions are
 //!   switchboard's own: `broker::subscriber` counts sessions per channel and

@@ -192,6 +192,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "protocol",
     "broker_unavailable",
     "slow_frame",
+    "resume_refused",
 ];
 
 /// `reason` values of [`names::REJECTS`] (docs/operations.md lists them).

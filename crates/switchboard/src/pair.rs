@@ -189,6 +189,21 @@ impl<'a> Names<'a> {
     pub fn presence_key(&self, pair: &PairId, user: &UserId) -> String {
         pair.presence_key(&self.head(pair), user)
     }
+
+    /// The pair's history stream (with resume on): `{prefix}:history:{lower}:{higher}`,
+    /// in the channel's slot.
+    pub fn history_key(&self, pair: &PairId) -> String {
+        history_key(&self.channel(pair))
+    }
+}
+
+/// The history stream's key of a pair's `channel` (see [`Names::history_key`]):
+/// the channel's name with `:history:` for its last `:pair:` (IDs hold no `:`).
+pub fn history_key(channel: &str) -> String {
+    match channel.rfind(":pair:") {
+        Some(at) => format!("{}:history:{}", &channel[..at], &channel[at + ":pair:".len()..]),
+        None => format!("{channel}:history"),
+    }
 }
 
 /// Who a new session is: the connecting user and their pair, validated.
@@ -227,6 +242,14 @@ mod tests {
         let p = PairId::new(&b, &a).unwrap();
         assert_eq!(p.channel("sb"), "sb:pair:alice:bob");
         assert!(p.is_polite(&b) && !p.is_polite(&a));
+        assert_eq!(Names::new("sb", false).history_key(&p), "sb:history:alice:bob");
+        let tagged = Names::new("sb:pair:x", true);
+        let (channel, history) = (tagged.channel(&p), tagged.history_key(&p));
+        assert_eq!(history, channel.replace(":pair:alice", ":history:alice"), "only the pair's own `:pair:`");
+        assert_eq!(
+            redis_protocol::redis_keyslot(history.as_bytes()),
+            redis_protocol::redis_keyslot(channel.as_bytes())
+        );
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The same user connected again to the same pair; the older session ends.
     pub const REPLACED: u16 = 4001;
+    /// A resume token that was not made for this user and pair.
+    pub const RESUME_REFUSED: u16 = 4003;
 }
 
 /// Why the server ends a session: the close code and text it sends, and the
@@ -66,11 +68,13 @@ pub enum CloseReason {
     BrokerUnavailable,
     /// The client started a frame and did not finish it in time.
     SlowFrame,
+    /// The client asked to resume with a token not made for its user and pair.
+    ResumeRefused,
 }
 
 impl CloseReason {
     /// Every reason, in `repr` order.
-    const ALL: [Self; 12] = [
+    const ALL: [Self; 13] = [
         Self::Replaced,
         Self::Shutdown,
         Self::Drain,
@@ -83,6 +87,7 @@ impl CloseReason {
         Self::PingTimeout,
         Self::BrokerUnavailable,
         Self::SlowFrame,
+        Self::ResumeRefused,
     ];
 
     /// The WebSocket close code.
@@ -97,6 +102,7 @@ impl CloseReason {
             Self::TooBig => close::TOO_BIG,
             Self::Protocol => close::PROTOCOL_ERROR,
             Self::BrokerUnavailable => close::TRY_AGAIN_LATER,
+            Self::ResumeRefused => close::RESUME_REFUSED,
         }
     }
 
@@ -115,6 +121,7 @@ impl CloseReason {
             Self::PingTimeout => "ping timeout",
             Self::BrokerUnavailable => "broker unavailable",
             Self::SlowFrame => "frame not finished in time",
+            Self::ResumeRefused => "resume token refused",
         }
     }
 
@@ -133,6 +140,7 @@ impl CloseReason {
             Self::PingTimeout => "ping_timeout",
             Self::BrokerUnavailable => "broker_unavailable",
             Self::SlowFrame => "slow_frame",
+            Self::ResumeRefused => "resume_refused",
         }
     }
 
@@ -308,6 +316,9 @@ pub enum ServerEvent<'a> {
         /// STUN/TURN servers for `RTCPeerConnection`.
         #[serde(rename = "iceServers")]
         ice_servers: &'a serde_json::value::RawValue,
+        /// With resume on, for a client that asked for it: how to resume.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resume: Option<ResumeInfo<'a>>,
     },
     /// The peer opened a session.
     PeerJoined {
@@ -336,6 +347,37 @@ pub enum ServerEvent<'a> {
         #[serde(rename = "iceServers")]
         ice_servers: &'a serde_json::value::RawValue,
     },
+}
+
+/// The welcome's `resume` field: what a client names when it reconnects.
+#[derive(Debug, Serialize)]
+pub struct ResumeInfo<'a> {
+    /// The resume token of this user, pair and session.
+    pub token: &'a str,
+    /// Where the client stands in the pair's history until a `relay` event
+    /// says otherwise.
+    pub seq: String,
+}
+
+/// The `relay` event that carries a peer's `frame` (a JSON object, kept
+/// byte for byte) with its place `seq` in the pair's history, for a client
+/// that asked to resume: `{"type":"relay","seq":"…","data":<frame>}`. The
+/// frame is copied once; its bytes are not parsed.
+pub fn relay_event(seq: Option<&str>, frame: &[u8]) -> bytes::Bytes {
+    const HEAD: &[u8] = br#"{"type":"relay","#;
+    let seq_len = seq.map_or(0, |s| s.len() + 9);
+    let mut out = Vec::with_capacity(HEAD.len() + seq_len + 8 + frame.len() + 1);
+    out.extend_from_slice(HEAD);
+    if let Some(seq) = seq {
+        // A stream ID: digits and a dash, nothing to escape.
+        out.extend_from_slice(br#""seq":""#);
+        out.extend_from_slice(seq.as_bytes());
+        out.extend_from_slice(b"\",");
+    }
+    out.extend_from_slice(br#""data":"#);
+    out.extend_from_slice(frame);
+    out.push(b'}');
+    out.into()
 }
 
 impl ServerEvent<'_> {
@@ -399,14 +441,36 @@ mod tests {
     #[test]
     fn events_serialize_to_the_documented_shape() {
         let ice = serde_json::value::RawValue::from_string("[]".into()).unwrap();
-        let w =
-            ServerEvent::Welcome { user_id: "a", peer_id: "b", polite: false, peer_online: true, ice_servers: &ice };
+        let w = ServerEvent::Welcome {
+            user_id: "a",
+            peer_id: "b",
+            polite: false,
+            peer_online: true,
+            ice_servers: &ice,
+            resume: None,
+        };
         assert_eq!(
             &w.to_bytes()[..],
             br#"{"type":"welcome","userID":"a","peerID":"b","polite":false,"peerOnline":true,"iceServers":[]}"#
         );
         assert_eq!(&ServerEvent::PeerLeft { peer_id: "b" }.to_bytes()[..], br#"{"type":"peer-left","peerID":"b"}"#);
         assert_eq!(&ServerEvent::Resync.to_bytes()[..], br#"{"type":"resync"}"#);
+        let resume = Some(ResumeInfo { token: "1f.x", seq: "5-1".into() });
+        let w = ServerEvent::Welcome {
+            user_id: "a",
+            peer_id: "b",
+            polite: true,
+            peer_online: false,
+            ice_servers: &ice,
+            resume,
+        };
+        assert!(w.to_bytes().ends_with(br#""iceServers":[],"resume":{"token":"1f.x","seq":"5-1"}}"#));
+        let frame = br#" {"type":"relay" ,"seq":"x"} "#;
+        let relayed = relay_event(Some("17-0"), frame);
+        assert_eq!(&relayed[..], br#"{"type":"relay","seq":"17-0","data": {"type":"relay" ,"seq":"x"} }"#);
+        let parsed: serde_json::Value = serde_json::from_slice(&relayed).unwrap();
+        assert_eq!((parsed["seq"].as_str(), parsed["data"]["seq"].as_str()), (Some("17-0"), Some("x")));
+        assert_eq!(&relay_event(None, b"{}")[..], br#"{"type":"relay","data":{}}"#);
         assert_eq!(
             &ServerEvent::IceServers { ice_servers: &ice }.to_bytes()[..],
             br#"{"type":"ice-servers","iceServers":[]}"#

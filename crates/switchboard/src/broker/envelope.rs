@@ -1,6 +1,8 @@
 //! The envelope a session publishes on its pair's channel.
 //!
-//! Layout: `{kind} {userID} {session:016x}\n{body}`, where the kind is `M`, or
+//! Layout: `{kind} {userID} {session:016x}\n{body}`, or with history on (see
+//! [`super::history`]) `{kind} {userID} {session:016x} {seq}\n{body}` as the
+//! broker publishes it ([`stamp`]), where the kind is `M`, or
 //! `O`/`A` for messages whose `type` is `offer`/`answer` (for the call-setup
 //! metric, so receivers need not parse bodies), `J` for join, `L` for leave. The sender's identity
 //! travels in the header; the body is the client's JSON exactly as received,
@@ -8,6 +10,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::history::Seq;
 use crate::pair::UserId;
 
 /// A unique session number, random per session across all replicas.
@@ -60,6 +63,11 @@ pub struct Envelope<'a> {
     pub session: SessionId,
     /// The client's frame for [`Kind::Message`], empty otherwise.
     pub body: &'a [u8],
+    /// The envelope's place in the pair's history, when history is on.
+    pub seq: Option<Seq>,
+    /// How many bytes the broker added with the `seq` (0 without one): the
+    /// sender counted the envelope without them.
+    pub stamp_len: usize,
 }
 
 /// Encodes an envelope; the body is copied once, as is.
@@ -97,10 +105,27 @@ pub fn decode(raw: &[u8]) -> Option<Envelope<'_>> {
     };
     let from = std::str::from_utf8(parts.next()?).ok()?;
     let session = u64::from_str_radix(std::str::from_utf8(parts.next()?).ok()?, 16).ok()?;
+    let (seq, stamp_len) = match parts.next() {
+        Some(seq) => (Some(Seq::parse(std::str::from_utf8(seq).ok()?)?), seq.len() + 1),
+        None => (None, 0),
+    };
     if parts.next().is_some() || from.is_empty() {
         return None;
     }
-    Some(Envelope { kind, from, session, body })
+    Some(Envelope { kind, from, session, body, seq, stamp_len })
+}
+
+/// The envelope `raw` (without a `seq`) as published at `seq`: ` {seq}` added
+/// to its header.
+pub fn stamp(raw: &[u8], seq: Seq) -> Bytes {
+    let seq = seq.to_string();
+    let newline = raw.iter().position(|&b| b == b'\n').unwrap_or(raw.len());
+    let mut buf = BytesMut::with_capacity(raw.len() + 1 + seq.len());
+    buf.put_slice(&raw[..newline]);
+    buf.put_u8(b' ');
+    buf.put_slice(seq.as_bytes());
+    buf.put_slice(&raw[newline..]);
+    buf.freeze()
 }
 
 #[cfg(test)]
@@ -113,14 +138,29 @@ mod tests {
         let body = "{\"type\":\"offer\",\"sdp\":\"v=0\\r\\n\u{1F600}\"}\n\n".as_bytes();
         let raw = encode(Kind::Message, &user, 0xdead_beef_0000_0001, body);
         let env = decode(&raw).unwrap();
-        assert_eq!(env, Envelope { kind: Kind::Message, from: "al-ice.1_", session: 0xdead_beef_0000_0001, body });
+        let expected = Envelope {
+            kind: Kind::Message,
+            from: "al-ice.1_",
+            session: 0xdead_beef_0000_0001,
+            body,
+            seq: None,
+            stamp_len: 0,
+        };
+        assert_eq!(env, expected);
+        let seq = Seq { ms: 1_700_000_000_000, n: 3 };
+        let stamped = stamp(&raw, seq);
+        let env = decode(&stamped).unwrap();
+        assert_eq!((env.seq, env.body), (Some(seq), body));
+        assert_eq!(stamped.len() - env.stamp_len, raw.len(), "the sender's count comes back");
         let join = encode(Kind::Join, &user, 7, b"");
         assert_eq!(decode(&join).unwrap().kind, Kind::Join);
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in [&b""[..], b"M a 1", b"X a 1\n", b"M a zz\n", b"M  1\n", b"M a 1 2\n"] {
+        for bad in
+            [&b""[..], b"M a 1", b"X a 1\n", b"M a zz\n", b"M  1\n", b"M a 1 2\n", b"M a 1 2-x\n", b"M a 1 2-3 4\n"]
+        {
             assert_eq!(decode(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }

@@ -2,18 +2,58 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::time::Instant;
 
-use super::{Broker, BrokerError, Inbox, RelayFailure, SessionId, Waiting};
+use super::history::{Replay, Ring, Seq};
+use super::{envelope, Broker, BrokerError, Claimed, Inbox, RelayFailure, SessionId, Waiting};
 use crate::pair::{PairId, UserId};
+
+/// Appends between two sweeps of expired histories.
+const SWEEP_EVERY: u64 = 1024;
 
 /// Relays between sessions of one process. Order holds because every publish
 /// is delivered before it returns.
 pub struct MemoryBroker {
     inbox: Arc<dyn Inbox>,
     presence: Mutex<HashMap<(PairId, UserId), SessionId>>,
+    /// With history on: how long a pair's ring outlives its last append.
+    window: Option<Duration>,
+    histories: Mutex<Histories>,
+}
+
+/// Every pair's ring, and the counter that numbers their entries (one
+/// counter for all, so a ring that expired and came back never repeats a `Seq`).
+#[derive(Default)]
+struct Histories {
+    rings: HashMap<Box<str>, Ring>,
+    next: u64,
+}
+
+impl Histories {
+    /// Appends `envelope` to `channel`'s ring and returns its `Seq`; now and
+    /// then forgets the rings that expired.
+    fn append(&mut self, channel: &str, envelope: Bytes, window: Duration) -> Seq {
+        let now = Instant::now();
+        self.next += 1;
+        let seq = Seq { ms: 0, n: self.next };
+        if self.next.is_multiple_of(SWEEP_EVERY) {
+            self.rings.retain(|_, ring| !ring.expired(now, window));
+        }
+        let ring = match self.rings.get_mut(channel) {
+            Some(ring) if ring.expired(now, window) => {
+                *ring = Ring::new(now);
+                ring
+            }
+            Some(ring) => ring,
+            None => self.rings.entry(channel.into()).or_insert_with(|| Ring::new(now)),
+        };
+        ring.push(seq, envelope, now);
+        seq
+    }
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -25,7 +65,31 @@ impl std::fmt::Debug for MemoryBroker {
 impl MemoryBroker {
     /// A broker delivering into `inbox`.
     pub fn new(inbox: Arc<dyn Inbox>) -> Self {
-        Self { inbox, presence: Mutex::default() }
+        Self { inbox, presence: Mutex::default(), window: None, histories: Mutex::default() }
+    }
+
+    /// Keeps each pair's last envelopes for `window` after its last one (see
+    /// [`super::history`]); a zero window keeps none.
+    pub fn with_history(mut self, window: Duration) -> Self {
+        self.window = (!window.is_zero()).then_some(window);
+        self
+    }
+
+    fn histories(&self) -> std::sync::MutexGuard<'_, Histories> {
+        self.histories.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Delivers `envelope`, first appending it to the history when that is on.
+    /// Under the history's lock, so that delivery order is `Seq` order.
+    fn deliver(&self, channel: &str, envelope: &Bytes) -> Option<Seq> {
+        let Some(window) = self.window else {
+            self.inbox.envelope(channel, envelope);
+            return None;
+        };
+        let mut histories = self.histories();
+        let seq = histories.append(channel, envelope.clone(), window);
+        self.inbox.envelope(channel, &envelope::stamp(envelope, seq));
+        Some(seq)
     }
 
     fn presence(&self) -> std::sync::MutexGuard<'_, HashMap<(PairId, UserId), SessionId>> {
@@ -47,24 +111,39 @@ impl Broker for MemoryBroker {
     }
 
     fn relay(&self, channel: &str, envelope: Bytes, _origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
-        self.inbox.envelope(channel, &envelope);
+        self.deliver(channel, &envelope);
         None
     }
 
-    async fn claim_presence(
+    async fn claim(
         &self,
         pair: &PairId,
         user: &UserId,
         session: SessionId,
         channel: &str,
         join: Bytes,
-    ) -> Result<Option<SessionId>, BrokerError> {
+    ) -> Result<Claimed, BrokerError> {
         // Under one lock, as Redis runs the claim script: claims and joins
         // of one user take the same order.
         let mut map = self.presence();
         map.insert((pair.clone(), user.clone()), session);
-        self.inbox.envelope(channel, &join);
-        Ok(map.get(&(pair.clone(), pair.other(user).clone())).copied())
+        let seq = self.deliver(channel, &join);
+        Ok(Claimed { peer: map.get(&(pair.clone(), pair.other(user).clone())).copied(), seq })
+    }
+
+    fn history(&self) -> Option<Duration> {
+        self.window
+    }
+
+    async fn replay(&self, channel: &str, after: Seq) -> Result<Replay, BrokerError> {
+        let Some(window) = self.window else { return Ok(Replay::Gap { last: None }) };
+        let histories = self.histories();
+        Ok(match histories.rings.get(channel) {
+            Some(ring) if !ring.expired(Instant::now(), window) => {
+                ring.replay(after, |env, seq| envelope::stamp(env, seq))
+            }
+            _ => Replay::Gap { last: None },
+        })
     }
 
     async fn refresh_presences(

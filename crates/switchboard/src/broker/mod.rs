@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod envelope;
+pub mod history;
 pub mod lanes;
 pub mod memory;
 pub mod node;
@@ -25,6 +26,16 @@ use bytes::Bytes;
 
 use crate::pair::{PairId, UserId};
 pub use envelope::SessionId;
+pub use history::{Replay, Seq};
+
+/// What [`Broker::claim`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claimed {
+    /// The peer's live session, if any.
+    pub peer: Option<SessionId>,
+    /// With history on: the join's place in the pair's history.
+    pub seq: Option<Seq>,
+}
 
 /// Whose fault a broker failure is. Every broker failure is the broker's (Redis), never the client's.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +93,8 @@ pub trait Broker: Send + Sync + 'static {
     fn unsubscribe(&self, channel: &str);
 
     /// Publishes an envelope on `channel`. One session's publishes are
-    /// awaited one after another, so they arrive in order.
+    /// awaited one after another, so they arrive in order. Not kept in the
+    /// history (leaves).
     async fn publish(&self, channel: &str, envelope: Bytes) -> Result<(), BrokerError>;
 
     /// Queues a client's message on `channel` without waiting for Redis to
@@ -91,17 +103,29 @@ pub trait Broker: Send + Sync + 'static {
     /// the broker's queue takes it, which is nearly always; when the queue is
     /// full, returns the wait for room, which the session awaits before its
     /// next message (so the sending socket slows down). A failure is reported
-    /// to `origin` once the broker knows of it.
+    /// to `origin` once the broker knows of it. With history on, the envelope
+    /// is appended to the pair's history and published with its `Seq`.
     fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) -> Option<Waiting>;
 
     /// Records `session` as `user`'s live session in `pair`, publishes
     /// `join` (the session's join envelope) on the pair's `channel` in the
-    /// same step, and returns the peer's live session, if any.
+    /// same step (with history on, appended to the history first), and
+    /// returns the peer's live session, if any, and the join's `Seq`.
     ///
     /// One step, so that the order in which sessions of one user claim the
     /// key is the order in which their joins arrive: the session that the
     /// joins make the survivor (the last one) is the one whose key stays, and
     /// the losers' cleanup (which removes only a key still theirs) leaves it.
+    async fn claim(
+        &self,
+        pair: &PairId,
+        user: &UserId,
+        session: SessionId,
+        channel: &str,
+        join: Bytes,
+    ) -> Result<Claimed, BrokerError>;
+
+    /// [`Broker::claim`], for the peer's session only.
     async fn claim_presence(
         &self,
         pair: &PairId,
@@ -109,7 +133,21 @@ pub trait Broker: Send + Sync + 'static {
         session: SessionId,
         channel: &str,
         join: Bytes,
-    ) -> Result<Option<SessionId>, BrokerError>;
+    ) -> Result<Option<SessionId>, BrokerError> {
+        Ok(self.claim(pair, user, session, channel, join).await?.peer)
+    }
+
+    /// How long a pair's history outlives its last envelope; `None` when
+    /// the broker keeps none (`SWITCHBOARD_RESUME_SECS=0`).
+    fn history(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// What `channel`'s history holds after `after` (see [`history`]). A
+    /// broker without history has a gap everywhere.
+    async fn replay(&self, _channel: &str, _after: Seq) -> Result<Replay, BrokerError> {
+        Ok(Replay::Gap { last: None })
+    }
 
     /// Keeps the presence of each `(pair, user, session)` alive (re-creating
     /// it if it expired) and returns each one's peer's live session, if any,

@@ -20,10 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::history::{Replay, Seq, HISTORY_LEN};
 use super::lanes::Lanes;
 use super::subscriber::{Request, Subscriber};
 use super::target::Target;
-use super::{Broker, BrokerError, Inbox, RelayFailure, SessionId, Waiting};
+use super::{envelope, Broker, BrokerError, Claimed, Inbox, RelayFailure, SessionId, Waiting};
 use crate::pair::{Names, PairId, UserId};
 
 /// Connect and response timeout of a command lane's connection.
@@ -54,6 +55,8 @@ pub struct RedisBroker {
     /// A Redis Cluster: hash-tagged names and sharded pub/sub.
     cluster: bool,
     ttl_secs: u64,
+    /// With history on: how long a pair's stream outlives its last entry.
+    history: Option<Duration>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -78,6 +81,40 @@ impl Lua {
 static CLAIM: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLAIM_LUA));
 static REFRESH_MANY: LazyLock<Lua> = LazyLock::new(|| Lua::new(REFRESH_MANY_LUA));
 static RELEASE: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE_LUA));
+static CLAIM_KEPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLAIM_KEPT_LUA));
+static REPLAY: LazyLock<Lua> = LazyLock::new(|| Lua::new(REPLAY_LUA));
+
+/// With history on: appends the envelope (header `ARGV[1]`, body `ARGV[2]`)
+/// to the pair's stream `KEYS[1]` (about `ARGV[5]` entries kept, gone
+/// `ARGV[3]` seconds after the last), publishes it with the entry's ID in
+/// its header on `KEYS[2]` with `ARGV[4]`, and returns the ID. Sent with its
+/// body every time (`EVAL`): a relayed message's failure has no second try,
+/// so `NOSCRIPT` must never happen (Redis looks the body up by its SHA1).
+pub const APPEND_LUA: &str = r"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call(ARGV[4], KEYS[2], ARGV[1] .. ' ' .. id .. '\n' .. ARGV[2])
+return id";
+
+/// [`CLAIM_LUA`] with history on: the join envelope (header `ARGV[3]`) goes
+/// to the stream `KEYS[4]` first, as [`APPEND_LUA`] does (`ARGV[5]` seconds,
+/// `ARGV[6]` entries). Returns the peer's session and the join's ID.
+const CLAIM_KEPT_LUA: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'h', ARGV[3], 'b', '')
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+redis.call(ARGV[4], KEYS[3], ARGV[3] .. ' ' .. id .. '\n')
+return {redis.call('GET', KEYS[2]) or '', id}";
+
+/// The newest ID of the stream `KEYS[1]` and the entries after `ARGV[1]`
+/// when that entry is still there (`{last ID, entries}`); else the newest ID
+/// alone (`{last ID}`), or nil for no stream. One script, so the check and
+/// the read see the same stream.
+const REPLAY_LUA: &str = r"
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 then return false end
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return {last[1][1]} end
+return {last[1][1], redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+')}";
 
 /// Sets `KEYS[1]` to `ARGV[1]` for `ARGV[2]` seconds, publishes the join
 /// envelope `ARGV[3]` on the channel `KEYS[3]` with `ARGV[4]` (`PUBLISH`, or
@@ -149,7 +186,32 @@ impl RedisBroker {
         );
         let cluster = options.target.is_cluster();
         let ttl_secs = options.presence_ttl.as_secs().max(1);
-        Ok(Self { lanes, requests, ready, degraded, prefix: options.prefix, cluster, ttl_secs })
+        Ok(Self { lanes, requests, ready, degraded, prefix: options.prefix, cluster, ttl_secs, history: None })
+    }
+
+    /// Keeps each pair's last envelopes in a stream for `window` after its
+    /// last one (see [`super::history`]); a zero window keeps none.
+    pub fn with_history(mut self, window: Duration) -> Self {
+        self.history = (!window.is_zero()).then_some(window);
+        self
+    }
+
+    fn publish_verb(&self) -> &'static str {
+        if self.cluster {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// The `EVAL` of [`APPEND_LUA`] for `envelope` on `channel`.
+    fn append_cmd(&self, channel: &str, envelope: &[u8], window: Duration) -> redis::Cmd {
+        let newline = envelope.iter().position(|&b| b == b'\n').unwrap_or(envelope.len());
+        let body = envelope.get(newline + 1..).unwrap_or_default();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(APPEND_LUA).arg(2).arg(crate::pair::history_key(channel)).arg(channel);
+        cmd.arg(&envelope[..newline]).arg(body).arg(window.as_secs().max(1)).arg(self.publish_verb()).arg(HISTORY_LEN);
+        cmd
     }
 
     fn keys(&self, pair: &PairId, user: &UserId) -> (String, String) {
@@ -163,7 +225,7 @@ impl RedisBroker {
 
     /// `PUBLISH`, or in a cluster `SPUBLISH` (sent only to the channel's shard).
     fn publish_cmd(&self, channel: &str, envelope: &[u8]) -> redis::Cmd {
-        let mut cmd = redis::cmd(if self.cluster { "SPUBLISH" } else { "PUBLISH" });
+        let mut cmd = redis::cmd(self.publish_verb());
         cmd.arg(channel).arg(envelope);
         cmd
     }
@@ -212,22 +274,81 @@ impl Broker for RedisBroker {
     }
 
     fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
-        self.lanes.send(channel, self.publish_cmd(channel, &envelope), envelope.len(), origin)
+        let cmd = match self.history {
+            Some(window) => self.append_cmd(channel, &envelope, window),
+            None => self.publish_cmd(channel, &envelope),
+        };
+        self.lanes.send(channel, cmd, envelope.len(), origin)
     }
 
-    async fn claim_presence(
+    async fn claim(
         &self,
         pair: &PairId,
         user: &UserId,
         session: SessionId,
         channel: &str,
         join: Bytes,
-    ) -> Result<Option<SessionId>, BrokerError> {
+    ) -> Result<Claimed, BrokerError> {
         let (mine, peer) = self.keys(pair, user);
         let (session, ttl) = (format!("{session:x}").into_bytes(), self.ttl_secs.to_string().into_bytes());
-        let keys = [mine.as_str(), peer.as_str(), channel];
-        let verb: &[u8] = if self.cluster { b"SPUBLISH" } else { b"PUBLISH" };
-        parse_session(self.eval(pair, &CLAIM, &keys, &[&session[..], &ttl[..], &join[..], verb]).await?)
+        let verb = self.publish_verb().as_bytes();
+        let Some(window) = self.history else {
+            let keys = [mine.as_str(), peer.as_str(), channel];
+            let peer =
+                parse_session(self.eval(pair, &CLAIM, &keys, &[&session[..], &ttl[..], &join[..], verb]).await?)?;
+            return Ok(Claimed { peer, seq: None });
+        };
+        let stream = crate::pair::history_key(channel);
+        let keys = [mine.as_str(), peer.as_str(), channel, stream.as_str()];
+        // The join envelope has no body: its header is all of it but the newline.
+        let header = join.strip_suffix(b"\n").unwrap_or(&join);
+        let (secs, len) = (window.as_secs().max(1).to_string().into_bytes(), HISTORY_LEN.to_string().into_bytes());
+        let args = [&session[..], &ttl[..], header, verb, &secs[..], &len[..]];
+        let (peer, id): (redis::Value, String) =
+            redis::from_redis_value(self.eval(pair, &CLAIM_KEPT, &keys, &args).await?)
+                .map_err(redis::RedisError::from)?;
+        let seq = Seq::parse(&id).ok_or_else(|| BrokerError::Command(format!("XADD gave {id:?}, not a stream ID")))?;
+        Ok(Claimed { peer: parse_session(peer)?, seq: Some(seq) })
+    }
+
+    fn history(&self) -> Option<Duration> {
+        self.history
+    }
+
+    async fn replay(&self, channel: &str, after: Seq) -> Result<Replay, BrokerError> {
+        if self.history.is_none() {
+            return Ok(Replay::Gap { last: None });
+        }
+        let pair = PairId::from_channel(&self.prefix, channel)
+            .ok_or_else(|| BrokerError::Command(format!("{channel} names no pair")))?;
+        let stream = crate::pair::history_key(channel);
+        let reply = self.eval(&pair, &REPLAY, &[stream.as_str()], &[after.to_string().as_str()]).await?;
+        if reply == redis::Value::Nil {
+            return Ok(Replay::Gap { last: None });
+        }
+        type Entry = (String, Vec<Vec<u8>>);
+        fn parse<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, BrokerError> {
+            redis::from_redis_value(value).map_err(|e| BrokerError::Redis(redis::RedisError::from(e)))
+        }
+        let mut reply: Vec<redis::Value> = parse(reply)?;
+        let entries: Option<Vec<Entry>> =
+            if reply.len() == 2 { reply.pop().map(parse::<Vec<Entry>>).transpose()? } else { None };
+        let last: String = parse(reply.pop().unwrap_or(redis::Value::Nil))?;
+        let bad = |what: &str| BrokerError::Command(format!("unexpected history entry: {what}"));
+        let last = Seq::parse(&last).ok_or_else(|| bad(&last))?;
+        let Some(entries) = entries else { return Ok(Replay::Gap { last: Some(last) }) };
+        let mut envelopes = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            let seq = Seq::parse(&id).ok_or_else(|| bad(&id))?;
+            // Fields as written: `h`, the header, `b`, the body.
+            let [_, header, _, body] = <[Vec<u8>; 4]>::try_from(fields).map_err(|_| bad(&id))?;
+            let mut raw = Vec::with_capacity(header.len() + 1 + body.len());
+            raw.extend_from_slice(&header);
+            raw.push(b'\n');
+            raw.extend_from_slice(&body);
+            envelopes.push(envelope::stamp(&raw, seq));
+        }
+        Ok(Replay::Covered { envelopes, last })
     }
 
     async fn refresh_presences(

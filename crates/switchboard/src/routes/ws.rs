@@ -11,9 +11,10 @@ use axum::response::Response;
 use fastwebsockets::upgrade::IncomingUpgrade;
 use serde::Deserialize;
 
+use crate::broker::Seq;
 use crate::error::ApiError;
 use crate::pair::{Identity, PairId, UserId};
-use crate::session;
+use crate::session::{self, Resume};
 use crate::state::AppState;
 
 /// The query of `/ws`.
@@ -24,6 +25,10 @@ pub struct WsQuery {
     #[serde(rename = "peerID")]
     peer_id: Option<String>,
     token: Option<String>,
+    /// `1` to be able to resume later, or a resume token (with `after`).
+    resume: Option<String>,
+    /// The last `seq` the client received, when resuming.
+    after: Option<String>,
 }
 
 impl std::fmt::Debug for WsQuery {
@@ -32,6 +37,8 @@ impl std::fmt::Debug for WsQuery {
             .field("user_id", &self.user_id)
             .field("peer_id", &self.peer_id)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("resume", &self.resume.as_ref().map(|_| "<redacted>"))
+            .field("after", &self.after)
             .finish()
     }
 }
@@ -58,6 +65,22 @@ pub fn authorize(settings: &crate::config::Settings, query: &WsQuery) -> Result<
         }
         None => identify(query),
     }
+}
+
+/// What the client asks of the pair's history (`resume`, `after`): nothing
+/// while resume is off (`SWITCHBOARD_RESUME_SECS=0`) or not asked for.
+pub fn resume_request(settings: &crate::config::Settings, query: &WsQuery, identity: &Identity) -> Resume {
+    let (Some(key), Some(asked)) = (&settings.resume_key, query.resume.as_deref()) else { return Resume::Off };
+    if settings.resume.is_zero() {
+        return Resume::Off;
+    }
+    if asked == "1" {
+        return Resume::Fresh;
+    }
+    if !key.verify(identity, asked) {
+        return Resume::Refused;
+    }
+    Resume::From(query.after.as_deref().and_then(Seq::parse))
 }
 
 /// Whether a header of `name` lists `token` (comma-separated, any case).
@@ -104,6 +127,7 @@ pub async fn upgrade(
         return Err(ApiError::ForbiddenOrigin);
     }
     let identity = authorize(&state.settings, &query)?;
+    let resume = resume_request(&state.settings, &query, &identity);
     check_handshake(&method, &headers)?;
     let upgrade = upgrade.map_err(|_| ApiError::NotUpgrade)?;
     // From the start of a drain, new sockets go elsewhere: a load balancer
@@ -116,6 +140,6 @@ pub async fn upgrade(
     }
     let permit = state.try_open_socket().ok_or(ApiError::TooManySockets)?;
     let (response, socket) = upgrade.upgrade().map_err(|_| ApiError::NotUpgrade)?;
-    state.sessions.spawn(session::run(state.clone(), socket, identity, permit));
+    state.sessions.spawn(session::run_resumable(state.clone(), socket, identity, resume, permit));
     Ok(response.map(Body::new))
 }

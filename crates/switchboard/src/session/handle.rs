@@ -12,7 +12,7 @@ use super::echo::EchoWindow;
 use super::outbox::{Outbox, Work};
 use super::peer::PeerView;
 use crate::broker::envelope::{Envelope, Kind};
-use crate::broker::{BrokerError, RelayFailure, SessionId};
+use crate::broker::{envelope, BrokerError, RelayFailure, Seq, SessionId};
 use crate::pair::{PairId, UserId};
 use crate::protocol::{CloseReason, ServerEvent};
 
@@ -37,6 +37,60 @@ pub struct SessionHandle {
     pinged_at: AtomicU64,
 }
 
+/// What a resumable session (one whose client asked to resume) delivered of
+/// its pair's history: its relayed frames go out as `relay` events with their
+/// `seq`, and this keeps their order across a replay. The registry keeps it
+/// beside the session (and the session's handle stays as small as before).
+#[derive(Debug, Default)]
+pub struct Cursor {
+    /// A replay is under way: live frames wait here, with their `seq`.
+    held: Option<Vec<(Option<Seq>, Bytes)>>,
+    /// The newest `seq` delivered (or replayed past); older ones are dropped.
+    last: Option<Seq>,
+}
+
+impl Cursor {
+    /// A cursor; with `replaying`, live frames wait for [`Cursor::finish_replay`].
+    pub fn new(replaying: bool) -> Self {
+        Self { held: replaying.then(Vec::new), last: None }
+    }
+
+    /// Ends a replay: queues `first` (the replayed frames, or `resync`) for
+    /// `session`, notes that everything up to `last` was replayed, then lets
+    /// the held live frames through, those past `last` only.
+    pub fn finish_replay(&mut self, session: &SessionHandle, first: Vec<Bytes>, last: Option<Seq>) {
+        for frame in first {
+            session.deliver(frame);
+        }
+        if last.is_some() {
+            self.last = self.last.max(last);
+        }
+        for (seq, frame) in self.held.take().unwrap_or_default() {
+            if self.advance(seq) {
+                session.deliver(frame);
+            }
+        }
+    }
+
+    /// Forgets which `seq` was delivered last: after a broker reconnect, the
+    /// history may start over.
+    pub fn forget_position(&mut self) {
+        self.last = None;
+    }
+
+    /// Whether a frame at `seq` is new, noting it as delivered if so.
+    fn advance(&mut self, seq: Option<Seq>) -> bool {
+        match (seq, self.last) {
+            (Some(seq), Some(last)) if seq <= last => false,
+            (Some(seq), _) => {
+                self.last = Some(seq);
+                true
+            }
+            (None, _) => true,
+        }
+    }
+}
+
 impl SessionHandle {
     /// Creates a handle whose outbox holds at most `max_messages` frames and `max_bytes` bytes.
     pub fn new(id: SessionId, user: UserId, pair: PairId, max_messages: usize, max_bytes: usize) -> Self {
@@ -49,6 +103,22 @@ impl SessionHandle {
             peer: PeerView::default(),
             heard_at: AtomicU64::new(now_ms()),
             pinged_at: AtomicU64::new(0),
+        }
+    }
+
+    /// A relayed frame from the peer: as is, or as a `relay` event with its
+    /// `seq` for a resumable session (held while a replay is under way, and
+    /// dropped if the replay already gave it).
+    fn relay(&self, env: &Envelope<'_>, raw: &Bytes, body_at: usize, cursor: Option<&mut Cursor>) {
+        let Some(cursor) = cursor else {
+            self.deliver(raw.slice(body_at..));
+            return;
+        };
+        let event = || crate::protocol::relay_event(env.seq.map(|s| s.to_string()).as_deref(), env.body);
+        if let Some(held) = &mut cursor.held {
+            held.push((env.seq, event()));
+        } else if cursor.advance(env.seq) {
+            self.deliver(event());
         }
     }
 
@@ -134,16 +204,22 @@ impl SessionHandle {
     /// Acts on one envelope from the pair's channel. `raw` holds the whole
     /// envelope so a relayed body is sliced from it, not copied.
     pub fn on_envelope(&self, env: &Envelope<'_>, raw: &Bytes, body_at: usize) {
+        self.on_envelope_at(env, raw, body_at, None);
+    }
+
+    /// [`SessionHandle::on_envelope`], for a resumable session with its `cursor`.
+    pub fn on_envelope_at(&self, env: &Envelope<'_>, raw: &Bytes, body_at: usize, cursor: Option<&mut Cursor>) {
         let from_me = env.from == self.user.as_str();
         match (env.kind, from_me) {
-            (Kind::Message | Kind::Answer, false) => self.deliver(raw.slice(body_at..)),
+            (Kind::Message | Kind::Answer, false) => self.relay(env, raw, body_at, cursor),
             (Kind::Offer, false) => {
                 self.peer.offered();
-                self.deliver(raw.slice(body_at..));
+                self.relay(env, raw, body_at, cursor);
             }
             (Kind::Message | Kind::Offer | Kind::Answer, true) => {
                 if env.session == self.id {
-                    self.echoed(raw.len());
+                    // Counted as sent, without the `seq` the broker added.
+                    self.echoed(raw.len() - env.stamp_len);
                 }
             }
             (Kind::Join, true) if env.session == self.id => {
@@ -165,6 +241,17 @@ impl SessionHandle {
             }
         }
     }
+}
+
+/// The `relay` events of the peer's messages among replayed `envelopes`
+/// (joins, leaves and this user's own messages are not replayed).
+pub fn replayed(user: &UserId, envelopes: &[Bytes]) -> Vec<Bytes> {
+    envelopes
+        .iter()
+        .filter_map(|raw| envelope::decode(raw))
+        .filter(|env| matches!(env.kind, Kind::Message | Kind::Offer | Kind::Answer) && env.from != user.as_str())
+        .map(|env| crate::protocol::relay_event(env.seq.map(|s| s.to_string()).as_deref(), env.body))
+        .collect()
 }
 
 impl RelayFailure for SessionHandle {
@@ -242,5 +329,52 @@ mod tests {
         let parsed = crate::broker::envelope::decode(&other).expect("an envelope");
         h.on_envelope(&parsed, &other, other.len() - parsed.body.len());
         assert_eq!(h.echo.owed(), 60, "the same user's other session's copy is not ours");
+    }
+
+    #[test]
+    fn a_resumable_session_holds_live_frames_during_a_replay_and_never_repeats_one() {
+        use crate::broker::envelope::{decode, encode, stamp};
+        let h = handle(16, 1 << 20);
+        let bob = UserId::parse("bob").expect("valid");
+        let mut cursor = Cursor::new(true);
+        let live = |n: Option<u64>, cursor: &mut Cursor| {
+            let raw = encode(Kind::Message, &bob, 9, format!(r#"{{"n":{}}}"#, n.unwrap_or(0)).as_bytes());
+            let raw = match n {
+                Some(n) => stamp(&raw, Seq { ms: 1, n }),
+                None => raw,
+            };
+            let env = decode(&raw).expect("an envelope");
+            h.on_envelope_at(&env, &raw, raw.len() - env.body.len(), Some(cursor));
+        };
+        // Live frames 3 to 5 arrive while the replay (up to 4) is read.
+        for n in 3..=5 {
+            live(Some(n), &mut cursor);
+        }
+        cursor.finish_replay(
+            &h,
+            vec![Bytes::from_static(b"replayed 3"), Bytes::from_static(b"replayed 4")],
+            Some(Seq { ms: 1, n: 4 }),
+        );
+        live(Some(5), &mut cursor);
+        live(Some(6), &mut cursor);
+        live(None, &mut cursor);
+        let work = tokio::runtime::Builder::new_current_thread().build().expect("rt").block_on(h.next_work());
+        let frames: Vec<String> =
+            work.expect("work").frames.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+        assert_eq!(
+            frames,
+            [
+                "replayed 3",
+                "replayed 4",
+                r#"{"type":"relay","seq":"1-5","data":{"n":5}}"#,
+                r#"{"type":"relay","seq":"1-6","data":{"n":6}}"#,
+                r#"{"type":"relay","data":{"n":0}}"#,
+            ]
+        );
+        // After a broker reconnect the history may number anew.
+        cursor.forget_position();
+        live(Some(2), &mut cursor);
+        let work = tokio::runtime::Builder::new_current_thread().build().expect("rt").block_on(h.next_work());
+        assert_eq!(work.expect("work").frames.len(), 1);
     }
 }

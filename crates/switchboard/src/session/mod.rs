@@ -42,7 +42,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::broker::envelope::{self, Kind};
-use crate::broker::{BrokerError, SessionId, Waiting};
+use crate::broker::{BrokerError, Claimed, Replay, Seq, Waiting};
 use crate::metrics::SetupStep;
 use crate::pair::{Identity, Names, UserId};
 use crate::protocol::{self, CloseReason, ServerEvent};
@@ -92,6 +92,22 @@ impl std::fmt::Display for Sid {
     }
 }
 
+/// What a new session asks of its pair's history (`resume` and `after` in
+/// the query; see docs/protocol.md, "Resuming").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Not asked for, or resume is off: relayed frames go out as they came.
+    Off,
+    /// `resume=1`: relayed frames go out as `relay` events, and the welcome
+    /// gives a resume token.
+    Fresh,
+    /// A valid resume token, and the last `seq` the client received (`None`
+    /// when `after` was missing or not a `seq`: a gap).
+    From(Option<Seq>),
+    /// A resume token not made for this user and pair: closed with 4003.
+    Refused,
+}
+
 fn random_session_id() -> u64 {
     loop {
         let id = rand::random::<u64>();
@@ -117,7 +133,18 @@ pub fn run(
     identity: Identity,
     permit: SocketPermit,
 ) -> impl Future<Output = ()> + Send {
-    let opening = Box::pin(open(state, socket, identity, random_session_id(), Instant::now()));
+    run_resumable(state, socket, identity, Resume::Off, permit)
+}
+
+/// [`run`], for a session that asked `resume` of its pair's history.
+pub fn run_resumable(
+    state: AppState,
+    socket: UpgradeFut,
+    identity: Identity,
+    resume: Resume,
+    permit: SocketPermit,
+) -> impl Future<Output = ()> + Send {
+    let opening = Box::pin(open(state, socket, identity, resume, random_session_id(), Instant::now()));
     async move {
         if let Some(opened) = opening.await {
             let (tracker, runtime) = (opened.state.sessions.clone(), opened.state.live.clone());
@@ -192,6 +219,7 @@ async fn open(
     state: AppState,
     socket: UpgradeFut,
     identity: Identity,
+    resume: Resume,
     id: u64,
     upgraded_at: Instant,
 ) -> Option<Box<Opened>> {
@@ -199,10 +227,20 @@ async fn open(
     let (stream, leftover) = take_socket(socket, &user, Sid(id)).await?;
     crate::metrics::setup_step(SetupStep::Upgrade, upgraded_at.elapsed());
     crate::metrics::session_opened();
+    if resume == Resume::Refused {
+        tracing::info!(user = %user, session = %Sid(id), "resume refused: the token is not this user's and pair's");
+        let reason = CloseReason::ResumeRefused;
+        let _ = write_all(&stream, &wire::close(reason.code(), reason.text())).await;
+        crate::metrics::session_closed(reason.label());
+        return None;
+    }
     let settings = &state.settings;
     let channel: Arc<str> = Names::new(&settings.channel_prefix, settings.tagged_names()).channel(&pair).into();
     let handle = Arc::new(SessionHandle::new(id, user, pair, settings.outbox_messages, settings.outbox_bytes));
-    let joined = join(&state, &handle, &channel, &stream).await?;
+    if resume != Resume::Off {
+        state.registry.make_resumable(id, matches!(resume, Resume::From(_)));
+    }
+    let joined = join(&state, &handle, &channel, &stream, resume).await?;
     // A session that opened while the server began to stop closes at once.
     if let Some(reason) = state.stop_reason() {
         handle.close(reason);
@@ -246,11 +284,17 @@ async fn take_socket(socket: UpgradeFut, user: &UserId, sid: Sid) -> Option<(Tcp
 /// the welcome. `None`: the broker refused the session, which is closed with
 /// 1013. `Some(false)`: the welcome could not be written, and the session
 /// ends at once.
-async fn join(state: &AppState, handle: &Arc<SessionHandle>, channel: &Arc<str>, stream: &TcpStream) -> Option<bool> {
+async fn join(
+    state: &AppState,
+    handle: &Arc<SessionHandle>,
+    channel: &Arc<str>,
+    stream: &TcpStream,
+    resume: Resume,
+) -> Option<bool> {
     let (id, user, sid) = (handle.id, &handle.user, Sid(handle.id));
     state.registry.insert(channel, handle.clone());
-    let peer_session = match subscribe_and_claim(state, handle, channel).await {
-        Ok(peer) => peer,
+    let claimed = match subscribe_and_claim(state, handle, channel).await {
+        Ok(claimed) => claimed,
         Err(e) => {
             tracing::warn!(error = %e, user = %user, session = %sid, "session refused: broker unavailable");
             state.registry.remove(channel, id);
@@ -260,9 +304,10 @@ async fn join(state: &AppState, handle: &Arc<SessionHandle>, channel: &Arc<str>,
             return None;
         }
     };
+    let resume = resume_from(state, handle, channel, resume, claimed.seq).await;
     let welcoming = Instant::now();
-    let peer_online = state.registry.finish_setup(handle, peer_session);
-    let welcome = welcome(state, handle, peer_online);
+    let peer_online = state.registry.finish_setup(handle, claimed.peer);
+    let welcome = welcome(state, handle, peer_online, resume);
     // Anything the channel delivered meanwhile waits in the outbox, which is
     // written after this.
     let joined = match write_all(stream, &wire::text(&welcome)).await {
@@ -288,7 +333,7 @@ async fn subscribe_and_claim(
     state: &AppState,
     handle: &SessionHandle,
     channel: &Arc<str>,
-) -> Result<Option<SessionId>, BrokerError> {
+) -> Result<Claimed, BrokerError> {
     let broker = &state.broker;
     let start = Instant::now();
     broker.subscribe(channel).await?;
@@ -296,23 +341,96 @@ async fn subscribe_and_claim(
     crate::metrics::setup_step(SetupStep::Subscribe, subscribed - start);
     let join = envelope::encode(Kind::Join, &handle.user, handle.id, b"");
     let claimed = broker
-        .claim_presence(&handle.pair, &handle.user, handle.id, channel, join)
+        .claim(&handle.pair, &handle.user, handle.id, channel, join)
         .await
         .inspect_err(|_| broker.unsubscribe(channel))?;
     crate::metrics::setup_step(SetupStep::Claim, subscribed.elapsed());
     Ok(claimed)
 }
 
+/// For a resumable session, once its join is in the pair's history (at
+/// `join`): replays what its client missed when it resumes, and returns the
+/// welcome's resume token and `seq`. Whatever it queues (replayed `relay`
+/// events, or `resync` when the history has a gap) goes out after the
+/// welcome and before any live frame.
+async fn resume_from(
+    state: &AppState,
+    handle: &SessionHandle,
+    channel: &str,
+    resume: Resume,
+    join: Option<Seq>,
+) -> Option<(String, Seq)> {
+    if resume == Resume::Off {
+        return None;
+    }
+    let registry = &state.registry;
+    let (Some(key), Some(join)) = (&state.settings.resume_key, join) else {
+        // No history to resume from (the broker keeps none).
+        let first = if resume == Resume::Fresh { Vec::new() } else { vec![ServerEvent::Resync.to_bytes()] };
+        registry.finish_replay(handle, first, None);
+        return None;
+    };
+    let token = key.token(&Identity { user: handle.user.clone(), pair: handle.pair.clone() }, handle.id);
+    let Resume::From(after) = resume else { return Some((token, join)) };
+    let replay = match after {
+        Some(after) => state.broker.replay(channel, after).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, session = %Sid(handle.id), "replay failed: the client gets resync");
+            Replay::Gap { last: None }
+        }),
+        None => Replay::Gap { last: None },
+    };
+    let settings = &state.settings;
+    // A replay the outbound queue can't hold beside live traffic would close
+    // the socket as a slow consumer, and the client would come back with the
+    // same `seq`, again and again: it gets `resync` instead.
+    let fits = |frames: &[Bytes]| {
+        frames.len() <= settings.outbox_messages / 2
+            && frames.iter().map(Bytes::len).sum::<usize>() <= settings.outbox_bytes / 2
+    };
+    // What the client gets: the replayed frames up to the history's newest
+    // entry, or (`Err`) `resync` and nothing up to that entry.
+    let replayed = match (replay, after) {
+        (Replay::Covered { envelopes, last }, Some(after)) => {
+            let frames = handle::replayed(&handle.user, &envelopes);
+            if fits(&frames) {
+                Ok((frames, last, after))
+            } else {
+                Err(Some(last))
+            }
+        }
+        (Replay::Covered { .. }, None) => Err(None),
+        (Replay::Gap { last }, _) => Err(last),
+    };
+    let seq = match replayed {
+        Ok((frames, last, after)) => {
+            tracing::debug!(session = %Sid(handle.id), frames = frames.len(), "resumed");
+            // With frames to come, the client stands where it asked until
+            // they arrive; without, at the history's newest entry.
+            let seq = if frames.is_empty() { last } else { after };
+            registry.finish_replay(handle, frames, Some(last));
+            seq
+        }
+        Err(last) => {
+            tracing::debug!(session = %Sid(handle.id), "resume: the history does not cover the gap");
+            registry.finish_replay(handle, vec![ServerEvent::Resync.to_bytes()], last);
+            last.map_or(join, |last| last.max(join))
+        }
+    };
+    Some((token, seq))
+}
+
 /// The welcome event for `handle`'s client.
-fn welcome(state: &AppState, handle: &SessionHandle, peer_online: bool) -> Bytes {
+fn welcome(state: &AppState, handle: &SessionHandle, peer_online: bool, resume: Option<(String, Seq)>) -> Bytes {
     let (user, pair) = (&handle.user, &handle.pair);
     let ice_servers = state.settings.ice_servers.for_user(user);
+    let resume = resume.as_ref().map(|(token, seq)| protocol::ResumeInfo { token, seq: seq.to_string() });
     ServerEvent::Welcome {
         user_id: user.as_str(),
         peer_id: pair.other(user).as_str(),
         polite: pair.is_polite(user),
         peer_online,
         ice_servers: &ice_servers,
+        resume,
     }
     .to_bytes()
 }

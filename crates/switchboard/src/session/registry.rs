@@ -7,13 +7,13 @@
 //! broker's subscriber reconnects: `resync`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use super::handle::SessionHandle;
-use crate::broker::{envelope, Inbox};
+use super::handle::{Cursor, SessionHandle};
+use crate::broker::{envelope, Inbox, Seq, SessionId};
 use crate::protocol::ServerEvent;
 
 /// Local sessions by pair channel.
@@ -21,6 +21,12 @@ use crate::protocol::ServerEvent;
 pub struct Registry {
     /// Keyed by the same `Arc<str>` the sessions hold, so a channel's name is stored once.
     channels: Mutex<HashMap<Arc<str>, Vec<Arc<SessionHandle>>>>,
+    /// The cursors of resumable sessions (see [`Cursor`]), by session. Taken
+    /// only under `channels`' lock, so that their frames' order is dispatch order.
+    cursors: Mutex<HashMap<SessionId, Cursor>>,
+    /// How many cursors there are (changed under `channels`' lock): while
+    /// none, dispatch takes no second lock (resume off, or never asked for).
+    resumables: AtomicUsize,
     /// How often the broker's subscriber lost or regained its connection: the
     /// presence upkeep judges a peer gone only across a span without either.
     interruptions: AtomicU64,
@@ -48,9 +54,26 @@ impl Registry {
         list.push(session);
     }
 
+    fn cursors(&self) -> MutexGuard<'_, HashMap<SessionId, Cursor>> {
+        self.cursors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the session `id` resumable: its relayed frames go out as `relay`
+    /// events; with `replaying`, held until [`Registry::finish_replay`].
+    /// Before [`Registry::insert`].
+    pub fn make_resumable(&self, id: SessionId, replaying: bool) {
+        let _map = self.lock();
+        if self.cursors().insert(id, Cursor::new(replaying)).is_none() {
+            self.resumables.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Removes the session `id` from `channel`.
     pub fn remove(&self, channel: &str, id: u64) {
         let mut map = self.lock();
+        if self.resumables.load(Ordering::Relaxed) > 0 && self.cursors().remove(&id).is_some() {
+            self.resumables.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(list) = map.get_mut(channel) {
             list.retain(|s| s.id != id);
             if list.is_empty() {
@@ -66,6 +89,15 @@ impl Registry {
         session.peer.finish_setup(from_presence)
     }
 
+    /// Ends a resuming session's replay (see [`SessionHandle::finish_replay`])
+    /// atomically with respect to dispatch.
+    pub fn finish_replay(&self, session: &SessionHandle, first: Vec<Bytes>, last: Option<Seq>) {
+        let _map = self.lock();
+        if let Some(cursor) = self.cursors().get_mut(&session.id) {
+            cursor.finish_replay(session, first, last);
+        }
+    }
+
     /// Hands an envelope received on `channel` to every local session there.
     /// Returns how many local sessions the channel has.
     pub fn dispatch(&self, channel: &str, raw: &Bytes) -> usize {
@@ -78,8 +110,15 @@ impl Registry {
         let Some(list) = map.get(channel) else {
             return 0;
         };
-        for session in list {
-            session.on_envelope(&env, raw, body_at);
+        if self.resumables.load(Ordering::Relaxed) == 0 {
+            for session in list {
+                session.on_envelope(&env, raw, body_at);
+            }
+        } else {
+            let mut cursors = self.cursors();
+            for session in list {
+                session.on_envelope_at(&env, raw, body_at, cursors.get_mut(&session.id));
+            }
         }
         list.len()
     }
@@ -143,6 +182,17 @@ impl Inbox for Registry {
         // are the echoes senders wait for: their clients must renegotiate.
         let channels: Vec<&str> = channels.collect();
         self.forget_echoes(channels.iter().copied());
-        self.broadcast(channels, &ServerEvent::Resync.to_bytes());
+        self.broadcast(channels.iter().copied(), &ServerEvent::Resync.to_bytes());
+        // The history may be gone too (a failover), and a new one may number
+        // from lower IDs: resumable sessions take whatever comes next.
+        let map = self.lock();
+        if self.resumables.load(Ordering::Relaxed) > 0 {
+            let mut cursors = self.cursors();
+            for session in channels.iter().filter_map(|c| map.get(*c)).flatten() {
+                if let Some(cursor) = cursors.get_mut(&session.id) {
+                    cursor.forget_position();
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,285 @@
+//! Receive-side resume (`SWITCHBOARD_RESUME_SECS`, issue #14): a client that
+//! reconnects with its resume token and last `seq` gets what it missed,
+//! exactly once and in order, then live traffic; past the history, `resync`.
+//! Each test runs against the in-memory broker, three instances on one
+//! Redis, and three instances on a Redis Cluster.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchboard::auth::{ResumeKey, Secret};
+use switchboard::config::Settings;
+use switchboard_tests::{Client, Cluster, Instance};
+
+/// Frames the sender may be ahead of what the receiver has seen: well
+/// inside the history (64 entries), so a cut never outruns it.
+const WINDOW: usize = 24;
+
+fn resume_on(s: &mut Settings) {
+    s.resume = Duration::from_secs(30);
+    s.resume_key = Some(ResumeKey::new(&Secret::new("a resume secret for tests, 32+ bytes long")));
+    // The sender sends as fast as the window lets it.
+    s.rate_per_sec = 100_000;
+    s.rate_burst = 100_000;
+}
+
+macro_rules! every_broker_with_resume {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name(&switchboard_tests::Cluster::memory_with(super::resume_on).await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(&switchboard_tests::Cluster::redis_with(3, super::resume_on).await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                super::$name(&switchboard_tests::Cluster::redis_cluster_with(3, super::resume_on).await).await
+            }
+        }
+    )+};
+}
+
+every_broker_with_resume!(
+    a_cut_receiver_resumes_on_another_instance_losing_nothing,
+    a_gap_past_the_history_gives_resync_only
+);
+
+/// Connects `user` to `peer` with `query` appended, and reads the welcome.
+async fn connect(node: &Instance, user: &str, peer: &str, query: &str) -> (Client, Value) {
+    let mut client = Client::connect(&format!("{}{query}", node.ws_url(user, peer))).await.expect("upgrade");
+    let welcome = client.recv_json().await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (client, welcome)
+}
+
+/// The welcome's resume token and `seq`.
+fn resume_of(welcome: &Value) -> (String, String) {
+    let token = welcome["resume"]["token"].as_str().unwrap_or_else(|| panic!("a resume token: {welcome}"));
+    let seq = welcome["resume"]["seq"].as_str().unwrap_or_else(|| panic!("a resume seq: {welcome}"));
+    (token.to_owned(), seq.to_owned())
+}
+
+/// A receiver's view: numbered frames in arrival order, and its cursor.
+struct Receiver {
+    got: Vec<usize>,
+    seq: String,
+    /// Tells the sender how many arrived.
+    seen: tokio::sync::watch::Sender<usize>,
+}
+
+impl Receiver {
+    /// Reads `relay` events until `until` frames in all arrived.
+    async fn read(&mut self, client: &mut Client, until: usize) {
+        while self.got.len() < until {
+            let event = client.recv_json().await;
+            match event["type"].as_str() {
+                Some("relay") => {
+                    self.seq = event["seq"].as_str().unwrap_or_else(|| panic!("a seq: {event}")).to_owned();
+                    let n = event["data"]["n"].as_u64().unwrap_or_else(|| panic!("a numbered frame: {event}"));
+                    self.got.push(n as usize);
+                    self.seen.send_replace(self.got.len());
+                }
+                Some("peer-joined" | "peer-left") => {}
+                _ => panic!("unexpected event {event}"),
+            }
+        }
+    }
+}
+
+async fn a_cut_receiver_resumes_on_another_instance_losing_nothing(c: &Cluster) {
+    const TOTAL: usize = 400;
+    let (mut bob, welcome) = connect(c.node(1), "bob", "alice", "&resume=1").await;
+    let (token, seq) = resume_of(&welcome);
+    let (alice, welcome) = connect(c.node(0), "alice", "bob", "").await;
+    assert_eq!(welcome["peerOnline"], true);
+    assert!(welcome.get("resume").is_none(), "alice did not ask: {welcome}");
+    assert_eq!(bob.recv_json().await["type"], "peer-joined");
+
+    // Alice sends numbered frames without pause, at most WINDOW ahead of
+    // what Bob has seen, while Bob's socket is cut and comes back.
+    let (seen, mut seen_rx) = tokio::sync::watch::channel(0);
+    let (mut alice_tx, alice_rx) = alice.split();
+    let sender = tokio::spawn(async move {
+        for n in 0..TOTAL {
+            seen_rx.wait_for(|&seen| n < seen + WINDOW).await.expect("the receiver is there");
+            alice_tx.send(json!({"type": "n", "n": n, "pad": "x".repeat(200)}).to_string()).await;
+        }
+        alice_tx
+    });
+    let mut receiver = Receiver { got: Vec::new(), seq, seen };
+    receiver.read(&mut bob, 150).await;
+    bob.reset_connection();
+
+    // Back on another instance (the only one, in memory), from its last seq.
+    let query = format!("&resume={token}&after={}", receiver.seq);
+    let (mut bob, welcome) = connect(c.node(2), "bob", "alice", &query).await;
+    let (_, seq) = resume_of(&welcome);
+    receiver.seq = seq;
+    receiver.read(&mut bob, TOTAL).await;
+    let expected: Vec<usize> = (0..TOTAL).collect();
+    assert_eq!(receiver.got, expected, "every frame exactly once, in order");
+
+    // And the new cursor resumes too: a second cut, with nothing missed.
+    let (token, _) = resume_of(&welcome);
+    bob.reset_connection();
+    let query = format!("&resume={token}&after={}", receiver.seq);
+    let (mut bob, welcome) = connect(c.node(0), "bob", "alice", &query).await;
+    assert!(welcome["resume"]["seq"].is_string());
+    let mut alice_tx = sender.await.expect("sender");
+    alice_tx.send(json!({"type": "n", "n": TOTAL}).to_string()).await;
+    let next = bob.recv_json().await;
+    assert_eq!((next["type"].as_str(), next["data"]["n"].as_u64()), (Some("relay"), Some(TOTAL as u64)), "{next}");
+    drop(alice_rx);
+}
+
+async fn a_gap_past_the_history_gives_resync_only(c: &Cluster) {
+    let (mut bob, welcome) = connect(c.node(1), "bob", "alice", "&resume=1").await;
+    let (token, seq) = resume_of(&welcome);
+    let (mut alice, _) = connect(c.node(0), "alice", "bob", "").await;
+    assert_eq!(bob.recv_json().await["type"], "peer-joined");
+    alice.send(r#"{"type":"n","n":0}"#).await;
+    let first = bob.recv_json().await;
+    assert_eq!(first["data"]["n"], 0, "{first}");
+    let after = first["seq"].as_str().expect("a seq").to_owned();
+    assert_ne!(after, seq);
+    bob.reset_connection();
+
+    // Far more than the history holds (Redis trims whole stream nodes of 100
+    // entries, so it may keep up to about 164), all handled before Bob is
+    // back (on Alice's instance: in Redis, the same command lane as hers).
+    for n in 1..=300 {
+        alice.send(json!({"type": "n", "n": n}).to_string()).await;
+    }
+    alice.round_trip().await;
+    let (mut bob, welcome) = connect(c.node(0), "bob", "alice", &format!("&resume={token}&after={after}")).await;
+    assert!(welcome["resume"]["token"].is_string(), "a new token all the same: {welcome}");
+    assert_eq!(bob.recv_json().await, json!({"type": "resync"}));
+
+    // Nothing else: the next thing Bob hears is Alice's next frame, live.
+    alice.send(r#"{"type":"n","n":"live"}"#).await;
+    let next = bob.recv_json().await;
+    assert_eq!((next["type"].as_str(), next["data"]["n"].as_str()), (Some("relay"), Some("live")), "{next}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_another_user_or_pair_is_refused_with_4003() {
+    let c = Cluster::memory_with(resume_on).await;
+    let node = c.node(0);
+    let (_bob, welcome) = connect(node, "bob", "alice", "&resume=1").await;
+    let (token, seq) = resume_of(&welcome);
+    let (_, mac) = token.split_once('.').expect("session.mac");
+    for (user, peer, token) in [
+        ("alice", "bob", token.clone()),
+        ("bob", "carol", token.clone()),
+        ("bob", "alice", format!("1{token}")),
+        ("bob", "alice", format!("0.{mac}")),
+        ("bob", "alice", "garbage".to_owned()),
+    ] {
+        let url = format!("{}&resume={token}&after={seq}", node.ws_url(user, peer));
+        let mut client = Client::connect(&url).await.expect("upgrade");
+        let closed = client.expect_closed().await;
+        assert_eq!(
+            (closed.code, closed.reason.as_str()),
+            (Some(4003), "resume token refused"),
+            "{user}/{peer} {token}"
+        );
+    }
+    // Bob's own token still works: after its own seq, nothing is missed.
+    let (_bob, welcome) = connect(node, "bob", "alice", &format!("&resume={token}&after={seq}")).await;
+    assert!(welcome["resume"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_resume_off_a_resume_request_changes_nothing() {
+    let c = Cluster::redis(2).await;
+    let (mut bob, welcome) = connect(c.node(1), "bob", "alice", "&resume=1").await;
+    assert!(welcome.get("resume").is_none(), "{welcome}");
+    let (mut alice, _) = connect(c.node(0), "alice", "bob", "").await;
+    assert_eq!(bob.recv_json().await["type"], "peer-joined");
+    let frame = r#"{"type":"offer", "sdp":"x"}"#;
+    alice.send(frame).await;
+    assert_eq!(bob.recv_text().await, frame, "byte for byte, unwrapped");
+    // A token (even a forged one) is not looked at.
+    let (_again, welcome) = connect(c.node(0), "bob", "alice", "&resume=abc.def&after=1-0").await;
+    assert!(welcome.get("resume").is_none());
+    let redis = c.redis.as_ref().expect("redis");
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg("*history*").query_async(&mut redis.conn().await).await.expect("KEYS");
+    assert!(keys.is_empty(), "no history kept: {keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_larger_than_half_the_outbound_queue_gives_resync() {
+    let c = Cluster::memory_with(|s| {
+        resume_on(s);
+        s.outbox_messages = 16;
+    })
+    .await;
+    let node = c.node(0);
+    let (mut bob, welcome) = connect(node, "bob", "alice", "&resume=1").await;
+    let (token, seq) = resume_of(&welcome);
+    let (mut alice, _) = connect(node, "alice", "bob", "").await;
+    assert_eq!(bob.recv_json().await["type"], "peer-joined");
+    bob.reset_connection();
+    // Within the history (64), but more than 8 of a 16-frame queue.
+    for n in 0..9 {
+        alice.send(json!({"type": "n", "n": n}).to_string()).await;
+    }
+    alice.round_trip().await;
+    let (mut bob, _) = connect(node, "bob", "alice", &format!("&resume={token}&after={seq}")).await;
+    assert_eq!(bob.recv_json().await, json!({"type": "resync"}));
+    alice.send(r#"{"type":"n","n":"live"}"#).await;
+    assert_eq!(bob.recv_json().await["data"]["n"], "live");
+
+    // Eight fit.
+    let (token, seq) = resume_of(&{
+        let (bob, welcome) = connect(node, "bob", "alice", "&resume=1").await;
+        bob.reset_connection();
+        welcome
+    });
+    drop(bob);
+    for n in 0..8 {
+        alice.send(json!({"type": "n", "n": n}).to_string()).await;
+    }
+    alice.round_trip().await;
+    let (mut bob, _) = connect(node, "bob", "alice", &format!("&resume={token}&after={seq}")).await;
+    for n in 0..8 {
+        assert_eq!(bob.recv_json().await["data"]["n"], n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_signed_links_the_token_must_match_the_links_identity() {
+    use switchboard::auth::LinkSigner;
+    use switchboard::pair::UserId;
+    let signer = LinkSigner::new(&Secret::new("a link secret for tests, 32+ bytes long"));
+    let c = Cluster::memory_with(|s| {
+        resume_on(s);
+        s.auth = Some(signer.clone());
+    })
+    .await;
+    let node = c.node(0);
+    let link = |user: &str, peer: &str| {
+        let (user, peer) = (UserId::parse(user).unwrap(), UserId::parse(peer).unwrap());
+        let jwt = signer.sign(&user, &peer, std::time::SystemTime::now() + Duration::from_secs(3600));
+        format!("ws://{}/ws?token={jwt}", node.addr)
+    };
+    let mut bob = Client::connect(&format!("{}&resume=1", link("bob", "alice"))).await.expect("upgrade");
+    let (token, seq) = resume_of(&bob.recv_json().await);
+    // Alice's link with Bob's resume token: refused.
+    let mut alice =
+        Client::connect(&format!("{}&resume={token}&after={seq}", link("alice", "bob"))).await.expect("upgrade");
+    assert_eq!(alice.expect_closed().await.code, Some(4003));
+    // Bob's own link resumes.
+    let mut bob =
+        Client::connect(&format!("{}&resume={token}&after={seq}", link("bob", "alice"))).await.expect("upgrade");
+    let welcome = bob.recv_json().await;
+    assert_eq!(
+        (welcome["type"].as_str(), welcome["resume"]["token"].is_string()),
+        (Some("welcome"), true),
+        "{welcome}"
+    );
+}
