@@ -219,6 +219,31 @@ async fn http_connections_past_the_cap_get_503_until_one_ends() {
     drop(ws);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_http_cap_waits_for_slots_instead_of_being_refused() {
+    // Four slots, and 64 WebSocket handshakes at once: slots come free as
+    // handshakes finish, so each connection at the cap waits for one.
+    let server = switchboard_tests::Process::spawn(&[("SWITCHBOARD_MAX_HTTP_CONNECTIONS", "4")]);
+    let opening: Vec<_> = (0..64)
+        .map(|i| {
+            let url = server.ws_url(&format!("burst{i}a"), &format!("burst{i}b"));
+            tokio::spawn(async move {
+                let mut client = Client::connect(&url).await.expect("upgraded, not refused");
+                assert_eq!(client.recv_json().await["type"], "welcome");
+                client
+            })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for task in opening {
+        clients.push(task.await.unwrap());
+    }
+    let (_, m) = switchboard_tests::http_get(server.addr, "/metrics").await;
+    let refused = switchboard_tests::metric(&m, r#"switchboard_rejects_total{reason="too_many_connections"}"#);
+    assert_eq!(refused, Some(0.0));
+    assert_eq!(clients.len(), 64);
+}
+
 /// The status line of the answer to `request` (sent whole), read to the end.
 async fn answer_to(addr: std::net::SocketAddr, request: &[u8]) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -335,8 +335,8 @@ impl Front {
 /// upgrades, a deadline on the request head (against slowloris) and a bound
 /// on its size, then waits briefly for in-flight requests. At most
 /// `SWITCHBOARD_MAX_HTTP_CONNECTIONS` connections are served at once; one
-/// more is answered 503 and closed. Upgraded sockets are the sessions'
-/// business.
+/// more waits briefly for a slot, then is answered 503 and closed (see
+/// [`AtTheCap`]). Upgraded sockets are the sessions' business.
 async fn serve(listener: TcpListener, router: Router, state: AppState) -> std::io::Result<()> {
     let connections = TaskTracker::new();
     let settings = &state.settings;
@@ -352,6 +352,7 @@ async fn serve(listener: TcpListener, router: Router, state: AppState) -> std::i
     let closing = state.lifecycle.reached(Phase::Closing);
     tokio::pin!(closing);
     let mut failures = AcceptFailures::default();
+    let mut cap = AtTheCap::default();
     loop {
         let stream = tokio::select! {
             () = closing.as_mut() => break,
@@ -366,7 +367,11 @@ async fn serve(listener: TcpListener, router: Router, state: AppState) -> std::i
                 }
             },
         };
-        let Some(slot) = state.try_open_connection() else {
+        let slot = match state.try_open_connection() {
+            Some(slot) => Some(slot),
+            None => cap.wait_for_slot(&state).await,
+        };
+        let Some(slot) = slot else {
             refuse(&stream);
             continue;
         };
@@ -395,6 +400,43 @@ async fn serve(listener: TcpListener, router: Router, state: AppState) -> std::i
     connections.close();
     let _ = tokio::time::timeout(HTTP_GRACE, connections.wait()).await;
     Ok(())
+}
+
+/// How long a connection accepted at the HTTP connection cap waits for a
+/// slot before it is refused.
+const SLOT_WAIT: Duration = Duration::from_millis(100);
+/// After a wait for a slot ran out, connections at the cap are refused at
+/// once for this long.
+const SLOT_WAIT_PAUSE: Duration = Duration::from_secs(1);
+
+/// What the accept loop does at the HTTP connection cap. In a connect storm
+/// slots come free within milliseconds, as handshakes finish: a connection
+/// at the cap waits up to [`SLOT_WAIT`] for one, and meanwhile nothing more
+/// is accepted (the kernel's listen backlog holds what arrives). Refusing
+/// it instead made thousands of clients of an unbounded reconnect come back
+/// a second time. When slots are held (connections that never finish their
+/// request), the wait runs out: then connections at the cap are answered
+/// 503 at once for [`SLOT_WAIT_PAUSE`], so that holding every slot costs
+/// the accept loop at most one wait a second.
+#[derive(Debug, Default)]
+struct AtTheCap {
+    refuse_until: Option<tokio::time::Instant>,
+}
+
+impl AtTheCap {
+    async fn wait_for_slot(&mut self, state: &AppState) -> Option<crate::state::ConnectionSlot> {
+        let now = tokio::time::Instant::now();
+        if self.refuse_until.is_some_and(|until| now < until) {
+            return None;
+        }
+        match tokio::time::timeout(SLOT_WAIT, state.open_connection()).await {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                self.refuse_until = Some(tokio::time::Instant::now() + SLOT_WAIT_PAUSE);
+                None
+            }
+        }
+    }
 }
 
 /// What a connection past `SWITCHBOARD_MAX_HTTP_CONNECTIONS` is told before it is closed.

@@ -168,6 +168,13 @@ impl AppState {
         Some(ConnectionSlot { _permit: permit })
     }
 
+    /// Waits for an HTTP connection slot (see [`AppState::try_open_connection`]).
+    pub async fn open_connection(&self) -> ConnectionSlot {
+        let permit = self.connections.clone().acquire_owned().await.expect("the connection semaphore is never closed");
+        crate::metrics::http_connection_opened();
+        ConnectionSlot { _permit: permit }
+    }
+
     /// How sessions close when the instance closes them: 1012 after a drain
     /// (reconnect elsewhere), 1001 without one.
     pub fn closing_reason(&self) -> CloseReason {
