@@ -55,7 +55,7 @@ async fn serve(settings: Settings, warnings: &[String]) -> ExitCode {
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    let listener = match tokio::net::TcpListener::bind(settings.listen).await {
+    let listener = match switchboard::app::bind(settings.listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("switchboard: cannot listen on {} (SWITCHBOARD_LISTEN): {e}", settings.listen);
