@@ -1,5 +1,6 @@
 """Shared facts for the deployment tests."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -72,3 +73,13 @@ def pytest_runtest_makereport(item, call):
                     text = f"(could not be read: {e!r})"
                 report.sections.append((title, text or "(empty)"))
     return report
+
+
+def switchboard_binary() -> Path:
+    """The server the deploy tests run: SWITCHBOARD_BIN, else the debug or release build."""
+    if os.environ.get("SWITCHBOARD_BIN"):
+        return Path(os.environ["SWITCHBOARD_BIN"])
+    for p in (REPO / "target" / "debug" / "switchboard", REPO / "target" / "release" / "switchboard"):
+        if p.is_file():
+            return p
+    pytest.skip("switchboard is not built (cargo build -p switchboard; `cargo test --workspace` builds it)")

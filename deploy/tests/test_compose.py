@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, switchboard_binary
 from nginxctl import NGINX_CONF, UPSTREAM_RE
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -245,13 +245,6 @@ def test_nginx_cluster_runs_the_same_config_against_the_cluster_replicas(cluster
 
 # --- profile `cluster` on loopback -------------------------------------------
 
-def switchboard_binary() -> Path:
-    if os.environ.get("SWITCHBOARD_BIN"):
-        return Path(os.environ["SWITCHBOARD_BIN"])
-    for p in (REPO / "target" / "debug" / "switchboard", REPO / "target" / "release" / "switchboard"):
-        if p.is_file():
-            return p
-    pytest.skip("switchboard is not built (cargo build -p switchboard)")
 
 
 def free_node_port() -> int:

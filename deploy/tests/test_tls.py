@@ -28,19 +28,10 @@ from websockets.exceptions import InvalidStatus
 # request"; the client: no handshake response in 10 s).
 from websockets.asyncio.client import connect
 
-from conftest import REPO, add_diagnosis
+from conftest import REPO, add_diagnosis, switchboard_binary
 from nginxctl import Nginx, command, make_prefix, render_tls, TLS_CONF
 
 README = REPO / "README.md"
-
-
-def switchboard_binary() -> Path:
-    if os.environ.get("SWITCHBOARD_BIN"):
-        return Path(os.environ["SWITCHBOARD_BIN"])
-    for p in (REPO / "target" / "debug" / "switchboard", REPO / "target" / "release" / "switchboard"):
-        if p.is_file():
-            return p
-    pytest.skip("switchboard is not built (cargo build -p switchboard; `cargo test --workspace` builds it)")
 
 
 def readme_openssl_command(ip: str) -> list[str]:
