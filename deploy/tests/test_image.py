@@ -199,7 +199,7 @@ def test_dockerignore_keeps_sources_and_drops_the_rest():
     # Page files embedded at compile time must reach the builder.
     static = [f for f in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True,
                                         text=True, check=True).stdout.splitlines()
-              if "static/" in f and not f.startswith(("tests/", "deploy/", "docs/"))]
+              if "static/" in f and not f.startswith(("tests/", "deploy/", "docs/", "deny/"))]
     assert set(static) <= set(files)
 
 
