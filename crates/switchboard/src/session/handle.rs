@@ -12,7 +12,7 @@ use super::echo::EchoWindow;
 use super::outbox::{Outbox, Work};
 use super::peer::PeerView;
 use crate::broker::envelope::{Envelope, Kind};
-use crate::broker::{envelope, BrokerError, RelayFailure, Seq, SessionId};
+use crate::broker::{envelope, BrokerError, RelayOrigin, Seq, SessionId};
 use crate::pair::{PairId, UserId};
 use crate::protocol::{CloseReason, ServerEvent};
 
@@ -254,7 +254,7 @@ pub fn replayed(user: &UserId, envelopes: &[Bytes]) -> Vec<Bytes> {
         .collect()
 }
 
-impl RelayFailure for SessionHandle {
+impl RelayOrigin for SessionHandle {
     fn relay_failed(&self, error: &BrokerError, len: usize) {
         // It never reached Redis, so its copy will never come back.
         self.echoed(len);
