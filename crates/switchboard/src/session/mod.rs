@@ -304,6 +304,9 @@ async fn join(
             return None;
         }
     };
+    if resume != Resume::Off {
+        state.registry.joined(handle, claimed.seq);
+    }
     let resume = resume_from(state, handle, channel, resume, claimed.seq).await;
     let welcoming = Instant::now();
     let peer_online = state.registry.finish_setup(handle, claimed.peer);
