@@ -319,6 +319,9 @@ async fn join(
             return None;
         }
     };
+    if resume != Resume::Off {
+        state.registry.joined(handle, claimed.seq);
+    }
     let resume = resume_from(state, handle, channel, resume, claimed.seq).await;
     let confirm = resume.as_ref().map(|r| Confirm::new(handle.clone(), r.lineage, r.next));
     let welcoming = Instant::now();
