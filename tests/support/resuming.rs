@@ -204,10 +204,31 @@ pub async fn run(
 /// `total` messages, had them confirmed, and received the other's; returns
 /// both sides.
 pub async fn exchange(alice: (Side, Client), bob: (Side, Client), total: usize, plans: [Plan; 2]) -> (Side, Side) {
+    exchange_with(alice, bob, total, plans, 0, async {}).await
+}
+
+/// [`exchange`], with `fault` run once each side has received `at` of the
+/// other's messages (a replica killed, say): traffic goes on meanwhile.
+pub async fn exchange_with(
+    alice: (Side, Client),
+    bob: (Side, Client),
+    total: usize,
+    plans: [Plan; 2],
+    at: usize,
+    fault: impl std::future::Future<Output = ()>,
+) -> (Side, Side) {
     let (a_seen, a_seen_rx) = watch::channel(0);
     let (b_seen, b_seen_rx) = watch::channel(0);
+    let (mut a_count, mut b_count) = (a_seen_rx.clone(), b_seen_rx.clone());
     let a = tokio::spawn(run(alice.0, alice.1, total, b_seen_rx, a_seen, plans[0]));
     let b = tokio::spawn(run(bob.0, bob.1, total, a_seen_rx, b_seen, plans[1]));
+    for count in [&mut a_count, &mut b_count] {
+        tokio::time::timeout(DEADLINE, count.wait_for(|&n| n >= at))
+            .await
+            .expect("messages flow before the fault")
+            .expect("both sides run");
+    }
+    fault.await;
     let deadline = DEADLINE * 3;
     let a = tokio::time::timeout(deadline, a).await.expect("alice's side finishes").expect("alice's side");
     let b = tokio::time::timeout(deadline, b).await.expect("bob's side finishes").expect("bob's side");
