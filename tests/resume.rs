@@ -293,8 +293,10 @@ async fn with_signed_links_the_token_must_match_the_links_identity() {
 }
 
 /// `/ws` URLs of the cluster's instances, starting at instance `first`.
-fn urls(c: &Cluster, first: usize) -> Vec<String> {
-    (0..c.instances.len()).map(|i| format!("ws://{}/ws", c.node(first + i).addr)).collect()
+fn urls(c: &Cluster, first: usize) -> switchboard_tests::resuming::Urls {
+    switchboard_tests::resuming::urls(
+        (0..c.instances.len()).map(|i| format!("ws://{}/ws", c.node(first + i).addr)).collect(),
+    )
 }
 
 /// Confirmed sends: both sides send numbered messages without pause while
@@ -308,7 +310,7 @@ async fn cut_senders_resend_and_nothing_is_lost_or_doubled(c: &Cluster) {
     let (bob, mut bob_client) = Side::connect("bob", "alice", urls(c, 1)).await;
     let alice = Side::connect("alice", "bob", urls(c, 0)).await;
     assert_eq!(bob_client.recv_json().await["type"], "peer-joined");
-    let plans = [Plan { cut_after: Some(150) }, Plan { cut_after: Some(260) }];
+    let plans = [Plan { cut_after: Some(150), ..Plan::default() }, Plan { cut_after: Some(260), ..Plan::default() }];
     let (alice, bob) = exchange(alice, (bob, bob_client), TOTAL, plans).await;
     for side in [&alice, &bob] {
         assert_exactly_once_in_order(side, TOTAL);
@@ -502,7 +504,7 @@ async fn a_blip_longer_than_the_history_gives_resync_then_only_newer_frames() {
 /// broker does not have yet. Both ways: zero loss, zero duplicates, zero
 /// reordering, no `resync`. On one Redis and on a Redis Cluster.
 async fn a_killed_replicas_clients_resend_and_lose_nothing(url: &str, mode: &str) {
-    use switchboard_tests::resuming::{assert_exactly_once_in_order, exchange_with, Plan, Side};
+    use switchboard_tests::resuming::{self, assert_exactly_once_in_order, exchange_with, Plan, Side};
     use switchboard_tests::Process;
     const TOTAL: usize = 400;
     let mut doomed = Process::spawn(&[
@@ -520,8 +522,8 @@ async fn a_killed_replicas_clients_resend_and_lose_nothing(url: &str, mode: &str
     resume_on(&mut s);
     let survivor = Instance::start(s).await;
     let (doomed_url, survivor_url) = (format!("ws://{}/ws", doomed.addr), format!("ws://{}/ws", survivor.addr));
-    let (bob, mut bob_client) = Side::connect("bob", "alice", vec![survivor_url.clone()]).await;
-    let alice = Side::connect("alice", "bob", vec![doomed_url, survivor_url]).await;
+    let (bob, mut bob_client) = Side::connect("bob", "alice", resuming::urls(vec![survivor_url.clone()])).await;
+    let alice = Side::connect("alice", "bob", resuming::urls(vec![doomed_url, survivor_url])).await;
     assert_eq!(bob_client.recv_json().await["type"], "peer-joined");
     let kill = async { doomed.kill() };
     let (alice, bob) = exchange_with(alice, (bob, bob_client), TOTAL, [Plan::default(); 2], 120, kill).await;
@@ -544,4 +546,66 @@ async fn a_killed_replicas_clients_resend_and_lose_nothing_on_redis() {
 async fn a_killed_replicas_clients_resend_and_lose_nothing_on_a_redis_cluster() {
     let cluster = switchboard_tests::RedisCluster::start().await;
     a_killed_replicas_clients_resend_and_lose_nothing(&cluster.urls(), "cluster").await;
+}
+
+/// A rolling restart of every replica (issue #14): each in turn drains
+/// (1012) after its successor started, as a deployment replaces pods, while
+/// both sides send 600 numbered messages (one per 10 ms, so traffic lasts
+/// through the restarts); the clients know the replicas as a
+/// load balancer does (the list changes as they come and go). Every message
+/// arrives exactly once, in order, with no `resync`.
+async fn a_rolling_restart_loses_nothing(url: &str, cluster: bool) {
+    use switchboard_tests::resuming::{self, assert_exactly_once_in_order, exchange_with, Plan, Side};
+    const TOTAL: usize = 600;
+    let start = || async {
+        let mut s = switchboard_tests::settings(Some(url));
+        if cluster {
+            s.redis_mode = switchboard::config::RedisMode::Cluster;
+        }
+        resume_on(&mut s);
+        s.drain = Duration::from_secs(1);
+        Instance::start(s).await
+    };
+    let url_of = |i: &Instance| format!("ws://{}/ws", i.addr);
+    let (a, b) = (start().await, start().await);
+    let balancer = resuming::urls(vec![url_of(&b), url_of(&a)]);
+    let (bob, mut bob_client) = Side::connect("bob", "alice", balancer.clone()).await;
+    balancer.lock().unwrap().reverse();
+    let alice = Side::connect("alice", "bob", balancer.clone()).await;
+    assert_eq!(bob_client.recv_json().await["type"], "peer-joined");
+    let roll = {
+        let balancer = balancer.clone();
+        async move {
+            for old in [a, b] {
+                let new = start().await;
+                let (old_url, new_url) = (url_of(&old), url_of(&new));
+                balancer.lock().unwrap().retain(|u| *u != old_url);
+                balancer.lock().unwrap().push(new_url);
+                // Drains (1012 to its sockets), then stops; the new one stays up.
+                old.stop().await;
+                std::mem::forget(new);
+            }
+        }
+    };
+    let plan = Plan { pace: Some(Duration::from_millis(10)), ..Plan::default() };
+    let (alice, bob) = exchange_with(alice, (bob, bob_client), TOTAL, [plan; 2], 60, roll).await;
+    for side in [&alice, &bob] {
+        assert_exactly_once_in_order(side, TOTAL);
+        assert_eq!(side.resyncs, 0, "no resync");
+        assert!(side.errors.is_empty(), "{:?}", side.errors);
+        assert!(side.resumed >= 1, "each side's replica was restarted under it");
+    }
+    eprintln!("resent after the restarts: alice {}, bob {}", alice.resent, bob.resent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_nothing_on_redis() {
+    let redis = switchboard_tests::RedisServer::start().await;
+    a_rolling_restart_loses_nothing(&redis.url(), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_nothing_on_a_redis_cluster() {
+    let cluster = switchboard_tests::RedisCluster::start().await;
+    a_rolling_restart_loses_nothing(&cluster.urls(), true).await;
 }

@@ -19,12 +19,21 @@ use crate::{Client, DEADLINE};
 /// the history (64 entries), so no cut or restart ever outruns it.
 pub const WINDOW: usize = 24;
 
+/// The instances a side may connect to, as a load balancer knows them.
+pub type Urls = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// [`Urls`] of a fixed list.
+pub fn urls(list: Vec<String>) -> Urls {
+    std::sync::Arc::new(std::sync::Mutex::new(list))
+}
+
 /// One side of a pair that resumes.
 pub struct Side {
     user: String,
     peer: String,
-    /// `/ws` URLs to connect to, taken in turn at each reconnect.
-    urls: Vec<String>,
+    /// `/ws` URLs to connect to, taken in turn at each reconnect (shared, so
+    /// that a test can change them, as a load balancer's list changes).
+    urls: Urls,
     at: usize,
     token: String,
     seq: String,
@@ -47,8 +56,9 @@ pub struct Side {
 impl Side {
     /// Connects `user` (to `peer`) with `resume=1` to the first of `urls`
     /// (`ws://host:port/ws`), and reads the welcome.
-    pub async fn connect(user: &str, peer: &str, urls: Vec<String>) -> (Self, Client) {
-        let url = format!("{}?userID={user}&peerID={peer}&resume=1", urls[0]);
+    pub async fn connect(user: &str, peer: &str, urls: Urls) -> (Self, Client) {
+        let first = urls.lock().unwrap()[0].clone();
+        let url = format!("{first}?userID={user}&peerID={peer}&resume=1");
         let mut client = Client::connect(&url).await.expect("upgrade");
         let welcome = client.recv_json().await;
         let (token, seq, next) = resume_of(&welcome);
@@ -116,10 +126,14 @@ impl Side {
         let first = self.unacked.front().map_or(self.next, |&(n, _)| n);
         let started = tokio::time::Instant::now();
         let (mut client, welcome) = loop {
-            self.at = (self.at + 1) % self.urls.len();
+            let base = {
+                let urls = self.urls.lock().unwrap();
+                self.at = (self.at + 1) % urls.len();
+                urls[self.at].clone()
+            };
             let url = format!(
-                "{}?userID={}&peerID={}&resume={}&after={}&next={first}",
-                self.urls[self.at], self.user, self.peer, self.token, self.seq
+                "{base}?userID={}&peerID={}&resume={}&after={}&next={first}",
+                self.user, self.peer, self.token, self.seq
             );
             if let Ok(mut client) = Client::connect(&url).await {
                 if let Ok(welcome) = client.try_recv_json().await {
@@ -157,6 +171,9 @@ pub fn resume_of(welcome: &Value) -> (String, String, u64) {
 pub struct Plan {
     /// Reset the socket after this many messages were sent.
     pub cut_after: Option<usize>,
+    /// Send at most one message per this long: traffic that lasts through
+    /// a slow fault (a rolling restart).
+    pub pace: Option<Duration>,
 }
 
 /// Runs one side: sends `total` messages (`k` = 1..=`total`), at most
@@ -172,6 +189,7 @@ pub async fn run(
     plan: Plan,
 ) -> Side {
     let mut sent = 0;
+    let mut pace = plan.pace.map(tokio::time::interval);
     loop {
         if sent == total && side.got.len() >= total && side.all_confirmed() {
             return side;
@@ -180,7 +198,12 @@ pub async fn run(
         // What woke the side: an event (or the connection's end), or room to send.
         let event = tokio::select! {
             event = client.try_recv_json() => Some(event),
-            ready = peer_seen.wait_for(|&peer| sent < peer + WINDOW), if may_send => {
+            ready = async {
+                if let Some(pace) = &mut pace {
+                    pace.tick().await;
+                }
+                peer_seen.wait_for(|&peer| sent < peer + WINDOW).await.map(drop)
+            }, if may_send => {
                 ready.expect("the peer's side runs");
                 None
             }
