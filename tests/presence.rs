@@ -272,7 +272,8 @@ async fn nothing_but_resync_for(alice: &mut Client, bob: &mut Client, quiet: Dur
 /// Issue 16, defect 2, end to end: Redis stalls (`DEBUG SLEEP 5`) for longer
 /// than the presence TTL (3 s), so both users' keys expire under a
 /// connected pair. Neither client hears `peer-left`, during the stall or
-/// for three TTLs after it; relaying goes on.
+/// for three TTLs after it; each hears `resync` (the subscribers' probe gave
+/// up during the stall), and relaying goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stall_longer_than_the_ttl_is_not_a_peer_leaving() {
     let c = debuggable_pair().await;
@@ -284,6 +285,11 @@ async fn a_stall_longer_than_the_ttl_is_not_a_peer_leaving() {
     let stalled = Instant::now();
     let () = redis::cmd("DEBUG").arg("SLEEP").arg(5).query_async(&mut sleeper).await.unwrap();
     let woke = stalled.elapsed();
+    // The subscribers gave up on the silent connection (a PING unanswered
+    // for 3 s): each client is told `resync` once its channel is back. A
+    // frame published before then may be lost, as that `resync` says.
+    assert_eq!(alice.recv_json().await, json!({"type": "resync"}));
+    assert_eq!(bob.recv_json().await, json!({"type": "resync"}));
     let healed = both_keys_back(redis).await;
     relays_both_ways_and_nothing_else(&mut alice, &mut bob, "after the stall").await;
     // Long enough for any verdict on the keys that expired in the stall.
