@@ -146,3 +146,45 @@ async fn a_password_changed_under_a_running_instance_is_never_shown() {
         "never reconnected with the old password"
     );
 }
+
+/// Issue 16, defect 1: an ACL that denies one pair's channel (`&pattern`
+/// rules naming the others). Redis answers that pair's `SUBSCRIBE` with
+/// `NOPERM`: its new session closes with 1013 and the refusal is counted,
+/// while the subscriber's connection stays, other pairs relay, and `/readyz`
+/// stays 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_the_acl_denies_refuses_its_pair_only() {
+    const REFUSED: &str = "switchboard_broker_subscribe_refused_total";
+    // The documented ACL, with its channels narrowed to alice's pairs.
+    let rules: Vec<String> = documented_acl()
+        .into_iter()
+        .map(|r| if r == "&switchboard:*" { "&switchboard:pair:alice:*".to_owned() } else { r })
+        .collect();
+    assert!(rules.contains(&"&switchboard:pair:alice:*".to_owned()), "{rules:?}");
+    let redis = acl_redis(rules).await;
+    let nodes = [
+        Instance::start(settings(Some(&url(&redis, PASSWORD)))).await,
+        Instance::start(settings(Some(&url(&redis, PASSWORD)))).await,
+    ];
+    let c = Cluster { redis: None, redis_cluster: None, instances: nodes.into() };
+    let (mut alice, mut bob) = c.alice_and_bob().await;
+    relays_both_ways(&mut alice, &mut bob, "before").await;
+    let refused_before = metric(&c.node(0).get("/metrics").await.1, REFUSED).unwrap_or(0.0);
+
+    let mut carol = Client::connect(&c.node(0).ws_url("carol", "dave")).await.expect("upgrade");
+    let closed = carol.try_recv_json().await.expect_err("a close, not a welcome");
+    assert_eq!(closed.code, Some(1013), "{closed:?}");
+    let denied: Vec<redis::Value> = redis::cmd("ACL").arg("LOG").query_async(&mut redis.conn().await).await.unwrap();
+    assert!(format!("{denied:?}").contains("switchboard:pair:carol:dave"), "Redis denied the channel: {denied:?}");
+    assert!(metric(&c.node(0).get("/metrics").await.1, REFUSED).unwrap_or(0.0) > refused_before, "counted");
+
+    // Nothing else is touched: no resync, relaying goes on, both instances ready.
+    relays_both_ways(&mut alice, &mut bob, "after").await;
+    for node in &c.instances {
+        assert_eq!(node.get("/readyz").await.0, 200);
+    }
+    let (mut alice2, _) = c.node(0).join("alice", "erin").await;
+    let (mut erin, _) = c.node(1).join("erin", "alice").await;
+    assert_eq!(alice2.recv_json().await["type"], "peer-joined");
+    relays_both_ways(&mut alice2, &mut erin, "another pair").await;
+}

@@ -90,6 +90,16 @@ async fn a_refused_subscribe_is_unready_until_redis_takes_it() {
     for node in &c.instances {
         assert_eq!(node.get("/readyz").await.0, 503);
     }
+    // A frame sent now reaches nobody (Redis takes the PUBLISH, on a lane
+    // authenticated before the password, and counts no subscriber): the
+    // sender hears so, rather than nothing.
+    alice.send(r#"{"type":"candidate","during":"refusal"}"#).await;
+    let event = alice.recv_json().await;
+    assert_eq!(
+        (event["type"].as_str(), event["code"].as_str()),
+        (Some("error"), Some("broker_unavailable")),
+        "{event}"
+    );
     assert_eq!(
         redis::cmd("PUBSUB")
             .arg("NUMSUB")
@@ -102,10 +112,12 @@ async fn a_refused_subscribe_is_unready_until_redis_takes_it() {
     );
 
     let () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg("").query_async(&mut admin).await.unwrap();
+    let accepted = std::time::Instant::now();
     // The first thing each client hears since the outage is its resync, once
     // (a resync while deaf would come first and be followed by another).
     assert_eq!(alice.recv_json().await, json!({"type": "resync"}));
     assert_eq!(bob.recv_json().await, json!({"type": "resync"}));
+    eprintln!("refused SUBSCRIBE: resync {} ms after Redis accepted again", accepted.elapsed().as_millis());
     for node in &c.instances {
         node.wait_ready().await;
     }

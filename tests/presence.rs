@@ -241,3 +241,127 @@ async fn after_a_restart_the_first_new_session_succeeds() {
         back.elapsed().as_millis()
     );
 }
+
+/// A Redis with `DEBUG` enabled, and two instances on it with a 3 s TTL.
+async fn debuggable_pair() -> Cluster {
+    let redis = RedisServer::start_with(switchboard_tests::Setup {
+        args: vec!["--enable-debug-command".into(), "local".into()],
+        ..Default::default()
+    })
+    .await;
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut s = switchboard_tests::settings(Some(&redis.url()));
+        short_ttl(&mut s);
+        instances.push(switchboard_tests::Instance::start(s).await);
+    }
+    Cluster { redis: Some(redis), redis_cluster: None, instances }
+}
+
+/// Reads both clients for `quiet`: anything but `resync` fails the test (a
+/// `peer-left` above all).
+async fn nothing_but_resync_for(alice: &mut Client, bob: &mut Client, quiet: Duration) {
+    let until = tokio::time::Instant::now() + quiet;
+    for (client, who) in [(alice, "alice"), (bob, "bob")] {
+        while let Ok(frame) = tokio::time::timeout_at(until, client.recv_json()).await {
+            assert_eq!(frame["type"], "resync", "{who} was told {frame}");
+        }
+    }
+}
+
+/// Issue 16, defect 2, end to end: Redis stalls (`DEBUG SLEEP 5`) for longer
+/// than the presence TTL (3 s), so both users' keys expire under a
+/// connected pair. Neither client hears `peer-left`, during the stall or
+/// for three TTLs after it; each hears `resync` (the subscribers' probe gave
+/// up during the stall), and relaying goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_longer_than_the_ttl_is_not_a_peer_leaving() {
+    let c = debuggable_pair().await;
+    let redis = c.redis.as_ref().unwrap();
+    let (mut alice, mut bob) = c.alice_and_bob().await;
+    relays_both_ways_and_nothing_else(&mut alice, &mut bob, "before").await;
+
+    let mut sleeper = redis.conn().await;
+    let stalled = Instant::now();
+    let () = redis::cmd("DEBUG").arg("SLEEP").arg(5).query_async(&mut sleeper).await.unwrap();
+    let woke = stalled.elapsed();
+    // The subscribers gave up on the silent connection (a PING unanswered
+    // for 3 s): each client is told `resync` once its channel is back. A
+    // frame published before then may be lost, as that `resync` says.
+    assert_eq!(alice.recv_json().await, json!({"type": "resync"}));
+    assert_eq!(bob.recv_json().await, json!({"type": "resync"}));
+    let healed = both_keys_back(redis).await;
+    relays_both_ways_and_nothing_else(&mut alice, &mut bob, "after the stall").await;
+    // Long enough for any verdict on the keys that expired in the stall.
+    nothing_but_resync_for(&mut alice, &mut bob, Duration::from_secs(9)).await;
+    relays_both_ways_and_nothing_else(&mut alice, &mut bob, "later").await;
+    eprintln!(
+        "DEBUG SLEEP 5 (TTL 3 s): Redis answered after {:.1} s, both keys back {:.2} s later, no peer-left",
+        woke.as_secs_f64(),
+        healed.as_secs_f64()
+    );
+}
+
+/// Issue 16, defect 2: a write outage. With `maxmemory` below what Redis
+/// holds and `noeviction`, every write that needs memory fails with `OOM`
+/// (presence claims and refreshes), while `PUBLISH` still works. Nothing is
+/// silent: frames relay, a new session is closed with 1013, and no client
+/// hears `peer-left`. Once `maxmemory` is lifted, the next session is
+/// welcomed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_outage_is_not_a_peer_leaving_and_never_silent() {
+    let c = Cluster::redis_with(2, short_ttl).await;
+    let redis = c.redis.as_ref().unwrap();
+    let (mut alice, mut bob) = c.alice_and_bob().await;
+    relays_both_ways_and_nothing_else(&mut alice, &mut bob, "before").await;
+
+    let mut admin = redis.conn().await;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let refused = redis::cmd("SET").arg("probe").arg("x").query_async::<()>(&mut admin).await.expect_err("OOM");
+    assert!(refused.to_string().contains("OOM"), "{refused}");
+    let since = Instant::now();
+
+    // Relaying goes on (PUBLISH needs no memory to speak of).
+    relays_both_ways_and_nothing_else(&mut alice, &mut bob, "during").await;
+    // A new session can't claim its presence: it is closed, and says why.
+    let mut carol = Client::connect(&c.node(0).ws_url("carol", "dave")).await.expect("upgrade");
+    let closed = carol.try_recv_json().await.expect_err("a close, not a welcome");
+    assert_eq!(closed.code, Some(1013), "{closed:?}");
+    // Refreshes fail for three TTLs while the keys are gone: still no peer-left.
+    nothing_but_resync_for(&mut alice, &mut bob, Duration::from_secs(9)).await;
+    relays_both_ways_and_nothing_else(&mut alice, &mut bob, "still during").await;
+    let (status, body) = c.node(0).get("/readyz").await;
+    let (_, metrics) = c.node(0).get("/metrics").await;
+    let lasted = since.elapsed();
+
+    let () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query_async(&mut admin).await.unwrap();
+    let lifted = Instant::now();
+    let mut attempts = 0;
+    let welcomed = loop {
+        attempts += 1;
+        let mut carol = Client::connect(&c.node(0).ws_url("carol", "dave")).await.expect("upgrade");
+        if let Ok(welcome) = carol.try_recv_json().await {
+            assert_eq!(welcome["type"], "welcome");
+            break lifted.elapsed();
+        }
+        assert!(lifted.elapsed() < switchboard_tests::DEADLINE, "no welcome after maxmemory 0");
+    };
+    let healed = both_keys_back(redis).await;
+    relays_both_ways_and_nothing_else(&mut alice, &mut bob, "after").await;
+    eprintln!(
+        "OOM for {:.1} s: /readyz {status} {body:?} meanwhile; after maxmemory 0 a welcome in {} ms ({attempts} \
+         attempts), both keys back {:.2} s later; counted meanwhile: {:?}",
+        lasted.as_secs_f64(),
+        welcomed.as_millis(),
+        healed.as_secs_f64(),
+        metrics.lines().filter(|l| l.contains("broker_unavailable") && !l.ends_with(" 0")).collect::<Vec<_>>()
+    );
+}

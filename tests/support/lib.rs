@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod process;
+pub mod proxy;
 pub mod redis_cluster;
 pub mod redis_server;
 pub mod resuming;
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 
 pub use client::Client;
 pub use process::{switchboard_bin, Process};
+pub use proxy::Proxy;
 pub use redis_cluster::{ClusterSetup, RedisCluster};
 pub use redis_server::{RedisServer, Setup};
 

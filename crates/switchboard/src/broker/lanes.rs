@@ -39,7 +39,10 @@
 //! A command either waits for its reply ([`Lanes::call`]: presence, joins) or
 //! is sent and forgotten ([`Lanes::send`]: relayed messages). A forgotten
 //! command that fails is reported to its origin, so the session reading the
-//! socket never waits for Redis and wakes up once per message, not twice.
+//! socket never waits for Redis and wakes up once per message, not twice. So
+//! is a `PUBLISH` that reached no subscriber: the sender's own instance is
+//! subscribed to its pair's channel whenever its subscriber is healthy, so a
+//! count of 0 means that subscription is down and the message reached nobody.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -86,6 +89,10 @@ impl Reply {
                 let _ = tx.send(result);
             }
             Reply::Tell { origin, len, queued_at } => match result {
+                // `PUBLISH` reached no subscriber, not even this instance's
+                // own: its subscription is down (refused, or lost and not
+                // back yet), so nobody heard the message.
+                Ok(redis::Value::Int(0)) => origin.relay_failed(&BrokerError::Disconnected, len),
                 Ok(_) => {
                     crate::metrics::publish_latency(queued_at.elapsed());
                     origin.relay_done();
