@@ -100,3 +100,40 @@ async fn a_second_request_closes_every_socket_at_once() {
     assert_eq!((closed.code, closed.reason.as_str()), (Some(1012), "service restart"));
     instance.stop().await;
 }
+
+/// A masked client text frame (mask key 0), written below the WebSocket layer.
+fn raw_text(payload: &str) -> Vec<u8> {
+    assert!(payload.len() < 126, "a short frame");
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload.as_bytes());
+    frame
+}
+
+/// A drain (1012) loses nothing by itself (issue #14): what a client sent
+/// before it read the close, and so before its close reply, is published
+/// before the instance hangs up. Alice reads the 1012 first and only then
+/// writes 20 messages and her close reply, straight onto TCP (a WebSocket
+/// library refuses to send after a close): on the wire, exactly what a
+/// client's in-flight messages look like.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_publishes_what_the_client_sent_before_its_close_reply() {
+    let redis = RedisServer::start().await;
+    let (old, new) = (Instance::start(draining(&redis.url())).await, Instance::start(draining(&redis.url())).await);
+    let (mut alice, _) = old.join("alice", "bob").await;
+    let (mut bob, _) = new.join("bob", "alice").await;
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    let stopping = tokio::spawn(old.stop());
+    assert_eq!(alice.read_raw_until_close().await, Some(1012));
+    let mut burst = Vec::new();
+    for n in 0..20 {
+        burst.extend(raw_text(&json!({"type": "n", "n": n}).to_string()));
+    }
+    // The close reply: code 1000, masked with key 0.
+    burst.extend([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]);
+    alice.send_raw(&burst).await;
+    for n in 0..20 {
+        let got = bob.recv_json().await;
+        assert_eq!(got, json!({"type": "n", "n": n}), "message {n} of the burst");
+    }
+    stopping.await.unwrap();
+}

@@ -2,14 +2,18 @@
 //! reconnects with its resume token and last `seq` gets what it missed,
 //! exactly once and in order, then live traffic; past the history, `resync`.
 //! Each test runs against the in-memory broker, three instances on one
-//! Redis, and three instances on a Redis Cluster.
+//! Redis, and three instances on a Redis Cluster. When Redis cuts the
+//! instances' subscribers (a broker blip), resumable sessions resume from
+//! their own position the same way, with `resync` only past the history.
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use switchboard::auth::{ResumeKey, Secret};
 use switchboard::config::Settings;
-use switchboard_tests::{Client, Cluster, Instance};
+use switchboard_tests::client::{ClientRx, ClientTx};
+use switchboard_tests::{eventually, Client, Cluster, Instance};
+use tokio::sync::watch;
 
 /// Frames the sender may be ahead of what the receiver has seen: well
 /// inside the history (64 entries), so a cut never outruns it.
@@ -44,7 +48,8 @@ macro_rules! every_broker_with_resume {
 
 every_broker_with_resume!(
     a_cut_receiver_resumes_on_another_instance_losing_nothing,
-    a_gap_past_the_history_gives_resync_only
+    a_gap_past_the_history_gives_resync_only,
+    cut_senders_resend_and_nothing_is_lost_or_doubled
 );
 
 /// Connects `user` to `peer` with `query` appended, and reads the welcome.
@@ -282,4 +287,208 @@ async fn with_signed_links_the_token_must_match_the_links_identity() {
         (Some("welcome"), true),
         "{welcome}"
     );
+}
+
+/// `/ws` URLs of the cluster's instances, starting at instance `first`.
+fn urls(c: &Cluster, first: usize) -> Vec<String> {
+    (0..c.instances.len()).map(|i| format!("ws://{}/ws", c.node(first + i).addr)).collect()
+}
+
+/// Confirmed sends: both sides send numbered messages without pause while
+/// each has its socket reset mid-stream (what it wrote last may or may not
+/// have reached the server) and comes back on another instance, resending
+/// what has no `ack`. Each side gets the other's messages exactly once, in
+/// order, and never `resync`.
+async fn cut_senders_resend_and_nothing_is_lost_or_doubled(c: &Cluster) {
+    use switchboard_tests::resuming::{assert_exactly_once_in_order, exchange, Plan, Side};
+    const TOTAL: usize = 400;
+    let (bob, mut bob_client) = Side::connect("bob", "alice", urls(c, 1)).await;
+    let alice = Side::connect("alice", "bob", urls(c, 0)).await;
+    assert_eq!(bob_client.recv_json().await["type"], "peer-joined");
+    let plans = [Plan { cut_after: Some(150) }, Plan { cut_after: Some(260) }];
+    let (alice, bob) = exchange(alice, (bob, bob_client), TOTAL, plans).await;
+    for side in [&alice, &bob] {
+        assert_exactly_once_in_order(side, TOTAL);
+        assert_eq!((side.resumed, side.resyncs), (1, 0));
+        assert!(side.errors.is_empty(), "{:?}", side.errors);
+    }
+    eprintln!("resent after the cut: alice {}, bob {}", alice.resent, bob.resent);
+}
+
+macro_rules! redis_brokers_with_resume {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(&switchboard_tests::Cluster::redis_with(2, super::resume_on).await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                super::$name(&switchboard_tests::Cluster::redis_cluster_with(2, super::resume_on).await).await
+            }
+        }
+    )+};
+}
+
+redis_brokers_with_resume!(a_subscriber_blip_loses_nothing_either_way);
+
+/// Sends `total` numbered frames without pause, at most [`WINDOW`] ahead of
+/// what the peer's receiver counted (`seen`).
+async fn send_numbered(mut tx: ClientTx, mut seen: watch::Receiver<usize>, total: usize) -> ClientTx {
+    for n in 0..total {
+        seen.wait_for(|&seen| n < seen + WINDOW).await.expect("the receiver is there");
+        tx.send(json!({"type": "n", "n": n, "pad": "x".repeat(100)}).to_string()).await;
+    }
+    tx
+}
+
+/// Reads `relay` events until `total` numbered frames arrived, counting
+/// them in `seen`; returns their numbers in arrival order. Fails on `resync`
+/// or anything else unexpected.
+async fn receive_numbered(mut rx: ClientRx, seen: watch::Sender<usize>, total: usize) -> (ClientRx, Vec<usize>) {
+    let mut got = Vec::new();
+    while got.len() < total {
+        let text = rx.recv_text().await;
+        let event: Value = serde_json::from_str(&text).expect("JSON");
+        match event["type"].as_str() {
+            Some("relay") => {
+                assert!(event["seq"].is_string(), "a seq: {event}");
+                got.push(event["data"]["n"].as_u64().unwrap_or_else(|| panic!("a numbered frame: {event}")) as usize);
+                seen.send_replace(got.len());
+            }
+            // Confirmations of this side's own frames: not looked at here.
+            Some("peer-joined" | "peer-left" | "ack") => {}
+            _ => panic!("unexpected event after {} frames: {event}", got.len()),
+        }
+    }
+    (rx, got)
+}
+
+/// Cuts every subscriber connection of the test's Redis (each master of a
+/// cluster), as Redis does to one over its output-buffer limit; returns how many.
+async fn kill_subscribers(c: &Cluster) -> i64 {
+    let kill = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").clone();
+    if let Some(redis) = &c.redis {
+        return kill.query_async(&mut redis.conn().await).await.expect("CLIENT KILL");
+    }
+    let cluster = c.redis_cluster.as_ref().expect("a Redis");
+    let mut killed = 0;
+    for master in cluster.masters().await {
+        killed += kill.query_async::<i64>(&mut cluster.node_conn(master).await).await.expect("CLIENT KILL");
+    }
+    killed
+}
+
+/// Issue #14, broker blips: both ends resumable, numbered frames flowing
+/// both ways between two instances, and Redis cuts every subscriber
+/// mid-stream. What was published while they were away comes from the
+/// history: each side gets every frame exactly once, in order, and never
+/// `resync`.
+async fn a_subscriber_blip_loses_nothing_either_way(c: &Cluster) {
+    const TOTAL: usize = 300;
+    const BLIP_AT: usize = 100;
+    let (mut bob, _) = connect(c.node(1), "bob", "alice", "&resume=1").await;
+    let (alice, welcome) = connect(c.node(0), "alice", "bob", "&resume=1").await;
+    assert_eq!(welcome["peerOnline"], true);
+    assert_eq!(bob.recv_json().await["type"], "peer-joined");
+
+    let ((alice_tx, alice_rx), (bob_tx, bob_rx)) = (alice.split(), bob.split());
+    let (alice_seen, alice_count) = watch::channel(0);
+    let (bob_seen, bob_count) = watch::channel(0);
+    let alice_sends = tokio::spawn(send_numbered(alice_tx, bob_count.clone(), TOTAL));
+    let bob_sends = tokio::spawn(send_numbered(bob_tx, alice_count.clone(), TOTAL));
+    let alice_gets = tokio::spawn(receive_numbered(alice_rx, alice_seen, TOTAL));
+    let bob_gets = tokio::spawn(receive_numbered(bob_rx, bob_seen, TOTAL));
+
+    for mut count in [alice_count, bob_count] {
+        count.wait_for(|&n| n >= BLIP_AT).await.expect("frames flow");
+    }
+    assert!(kill_subscribers(c).await >= 2, "one subscriber connection per instance at least");
+
+    let expected: Vec<usize> = (0..TOTAL).collect();
+    let (alice_rx, alice_got) = alice_gets.await.expect("Alice's receiver");
+    let (bob_rx, bob_got) = bob_gets.await.expect("Bob's receiver");
+    assert_eq!(alice_got, expected, "Alice: every frame exactly once, in order");
+    assert_eq!(bob_got, expected, "Bob: every frame exactly once, in order");
+
+    // And live traffic goes on, with nothing else (no late resync) before it.
+    let mut alice = alice_sends.await.expect("Alice's sender").reunite(alice_rx);
+    let mut bob = bob_sends.await.expect("Bob's sender").reunite(bob_rx);
+    alice.send(r#"{"type":"n","n":"after"}"#).await;
+    let next = past_acks(&mut bob).await;
+    assert_eq!((next["type"].as_str(), next["data"]["n"].as_str()), (Some("relay"), Some("after")), "{next}");
+    bob.send(r#"{"type":"n","n":"after"}"#).await;
+    let next = past_acks(&mut alice).await;
+    assert_eq!((next["type"].as_str(), next["data"]["n"].as_str()), (Some("relay"), Some("after")), "{next}");
+}
+
+/// The next event that is not an `ack` of the client's own frames.
+async fn past_acks(client: &mut Client) -> Value {
+    loop {
+        let event = client.recv_json().await;
+        if event["type"] != "ack" {
+            return event;
+        }
+    }
+}
+
+/// Issue #14, broker blips past the history: the subscribers are kept out
+/// (a password set under the instances lets their logged-in command
+/// connections be, but refuses the subscribers' new ones) while far more
+/// frames than the history holds are published. The resumable session gets
+/// `resync`, then only frames newer than the history's newest entry; the
+/// session that is not resumable gets `resync` as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blip_longer_than_the_history_gives_resync_then_only_newer_frames() {
+    let c = Cluster::redis_with(2, resume_on).await;
+    let redis = c.redis.as_ref().expect("redis");
+    let (mut bob, _) = connect(c.node(1), "bob", "alice", "&resume=1").await;
+    let (mut alice, welcome) = connect(c.node(0), "alice", "bob", "").await;
+    assert!(welcome.get("resume").is_none());
+    assert_eq!(bob.recv_json().await["type"], "peer-joined");
+    alice.send(r#"{"type":"n","n":0}"#).await;
+    assert_eq!(bob.recv_json().await["data"]["n"], 0);
+
+    let mut admin = redis.conn().await;
+    let () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg("x").query_async(&mut admin).await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut admin).await.unwrap();
+    assert_eq!(killed, 2);
+    for node in &c.instances {
+        eventually("readyz is 503 while the subscriber is out", || async { node.get("/readyz").await.0 == 503 }).await;
+    }
+    // Redis trims whole stream nodes of 100 entries: it may keep up to about 164.
+    const PUBLISHED: usize = 300;
+    for n in 1..=PUBLISHED {
+        alice.send(json!({"type": "n", "n": n}).to_string()).await;
+    }
+    assert_eq!(alice.round_trip().await, Vec::<String>::new(), "every frame was taken");
+    eventually("every frame in the history", || {
+        let mut admin = admin.clone();
+        async move {
+            type Entry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+            let newest: Vec<Entry> = redis::cmd("XREVRANGE")
+                .arg("switchboard:history:alice:bob")
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            let last = format!(r#""n":{PUBLISHED}"#);
+            newest.iter().flat_map(|(_, fields)| fields).any(|(_, v)| String::from_utf8_lossy(v).contains(&last))
+        }
+    })
+    .await;
+
+    let () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg("").query_async(&mut admin).await.unwrap();
+    assert_eq!(alice.recv_json().await, json!({"type": "resync"}), "not resumable: resync, as before");
+    assert_eq!(bob.recv_json().await, json!({"type": "resync"}), "the history lost what Bob missed");
+    for node in &c.instances {
+        node.wait_ready().await;
+    }
+    // Nothing older follows: the next thing Bob hears is Alice's next frame, live.
+    alice.send(r#"{"type":"n","n":"live"}"#).await;
+    let next = bob.recv_json().await;
+    assert_eq!((next["type"].as_str(), next["data"]["n"].as_str()), (Some("relay"), Some("live")), "{next}");
 }

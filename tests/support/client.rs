@@ -41,6 +41,11 @@ impl Client {
         self.ws.send(Message::text(text.into())).await.expect("send text");
     }
 
+    /// Sends a text frame; whether the socket took it (a dead one may not).
+    pub async fn try_send(&mut self, text: impl Into<String>) -> bool {
+        self.ws.send(Message::text(text.into())).await.is_ok()
+    }
+
     /// Sends a binary frame.
     pub async fn send_binary(&mut self, data: Vec<u8>) {
         self.ws.send(Message::binary(data)).await.expect("send binary");
@@ -58,6 +63,45 @@ impl Client {
         match self.ws.get_mut() {
             MaybeTlsStream::Plain(tcp) => tcp.write_all(bytes).await.expect("raw write"),
             _ => unreachable!("tests use plain TCP"),
+        }
+    }
+
+    /// Reads raw bytes below the WebSocket layer (so no close reply goes
+    /// out) until the server's close frame, and returns its code. Frames
+    /// before it are skipped.
+    pub async fn read_raw_until_close(&mut self) -> Option<u16> {
+        use tokio::io::AsyncReadExt;
+        let MaybeTlsStream::Plain(tcp) = self.ws.get_mut() else { unreachable!("tests use plain TCP") };
+        let mut buf = Vec::new();
+        let mut at = 0;
+        loop {
+            // Whole frames from `at`: server frames are not masked.
+            while buf.len() >= at + 2 {
+                let (opcode, short) = (buf[at] & 0x0f, usize::from(buf[at + 1] & 0x7f));
+                let (head, len) = match short {
+                    126 if buf.len() >= at + 4 => (4, usize::from(u16::from_be_bytes([buf[at + 2], buf[at + 3]]))),
+                    127 if buf.len() >= at + 10 => {
+                        (10, u64::from_be_bytes(buf[at + 2..at + 10].try_into().unwrap()) as usize)
+                    }
+                    126 | 127 => break,
+                    n => (2, n),
+                };
+                if buf.len() < at + head + len {
+                    break;
+                }
+                if opcode == 0x8 {
+                    let payload = &buf[at + head..at + head + len];
+                    return (len >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                }
+                at += head + len;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(DEADLINE, tcp.read(&mut chunk))
+                .await
+                .expect("a close frame in time")
+                .expect("raw read");
+            assert!(n > 0, "the connection ended without a close frame");
+            buf.extend_from_slice(&chunk[..n]);
         }
     }
 

@@ -7,6 +7,7 @@ pub mod client;
 pub mod process;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod resuming;
 pub mod sentinel;
 pub mod tls;
 

@@ -129,7 +129,8 @@ fn write_batch(c: &mut Criterion) {
     use switchboard::session::writer;
     let mut g = c.benchmark_group("write_batch");
     for (name, p) in payloads() {
-        let work = Work { pong: None, ping: false, frames: std::iter::repeat_n(Bytes::from(p.clone()), 8).collect() };
+        let work =
+            Work { pong: None, ping: false, frames: std::iter::repeat_n(Bytes::from(p.clone()), 8).collect(), ack: 0 };
         g.throughput(Throughput::Bytes(8 * p.len() as u64));
         g.bench_with_input(BenchmarkId::new("8_frames", name), &work, |b, work| {
             b.iter(|| writer::batch(black_box(work)).bytes.len())

@@ -305,7 +305,9 @@ pub fn call_links(
 /// gives one to a client that asked to resume later, and a later session
 /// may resume the pair's history only with a token made for the same user
 /// and pair. Token: `{session:x}.{MAC}`, the MAC (HMAC-SHA256, base64url) over
-/// the user, the pair and the session that was given it.
+/// the user, the pair and the session that was first given it: the one that
+/// began the client's numbering of its messages (confirmed sends), which
+/// every session resuming it carries on.
 #[derive(Clone)]
 pub struct ResumeKey {
     key: Hmac<Sha256>,
@@ -349,14 +351,16 @@ impl ResumeKey {
         format!("{session}.{}", URL_SAFE_NO_PAD.encode(mac))
     }
 
-    /// Whether `token` was made by [`ResumeKey::token`] for `identity`.
-    pub fn verify(&self, identity: &Identity, token: &str) -> bool {
-        let Some((session, mac)) = token.split_once('.') else { return false };
+    /// The session `token` was made for by [`ResumeKey::token`], if it was
+    /// made for `identity`.
+    pub fn verify(&self, identity: &Identity, token: &str) -> Option<u64> {
+        let (session, mac) = token.split_once('.')?;
         if session.is_empty() || session.len() > 16 || !session.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return false;
+            return None;
         }
-        let Ok(mac) = URL_SAFE_NO_PAD.decode(mac) else { return false };
-        self.mac(identity, session).verify_slice(&mac).is_ok()
+        let mac = URL_SAFE_NO_PAD.decode(mac).ok()?;
+        self.mac(identity, session).verify_slice(&mac).ok()?;
+        u64::from_str_radix(session, 16).ok()
     }
 }
 
@@ -597,12 +601,12 @@ mod tests {
             |user: &str, peer: &str| Identity { user: id(user), pair: PairId::new(&id(user), &id(peer)).unwrap() };
         let token = key.token(&who("alice", "bob"), 0xabc);
         assert!(token.starts_with("abc."));
-        assert!(key.verify(&who("alice", "bob"), &token));
-        assert!(!key.verify(&who("bob", "alice"), &token), "the peer can't use it");
-        assert!(!key.verify(&who("alice", "carol"), &token), "nor can another pair");
+        assert_eq!(key.verify(&who("alice", "bob"), &token), Some(0xabc), "its session");
+        assert!(key.verify(&who("bob", "alice"), &token).is_none(), "the peer can't use it");
+        assert!(key.verify(&who("alice", "carol"), &token).is_none(), "nor can another pair");
         let other = ResumeKey::new(&Secret::new("another secret, also 32 bytes long"));
-        assert!(!other.verify(&who("alice", "bob"), &token), "another key");
-        assert!(!ResumeKey::random().verify(&who("alice", "bob"), &token));
+        assert!(other.verify(&who("alice", "bob"), &token).is_none(), "another key");
+        assert!(ResumeKey::random().verify(&who("alice", "bob"), &token).is_none());
         let (_, mac) = token.split_once('.').unwrap();
         for forged in [
             format!("abd.{mac}"),
@@ -612,10 +616,10 @@ mod tests {
             format!("xyz.{mac}"),
             format!("{token}A"),
         ] {
-            assert!(!key.verify(&who("alice", "bob"), &forged), "{forged:?}");
+            assert!(key.verify(&who("alice", "bob"), &forged).is_none(), "{forged:?}");
         }
         // A link signed with the same secret is no resume token, nor the reverse.
         let link = LinkSigner::new(&Secret::new("a resume secret of 32 bytes, or more"));
-        assert!(!key.verify(&who("alice", "bob"), &link.sign(&id("alice"), &id("bob"), SystemTime::now())));
+        assert!(key.verify(&who("alice", "bob"), &link.sign(&id("alice"), &id("bob"), SystemTime::now())).is_none());
     }
 }

@@ -206,6 +206,12 @@ pub fn history_key(channel: &str) -> String {
     }
 }
 
+/// The counter of a sender's numbered messages (confirmed sends) beside the
+/// pair's history `stream` (so in its slot): `{stream}:sent:{lineage:x}`.
+pub fn sent_key(stream: &str, lineage: u64) -> String {
+    format!("{stream}:sent:{lineage:x}")
+}
+
 /// Who a new session is: the connecting user and their pair, validated.
 #[derive(Debug, Clone)]
 pub struct Identity {

@@ -347,6 +347,13 @@ pub enum ServerEvent<'a> {
         #[serde(rename = "iceServers")]
         ice_servers: &'a serde_json::value::RawValue,
     },
+    /// Confirmed sends (a resumable session): the server is done with the
+    /// client's messages up to number `n`, each published to the broker or
+    /// answered with an error event. One per batch of writes, not per message.
+    Ack {
+        /// The number of the last message done (see [`ResumeInfo::next`]).
+        n: u64,
+    },
 }
 
 /// The welcome's `resume` field: what a client names when it reconnects.
@@ -357,6 +364,9 @@ pub struct ResumeInfo<'a> {
     /// Where the client stands in the pair's history until a `relay` event
     /// says otherwise.
     pub seq: String,
+    /// The number the server gives the client's next message (the `next`
+    /// the client named when resuming, else 1): confirmed sends count from it.
+    pub next: u64,
 }
 
 /// The `relay` event that carries a peer's `frame` (a JSON object, kept
@@ -455,7 +465,7 @@ mod tests {
         );
         assert_eq!(&ServerEvent::PeerLeft { peer_id: "b" }.to_bytes()[..], br#"{"type":"peer-left","peerID":"b"}"#);
         assert_eq!(&ServerEvent::Resync.to_bytes()[..], br#"{"type":"resync"}"#);
-        let resume = Some(ResumeInfo { token: "1f.x", seq: "5-1".into() });
+        let resume = Some(ResumeInfo { token: "1f.x", seq: "5-1".into(), next: 3 });
         let w = ServerEvent::Welcome {
             user_id: "a",
             peer_id: "b",
@@ -464,7 +474,8 @@ mod tests {
             ice_servers: &ice,
             resume,
         };
-        assert!(w.to_bytes().ends_with(br#""iceServers":[],"resume":{"token":"1f.x","seq":"5-1"}}"#));
+        assert!(w.to_bytes().ends_with(br#""iceServers":[],"resume":{"token":"1f.x","seq":"5-1","next":3}}"#));
+        assert_eq!(&ServerEvent::Ack { n: 12 }.to_bytes()[..], br#"{"type":"ack","n":12}"#);
         let frame = br#" {"type":"relay" ,"seq":"x"} "#;
         let relayed = relay_event(Some("17-0"), frame);
         assert_eq!(&relayed[..], br#"{"type":"relay","seq":"17-0","data": {"type":"relay" ,"seq":"x"} }"#);

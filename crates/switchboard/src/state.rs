@@ -128,13 +128,17 @@ impl AppState {
     pub fn new(settings: Settings, registry: Arc<Registry>, broker: Arc<dyn Broker>) -> Self {
         let sockets = Semaphore::new(settings.max_sockets.min(Semaphore::MAX_PERMITS));
         let connections = Arc::new(Semaphore::new(settings.max_http_connections.min(Semaphore::MAX_PERMITS)));
+        let live = tokio::runtime::Handle::current();
+        // After a broker reconnect, resumable sessions get what they missed
+        // from the history, replayed on the runtime of live sessions.
+        registry.replay_with(&broker, live.clone(), (settings.outbox_messages, settings.outbox_bytes));
         Self(Arc::new(Shared {
             settings,
             registry,
             broker,
             lifecycle: Lifecycle::default(),
             sessions: TaskTracker::new(),
-            live: tokio::runtime::Handle::current(),
+            live,
             sockets,
             connections,
         }))

@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::target::{Connection, Target};
-use super::{BrokerError, RelayFailure, Waiting};
+use super::{BrokerError, RelayOrigin, Waiting};
 
 /// Time allowed to find the server (Sentinel, cluster slots) for a lane with no limit of its own.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -75,8 +75,8 @@ struct Job {
 enum Reply {
     /// Someone awaits the reply.
     Wait(oneshot::Sender<Result<redis::Value, BrokerError>>),
-    /// A relayed message: only a failure is told, to the session that sent it.
-    Tell { origin: Arc<dyn RelayFailure>, len: usize, queued_at: Instant },
+    /// A relayed message: its outcome is told to the session that sent it.
+    Tell { origin: Arc<dyn RelayOrigin>, len: usize, queued_at: Instant },
 }
 
 impl Reply {
@@ -86,7 +86,10 @@ impl Reply {
                 let _ = tx.send(result);
             }
             Reply::Tell { origin, len, queued_at } => match result {
-                Ok(_) => crate::metrics::publish_latency(queued_at.elapsed()),
+                Ok(_) => {
+                    crate::metrics::publish_latency(queued_at.elapsed());
+                    origin.relay_done();
+                }
                 Err(e) => origin.relay_failed(&e, len),
             },
         }
@@ -153,7 +156,7 @@ impl Lanes {
     /// without waiting for its reply. Only when the lane's queue is full is
     /// there something to wait for, returned for the caller to await. A
     /// failure is told to `origin`.
-    pub fn send(&self, key: &str, cmd: redis::Cmd, len: usize, origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
+    pub fn send(&self, key: &str, cmd: redis::Cmd, len: usize, origin: Arc<dyn RelayOrigin>) -> Option<Waiting> {
         let job = Job { cmd, reply: Reply::Tell { origin, len, queued_at: Instant::now() }, slot: self.slot(key) };
         let lane = self.lane(key);
         match lane.try_send(job) {
@@ -395,7 +398,7 @@ mod tests {
     #[derive(Default)]
     struct Failures(AtomicUsize);
 
-    impl RelayFailure for Failures {
+    impl RelayOrigin for Failures {
         fn relay_failed(&self, _error: &BrokerError, _len: usize) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
@@ -422,7 +425,7 @@ mod tests {
         let stop = CancellationToken::new();
         let lanes = Lanes::start(target, None, 1, 1, &tracker, stop.clone());
         let failures = Arc::new(Failures::default());
-        let origin: Arc<dyn RelayFailure> = failures.clone();
+        let origin: Arc<dyn RelayOrigin> = failures.clone();
 
         assert!(lanes.send("c", publish(), 1, origin.clone()).is_none(), "an empty queue takes it");
         let (conn, _) = silent.accept().await.expect("the lane connects");

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::history::{Replay, Ring, Seq};
-use super::{envelope, Broker, BrokerError, Claimed, Inbox, RelayFailure, SessionId, Waiting};
+use super::{envelope, Broker, BrokerError, Claimed, Inbox, Numbered, RelayOrigin, SessionId, Waiting};
 use crate::pair::{PairId, UserId};
 
 /// Appends between two sweeps of expired histories.
@@ -31,6 +31,9 @@ pub struct MemoryBroker {
 struct Histories {
     rings: HashMap<Box<str>, Ring>,
     next: u64,
+    /// Each sender's highest numbered message published (confirmed sends),
+    /// by channel and lineage, and when it was: kept as long as a ring.
+    sent: HashMap<(Box<str>, SessionId), (u64, Instant)>,
 }
 
 impl Histories {
@@ -42,6 +45,7 @@ impl Histories {
         let seq = Seq { ms: 0, n: self.next };
         if self.next.is_multiple_of(SWEEP_EVERY) {
             self.rings.retain(|_, ring| !ring.expired(now, window));
+            self.sent.retain(|_, (_, at)| now.duration_since(*at) < window);
         }
         let ring = match self.rings.get_mut(channel) {
             Some(ring) if ring.expired(now, window) => {
@@ -53,6 +57,24 @@ impl Histories {
         };
         ring.push(seq, envelope, now);
         seq
+    }
+
+    /// Whether `numbered` is new on `channel` (not a resend of a message
+    /// published already), noting it as published if so.
+    fn first_time(&mut self, channel: &str, numbered: Numbered, window: Duration) -> bool {
+        let now = Instant::now();
+        let key = (Box::from(channel), numbered.lineage);
+        match self.sent.get_mut(&key) {
+            Some((n, at)) if now.duration_since(*at) < window && numbered.n <= *n => false,
+            Some(entry) => {
+                *entry = (numbered.n, now);
+                true
+            }
+            None => {
+                self.sent.insert(key, (numbered.n, now));
+                true
+            }
+        }
     }
 }
 
@@ -80,13 +102,19 @@ impl MemoryBroker {
     }
 
     /// Delivers `envelope`, first appending it to the history when that is on.
-    /// Under the history's lock, so that delivery order is `Seq` order.
-    fn deliver(&self, channel: &str, envelope: &Bytes) -> Option<Seq> {
+    /// Under the history's lock, so that delivery order is `Seq` order. With
+    /// history on, a `numbered` message published before is dropped.
+    fn deliver(&self, channel: &str, envelope: &Bytes, numbered: Option<Numbered>) -> Option<Seq> {
         let Some(window) = self.window else {
             self.inbox.envelope(channel, envelope);
             return None;
         };
         let mut histories = self.histories();
+        if let Some(numbered) = numbered {
+            if !histories.first_time(channel, numbered, window) {
+                return None;
+            }
+        }
         let seq = histories.append(channel, envelope.clone(), window);
         self.inbox.envelope(channel, &envelope::stamp(envelope, seq));
         Some(seq)
@@ -110,8 +138,15 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    fn relay(&self, channel: &str, envelope: Bytes, _origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
-        self.deliver(channel, &envelope);
+    fn relay(
+        &self,
+        channel: &str,
+        envelope: Bytes,
+        origin: Arc<dyn RelayOrigin>,
+        numbered: Option<Numbered>,
+    ) -> Option<Waiting> {
+        self.deliver(channel, &envelope, numbered);
+        origin.relay_done();
         None
     }
 
@@ -127,7 +162,7 @@ impl Broker for MemoryBroker {
         // of one user take the same order.
         let mut map = self.presence();
         map.insert((pair.clone(), user.clone()), session);
-        let seq = self.deliver(channel, &join);
+        let seq = self.deliver(channel, &join, None);
         Ok(Claimed { peer: map.get(&(pair.clone(), pair.other(user).clone())).copied(), seq })
     }
 

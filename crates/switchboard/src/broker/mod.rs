@@ -74,11 +74,30 @@ pub trait Inbox: Send + Sync + 'static {
 /// A wait for room in a broker's queue (see [`Broker::relay`]).
 pub type Waiting = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// Told when a message handed to [`Broker::relay`] could not be published.
-pub trait RelayFailure: Send + Sync + 'static {
+/// Told what became of the messages handed to [`Broker::relay`], in the
+/// order they were handed over.
+pub trait RelayOrigin: Send + Sync + 'static {
     /// The broker could not publish a relayed message of `len` envelope bytes;
     /// the client should hear of it.
     fn relay_failed(&self, error: &BrokerError, len: usize);
+
+    /// The broker has the message: published (and kept in the history, with
+    /// history on), or dropped as a resend of a [`Numbered`] message it
+    /// already had.
+    fn relay_done(&self) {}
+}
+
+/// A client message's place in its sender's numbering, for confirmed sends
+/// (see docs/protocol.md, "Resuming"): the `n`-th message of the sender's
+/// `lineage` (the session that first asked to resume, and every session
+/// that resumed it since). With history on, a broker publishes each `(lineage, n)`
+/// at most once: a resend of a message it already published is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Numbered {
+    /// The session ID that started the numbering.
+    pub lineage: SessionId,
+    /// The message's number, from 1.
+    pub n: u64,
 }
 
 /// The operations a session needs from a broker.
@@ -104,8 +123,16 @@ pub trait Broker: Send + Sync + 'static {
     /// full, returns the wait for room, which the session awaits before its
     /// next message (so the sending socket slows down). A failure is reported
     /// to `origin` once the broker knows of it. With history on, the envelope
-    /// is appended to the pair's history and published with its `Seq`.
-    fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) -> Option<Waiting>;
+    /// is appended to the pair's history and published with its `Seq`; a
+    /// `numbered` message the broker already published is dropped instead
+    /// (and reported done).
+    fn relay(
+        &self,
+        channel: &str,
+        envelope: Bytes,
+        origin: Arc<dyn RelayOrigin>,
+        numbered: Option<Numbered>,
+    ) -> Option<Waiting>;
 
     /// Records `session` as `user`'s live session in `pair`, publishes
     /// `join` (the session's join envelope) on the pair's `channel` in the

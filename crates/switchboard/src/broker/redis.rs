@@ -24,7 +24,7 @@ use super::history::{Replay, Seq, HISTORY_LEN};
 use super::lanes::Lanes;
 use super::subscriber::{Request, Subscriber};
 use super::target::Target;
-use super::{envelope, Broker, BrokerError, Claimed, Inbox, RelayFailure, SessionId, Waiting};
+use super::{envelope, Broker, BrokerError, Claimed, Inbox, Numbered, RelayOrigin, SessionId, Waiting};
 use crate::pair::{Names, PairId, UserId};
 
 /// Connect and response timeout of a command lane's connection.
@@ -87,10 +87,19 @@ static REPLAY: LazyLock<Lua> = LazyLock::new(|| Lua::new(REPLAY_LUA));
 /// With history on: appends the envelope (header `ARGV[1]`, body `ARGV[2]`)
 /// to the pair's stream `KEYS[1]` (about `ARGV[5]` entries kept, gone
 /// `ARGV[3]` seconds after the last), publishes it with the entry's ID in
-/// its header on `KEYS[2]` with `ARGV[4]`, and returns the ID. Sent with its
-/// body every time (`EVAL`): a relayed message's failure has no second try,
-/// so `NOSCRIPT` must never happen (Redis looks the body up by its SHA1).
+/// its header on `KEYS[2]` with `ARGV[4]`, and returns the ID. A numbered
+/// message (confirmed sends) also names its sender's counter `KEYS[3]` and
+/// its number `ARGV[6]`: a number the counter already reached is a resend,
+/// dropped (`false`); otherwise the counter moves to it, kept as long as the
+/// stream. Sent with its body every time (`EVAL`): a relayed message's
+/// failure has no second try, so `NOSCRIPT` must never happen (Redis looks
+/// the body up by its SHA1).
 pub const APPEND_LUA: &str = r"
+if KEYS[3] then
+  local n = tonumber(ARGV[6])
+  if n <= tonumber(redis.call('GET', KEYS[3]) or '0') then return false end
+  redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[3])
+end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call(ARGV[4], KEYS[2], ARGV[1] .. ' ' .. id .. '\n' .. ARGV[2])
@@ -205,12 +214,22 @@ impl RedisBroker {
     }
 
     /// The `EVAL` of [`APPEND_LUA`] for `envelope` on `channel`.
-    fn append_cmd(&self, channel: &str, envelope: &[u8], window: Duration) -> redis::Cmd {
+    fn append_cmd(&self, channel: &str, envelope: &[u8], window: Duration, numbered: Option<Numbered>) -> redis::Cmd {
         let newline = envelope.iter().position(|&b| b == b'\n').unwrap_or(envelope.len());
         let body = envelope.get(newline + 1..).unwrap_or_default();
+        let stream = crate::pair::history_key(channel);
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(APPEND_LUA).arg(2).arg(crate::pair::history_key(channel)).arg(channel);
+        cmd.arg(APPEND_LUA);
+        match numbered {
+            Some(numbered) => {
+                cmd.arg(3).arg(&stream).arg(channel).arg(crate::pair::sent_key(&stream, numbered.lineage))
+            }
+            None => cmd.arg(2).arg(&stream).arg(channel),
+        };
         cmd.arg(&envelope[..newline]).arg(body).arg(window.as_secs().max(1)).arg(self.publish_verb()).arg(HISTORY_LEN);
+        if let Some(numbered) = numbered {
+            cmd.arg(numbered.n);
+        }
         cmd
     }
 
@@ -273,9 +292,15 @@ impl Broker for RedisBroker {
         self.lanes.call(channel, self.publish_cmd(channel, &envelope)).await.map(drop)
     }
 
-    fn relay(&self, channel: &str, envelope: Bytes, origin: Arc<dyn RelayFailure>) -> Option<Waiting> {
+    fn relay(
+        &self,
+        channel: &str,
+        envelope: Bytes,
+        origin: Arc<dyn RelayOrigin>,
+        numbered: Option<Numbered>,
+    ) -> Option<Waiting> {
         let cmd = match self.history {
-            Some(window) => self.append_cmd(channel, &envelope, window),
+            Some(window) => self.append_cmd(channel, &envelope, window, numbered),
             None => self.publish_cmd(channel, &envelope),
         };
         self.lanes.send(channel, cmd, envelope.len(), origin)

@@ -29,6 +29,9 @@ pub struct WsQuery {
     resume: Option<String>,
     /// The last `seq` the client received, when resuming.
     after: Option<String>,
+    /// When resuming: the number of the first message the client sends now
+    /// (its oldest one without an `ack`; confirmed sends).
+    next: Option<String>,
 }
 
 impl std::fmt::Debug for WsQuery {
@@ -39,6 +42,7 @@ impl std::fmt::Debug for WsQuery {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("resume", &self.resume.as_ref().map(|_| "<redacted>"))
             .field("after", &self.after)
+            .field("next", &self.next)
             .finish()
     }
 }
@@ -77,10 +81,10 @@ pub fn resume_request(settings: &crate::config::Settings, query: &WsQuery, ident
     if asked == "1" {
         return Resume::Fresh;
     }
-    if !key.verify(identity, asked) {
-        return Resume::Refused;
-    }
-    Resume::From(query.after.as_deref().and_then(Seq::parse))
+    let Some(lineage) = key.verify(identity, asked) else { return Resume::Refused };
+    // Missing or not a number: 1, as if the client had sent nothing yet.
+    let next = query.next.as_deref().and_then(|n| n.parse::<u64>().ok()).filter(|&n| n > 0).unwrap_or(1);
+    Resume::From { after: query.after.as_deref().and_then(Seq::parse), lineage, next }
 }
 
 /// Whether a header of `name` lists `token` (comma-separated, any case).

@@ -15,6 +15,9 @@ use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 pub enum Incoming {
     /// A whole text message.
     Text(Bytes),
+    /// The end of a text message the rate limit dropped (its client heard
+    /// of it already): a message all the same, for confirmed sends' count.
+    Dropped,
     /// The first frame of a binary message (refused with 1003).
     Binary,
     /// The client's close frame, with its code if it gave one.
@@ -82,7 +85,7 @@ impl Assembler {
                 }
                 match (frame.fin, keep) {
                     (true, true) => Some(Incoming::Text(into_bytes(frame.payload).freeze())),
-                    (true, false) => None,
+                    (true, false) => Some(Incoming::Dropped),
                     (false, _) => {
                         let buf = if keep { into_bytes(frame.payload) } else { BytesMut::new() };
                         self.partial = Some(Box::new(Partial { buf, len, dropped: !keep }));
@@ -111,7 +114,7 @@ impl Assembler {
                 }
                 let Partial { buf, dropped, .. } = *self.partial.take()?;
                 if dropped {
-                    return None;
+                    return Some(Incoming::Dropped);
                 }
                 match std::str::from_utf8(&buf) {
                     Ok(_) => Some(Incoming::Text(buf.freeze())),
@@ -190,12 +193,12 @@ mod tests {
         let mut a = Assembler::new(6);
         assert!(a.push(text(false, b"ab")).is_none());
         assert!(a.skip(cont(false, b"cd")).is_none());
-        assert!(a.push(cont(true, b"ef")).is_none(), "the message was dropped");
+        assert!(matches!(a.push(cont(true, b"ef")), Some(Incoming::Dropped)), "the message was dropped, and counted");
         match a.push(text(true, b"next")) {
             Some(Incoming::Text(b)) => assert_eq!(&b[..], b"next"),
             other => panic!("{other:?}"),
         }
-        assert!(a.skip(text(true, b"gone")).is_none());
+        assert!(matches!(a.skip(text(true, b"gone")), Some(Incoming::Dropped)));
         // A skipped message is still held to the size limit and to framing.
         assert!(a.skip(text(false, b"abcd")).is_none());
         assert!(matches!(a.push(cont(false, b"efg")), Some(Incoming::TooBig)));

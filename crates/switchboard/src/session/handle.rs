@@ -12,7 +12,7 @@ use super::echo::EchoWindow;
 use super::outbox::{Outbox, Work};
 use super::peer::PeerView;
 use crate::broker::envelope::{Envelope, Kind};
-use crate::broker::{envelope, BrokerError, RelayFailure, Seq, SessionId};
+use crate::broker::{envelope, BrokerError, RelayOrigin, Seq, SessionId};
 use crate::pair::{PairId, UserId};
 use crate::protocol::{CloseReason, ServerEvent};
 
@@ -39,25 +39,52 @@ pub struct SessionHandle {
 
 /// What a resumable session (one whose client asked to resume) delivered of
 /// its pair's history: its relayed frames go out as `relay` events with their
-/// `seq`, and this keeps their order across a replay. The registry keeps it
+/// `seq`, and this keeps their order across replays. The registry keeps it
 /// beside the session (and the session's handle stays as small as before).
+///
+/// A replay is the setup's (the client resumed) or a broker reconnect's (the
+/// subscriber missed what was published while it was away). While any is
+/// under way, live frames wait; once all are done, they go out in `seq`
+/// order, those not delivered yet only.
 #[derive(Debug, Default)]
 pub struct Cursor {
-    /// A replay is under way: live frames wait here, with their `seq`.
+    /// Replays are under way: live frames wait here, with their `seq`, and so
+    /// do the frames of a broker reconnect's replay that ended before another.
     held: Option<Vec<(Option<Seq>, Bytes)>>,
     /// The newest `seq` delivered (or replayed past); older ones are dropped.
     last: Option<Seq>,
+    /// The `seq` of the newest envelope of any kind (the session's own join
+    /// and messages too) that reached the session: how far its channel was
+    /// heard, where a broker reconnect's replay starts.
+    seen: Option<Seq>,
+    /// How many replays are under way.
+    replays: u32,
+    /// A broker reconnect's replay found a hole: `resync` is owed once the
+    /// replays end, and only frames past this `seq` (the history's newest
+    /// entry then; all, for `None`) follow it.
+    resync: Option<Option<Seq>>,
+}
+
+/// What a broker reconnect's replay (see [`Cursor::hold`]) found for a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// The history covered the gap: these `relay` events (see [`replayed_at`]) were missed.
+    Frames(Vec<(Option<Seq>, Bytes)>),
+    /// It did not (a hole, a replay too big for the outbox, or a failure):
+    /// the client gets `resync`, then the frames past this `seq`.
+    Resync(Option<Seq>),
 }
 
 impl Cursor {
     /// A cursor; with `replaying`, live frames wait for [`Cursor::finish_replay`].
     pub fn new(replaying: bool) -> Self {
-        Self { held: replaying.then(Vec::new), last: None }
+        Self { held: replaying.then(Vec::new), replays: u32::from(replaying), ..Self::default() }
     }
 
-    /// Ends a replay: queues `first` (the replayed frames, or `resync`) for
-    /// `session`, notes that everything up to `last` was replayed, then lets
-    /// the held live frames through, those past `last` only.
+    /// Ends the setup's replay: queues `first` (the replayed frames, or
+    /// `resync`) for `session`, notes that everything up to `last` was
+    /// replayed, then, unless a broker reconnect's replay is still under way,
+    /// lets the held live frames through, those past `last` only.
     pub fn finish_replay(&mut self, session: &SessionHandle, first: Vec<Bytes>, last: Option<Seq>) {
         for frame in first {
             session.deliver(frame);
@@ -65,17 +92,65 @@ impl Cursor {
         if last.is_some() {
             self.last = self.last.max(last);
         }
-        for (seq, frame) in self.held.take().unwrap_or_default() {
+        self.replay_ended(session);
+    }
+
+    /// Notes that `seq` (of an envelope of any kind) reached the session.
+    pub fn saw(&mut self, seq: Option<Seq>) {
+        if seq.is_some() {
+            self.seen = seq;
+        }
+    }
+
+    /// Notes the session's join at `seq` in the history, unless it heard
+    /// its channel already (then it is heard from there on).
+    pub fn joined(&mut self, seq: Option<Seq>) {
+        self.seen = self.seen.or(seq);
+    }
+
+    /// The broker's subscriber reconnected: holds live frames until
+    /// [`Cursor::finish_broker_replay`], and returns the `seq` after which the
+    /// session may have missed frames: the newest it heard of its channel
+    /// (its join, at least) or delivered. `None`: it has no place it could
+    /// name, and the replay can only end in `resync`.
+    pub fn hold(&mut self) -> Option<Seq> {
+        self.held.get_or_insert_with(Vec::new);
+        self.replays += 1;
+        self.seen.max(self.last)
+    }
+
+    /// Ends a broker reconnect's replay (see [`Cursor::hold`]) with what it
+    /// found; once no replay is under way, `session`'s client gets what it
+    /// missed and what was held, in `seq` order and each frame once.
+    pub fn finish_broker_replay(&mut self, session: &SessionHandle, replayed: Replayed) {
+        match replayed {
+            Replayed::Frames(frames) => self.held.get_or_insert_with(Vec::new).extend(frames),
+            Replayed::Resync(last) => self.resync = Some(self.resync.flatten().max(last)),
+        }
+        self.replay_ended(session);
+    }
+
+    /// One replay ended; if it was the last one under way, delivers what is
+    /// owed: `resync` first if a replay found a hole, then the held frames.
+    fn replay_ended(&mut self, session: &SessionHandle) {
+        self.replays = self.replays.saturating_sub(1);
+        if self.replays > 0 {
+            return;
+        }
+        if let Some(last) = self.resync.take() {
+            session.deliver(ServerEvent::Resync.to_bytes());
+            // After a failover or a restart the history may number anew, from
+            // lower IDs: what follows its newest entry is what is new.
+            self.last = last;
+        }
+        let mut held = self.held.take().unwrap_or_default();
+        // Live frames came in `seq` order; a replay's frames go among them.
+        held.sort_by_key(|(seq, _)| *seq);
+        for (seq, frame) in held {
             if self.advance(seq) {
                 session.deliver(frame);
             }
         }
-    }
-
-    /// Forgets which `seq` was delivered last: after a broker reconnect, the
-    /// history may start over.
-    pub fn forget_position(&mut self) {
-        self.last = None;
     }
 
     /// Whether a frame at `seq` is new, noting it as delivered if so.
@@ -246,15 +321,20 @@ impl SessionHandle {
 /// The `relay` events of the peer's messages among replayed `envelopes`
 /// (joins, leaves and this user's own messages are not replayed).
 pub fn replayed(user: &UserId, envelopes: &[Bytes]) -> Vec<Bytes> {
+    replayed_at(user, envelopes).into_iter().map(|(_, frame)| frame).collect()
+}
+
+/// [`replayed`], each event with its `seq`.
+pub fn replayed_at(user: &UserId, envelopes: &[Bytes]) -> Vec<(Option<Seq>, Bytes)> {
     envelopes
         .iter()
         .filter_map(|raw| envelope::decode(raw))
         .filter(|env| matches!(env.kind, Kind::Message | Kind::Offer | Kind::Answer) && env.from != user.as_str())
-        .map(|env| crate::protocol::relay_event(env.seq.map(|s| s.to_string()).as_deref(), env.body))
+        .map(|env| (env.seq, crate::protocol::relay_event(env.seq.map(|s| s.to_string()).as_deref(), env.body)))
         .collect()
 }
 
-impl RelayFailure for SessionHandle {
+impl RelayOrigin for SessionHandle {
     fn relay_failed(&self, error: &BrokerError, len: usize) {
         // It never reached Redis, so its copy will never come back.
         self.echoed(len);
@@ -371,10 +451,111 @@ mod tests {
                 r#"{"type":"relay","data":{"n":0}}"#,
             ]
         );
-        // After a broker reconnect the history may number anew.
-        cursor.forget_position();
-        live(Some(2), &mut cursor);
-        let work = tokio::runtime::Builder::new_current_thread().build().expect("rt").block_on(h.next_work());
-        assert_eq!(work.expect("work").frames.len(), 1);
+    }
+
+    /// Bob's frames as `relay` events, by `seq` (`1-n`).
+    fn bobs(h: &SessionHandle, cursor: &mut Cursor, ns: impl IntoIterator<Item = u64>) {
+        use crate::broker::envelope::{decode, encode, stamp};
+        let bob = UserId::parse("bob").expect("valid");
+        for n in ns {
+            let raw = stamp(&encode(Kind::Message, &bob, 9, format!(r#"{{"n":{n}}}"#).as_bytes()), seq(n));
+            let env = decode(&raw).expect("an envelope");
+            cursor.saw(env.seq);
+            h.on_envelope_at(&env, &raw, raw.len() - env.body.len(), Some(cursor));
+        }
+    }
+
+    fn seq(n: u64) -> Seq {
+        Seq { ms: 1, n }
+    }
+
+    fn replayed(ns: impl IntoIterator<Item = u64>) -> Replayed {
+        let frames = ns
+            .into_iter()
+            .map(|n| {
+                (
+                    Some(seq(n)),
+                    crate::protocol::relay_event(Some(&seq(n).to_string()), format!(r#"{{"n":{n}}}"#).as_bytes()),
+                )
+            })
+            .collect();
+        Replayed::Frames(frames)
+    }
+
+    /// The `n`s (or `resync`s, as -1) the client was given so far.
+    fn given(h: &SessionHandle) -> Vec<i64> {
+        use futures_util::FutureExt;
+        let Some(work) = h.next_work().now_or_never().flatten() else {
+            return Vec::new();
+        };
+        work.frames
+            .iter()
+            .map(|f| {
+                let event: serde_json::Value = serde_json::from_slice(f).expect("JSON");
+                match event["type"].as_str() {
+                    Some("resync") => -1,
+                    _ => event["data"]["n"].as_i64().expect("a numbered relay"),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn after_a_broker_reconnect_what_was_missed_comes_first_then_the_held_frames() {
+        let h = handle(64, 1 << 20);
+        let mut cursor = Cursor::new(false);
+        bobs(&h, &mut cursor, 1..=3);
+        assert_eq!(given(&h), [1, 2, 3]);
+        // 4 and 5 were published while the subscriber was away; 5 to 7 came
+        // live after it subscribed again, while the replay was read.
+        assert_eq!(cursor.hold(), Some(seq(3)), "replayed from the newest seq heard");
+        bobs(&h, &mut cursor, 5..=7);
+        assert_eq!(given(&h), [0; 0], "held");
+        cursor.finish_broker_replay(&h, replayed(4..=5));
+        assert_eq!(given(&h), [4, 5, 6, 7], "each once, in order");
+        bobs(&h, &mut cursor, [8]);
+        assert_eq!(given(&h), [8]);
+    }
+
+    #[test]
+    fn a_hole_in_the_history_gives_resync_then_only_newer_frames() {
+        let h = handle(64, 1 << 20);
+        let mut cursor = Cursor::new(false);
+        bobs(&h, &mut cursor, [1]);
+        assert_eq!(given(&h), [1]);
+        assert_eq!(cursor.hold(), Some(seq(1)));
+        // The history kept 70 to 90 only; 85 to 91 came live meanwhile.
+        bobs(&h, &mut cursor, 85..=91);
+        cursor.finish_broker_replay(&h, Replayed::Resync(Some(seq(90))));
+        assert_eq!(given(&h), [-1, 91]);
+
+        // A history that starts over (a restart without persistence) numbers anew.
+        assert_eq!(cursor.hold(), Some(seq(91)));
+        bobs(&h, &mut cursor, [2]);
+        cursor.finish_broker_replay(&h, Replayed::Resync(None));
+        assert_eq!(given(&h), [-1, 2]);
+    }
+
+    #[test]
+    fn a_broker_reconnect_during_the_setups_replay_waits_for_both() {
+        let h = handle(64, 1 << 20);
+        // The client resumed after 2; live frames from 4 on arrived during the
+        // setup's replay, then the subscriber lost 6 and 7.
+        let mut cursor = Cursor::new(true);
+        bobs(&h, &mut cursor, 4..=5);
+        assert_eq!(cursor.hold(), Some(seq(5)));
+        bobs(&h, &mut cursor, 7..=8);
+        // The reconnect's replay ends first: nothing goes out before the setup's.
+        cursor.finish_broker_replay(&h, replayed(6..=7));
+        assert_eq!(given(&h), [0; 0]);
+        let setup: Vec<Bytes> = [3, 4].iter().map(|n| Bytes::from(format!(r#"{{"data":{{"n":{n}}}}}"#))).collect();
+        cursor.finish_replay(&h, setup, Some(seq(4)));
+        assert_eq!(given(&h), [3, 4, 5, 6, 7, 8]);
+
+        // A resumable session that heard nothing yet can only be told resync.
+        let mut fresh = Cursor::new(false);
+        assert_eq!(fresh.hold(), None);
+        fresh.finish_broker_replay(&h, Replayed::Resync(None));
+        assert_eq!(given(&h), [-1]);
     }
 }

@@ -30,12 +30,16 @@ pub struct Work {
     pub ping: bool,
     /// Text frames, oldest first.
     pub frames: VecDeque<Bytes>,
+    /// Confirmed sends: the `ack` to write after the frames (0: none). The
+    /// outbox queues an empty frame in its place (see `confirm`), which the
+    /// session swaps for this before writing.
+    pub ack: u64,
 }
 
 impl Work {
     /// Whether there is nothing to do yet.
     pub fn is_empty(&self) -> bool {
-        self.pong.is_none() && !self.ping && self.frames.is_empty()
+        self.pong.is_none() && !self.ping && self.frames.is_empty() && self.ack == 0
     }
 }
 
@@ -137,6 +141,7 @@ impl Outbox {
                     return Some(Work {
                         pong: queue.pong.take(),
                         ping: std::mem::take(&mut queue.ping),
+                        ack: 0,
                         frames: std::mem::take(&mut queue.frames),
                     });
                 }

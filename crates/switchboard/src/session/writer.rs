@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use super::outbox::Work;
 use super::wire;
+use crate::protocol::ServerEvent;
 
 /// What one batch puts on the wire.
 #[derive(Debug)]
@@ -21,7 +22,7 @@ pub struct Batch {
     pub bytes: Vec<u8>,
     /// Text frames in it.
     pub texts: usize,
-    /// Their payload bytes (as counted by the outbox).
+    /// The queued frames' payload bytes (as counted by the outbox; an `ack` is not queued).
     pub text_bytes: usize,
 }
 
@@ -31,7 +32,10 @@ pub fn batch(work: &Work) -> Batch {
     let headers: usize = work.frames.iter().map(|f| wire::header_len(f.len())).sum();
     let pong = work.pong.as_ref().map_or(0, |p| wire::header_len(p.len()) + p.len());
     let ping = if work.ping { wire::header_len(0) } else { 0 };
-    let mut bytes = Vec::with_capacity(pong + ping + headers + text_bytes);
+    // After the frames: an error event about a message comes before its ack.
+    let ack = (work.ack != 0).then(|| ServerEvent::Ack { n: work.ack }.to_bytes());
+    let acks = ack.as_ref().map_or(0, |a| wire::header_len(a.len()) + a.len());
+    let mut bytes = Vec::with_capacity(pong + ping + headers + text_bytes + acks);
     if let Some(payload) = &work.pong {
         wire::encode(&mut bytes, OpCode::Pong, payload);
     }
@@ -41,7 +45,10 @@ pub fn batch(work: &Work) -> Batch {
     for frame in &work.frames {
         wire::encode(&mut bytes, OpCode::Text, frame);
     }
-    Batch { bytes, texts: work.frames.len(), text_bytes }
+    if let Some(ack) = &ack {
+        wire::encode(&mut bytes, OpCode::Text, ack);
+    }
+    Batch { bytes, texts: work.frames.len() + usize::from(ack.is_some()), text_bytes }
 }
 
 /// Writes some of `buf`; how much, it says.
@@ -78,6 +85,7 @@ mod tests {
             pong: Some(Box::from(&b"p"[..])),
             ping: true,
             frames: sizes.iter().map(|&n| Bytes::from(vec![b'a' + (n % 26) as u8; n])).collect(),
+            ack: 0,
         };
         let b = batch(&work);
         assert_eq!(b.texts, sizes.len());
@@ -91,5 +99,16 @@ mod tests {
             assert_eq!(got[2 + i].1, vec![b'a' + (n % 26) as u8; n], "frame of {n} bytes");
         }
         assert_eq!(got.len(), 2 + sizes.len());
+    }
+
+    #[tokio::test]
+    async fn an_ack_goes_after_the_frames_it_may_follow() {
+        let work = Work { frames: [Bytes::from_static(b"{\"type\":\"error\"}")].into(), ack: 7, ..Work::default() };
+        let b = batch(&work);
+        assert_eq!(b.texts, 2);
+        assert_eq!(b.text_bytes, work.frames[0].len(), "only queued bytes count for the outbox");
+        assert_eq!(b.bytes.len(), b.bytes.capacity(), "sized exactly up front");
+        let got = parse(b.bytes).await;
+        assert_eq!(got[1], (OpCode::Text, br#"{"type":"ack","n":7}"#.to_vec()));
     }
 }
