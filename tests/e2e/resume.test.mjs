@@ -125,7 +125,10 @@ async function streamWithCut(sc, tag, cut) {
     assert.ok(!s.types.includes('relay') && !s.types.includes('ack'), `${p.label}: the signal event sees unwrapped messages only`);
   }
   // The server confirms everything sent (after the last message, no frame stays unconfirmed).
-  for (const p of [a, b]) await until(async () => (await state(p)).unconfirmed === 0, `${p.label}: every frame confirmed`, 20000);
+  for (const p of [a, b]) {
+    assert.ok(p.received.includes('ack'), `${p.label}'s socket got acks (the server confirms sends)`);
+    await until(async () => (await state(p)).unconfirmed === 0, `${p.label}: every frame confirmed`, 20000);
+  }
   return { one, two, a, b };
 }
 
