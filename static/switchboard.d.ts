@@ -16,6 +16,8 @@ export declare const ID_PATTERN: RegExp;
 export declare const CLOSE_REPLACED: 4001;
 /** Close code the server uses while draining (service restart): reconnect promptly. */
 export declare const CLOSE_SERVICE_RESTART: 1012;
+/** Close code the server uses when it refuses a resume token: the client starts a new session. */
+export declare const CLOSE_RESUME_REFUSED: 4003;
 /** `type` of the relayed frame that tells the peer whether microphone and camera are on. */
 export declare const MEDIA_STATE_TYPE: 'media-state';
 
@@ -66,6 +68,11 @@ export interface SwitchboardCallOptions {
   reconnect?: Partial<ReconnectOptions>;
   /** Stop the tracks of `localStream` when the call finishes or is closed (default true). */
   stopTracksOnFinish?: boolean;
+  /**
+   * Ask the server to resume the session across reconnects and to confirm what it relayed
+   * (default true). A server that does not offer it is used as without.
+   */
+  resume?: boolean;
   log?: (...args: unknown[]) => void;
 }
 
@@ -97,6 +104,8 @@ export declare class SwitchboardCall extends EventTarget {
   readonly url: string;
   readonly localStream: MediaStream | null;
   readonly stopTracksOnFinish: boolean;
+  /** The `resume` option. */
+  readonly resume: boolean;
   readonly reconnectOptions: Readonly<ReconnectOptions>;
 
   /** Current state. */
@@ -125,6 +134,10 @@ export declare class SwitchboardCall extends EventTarget {
   readonly peerConnection: RTCPeerConnection | null;
   /** The peer's MediaStream while the peer is present, or null. */
   readonly remoteStream: MediaStream | null;
+  /** True while the signaling socket's session can be resumed (its welcome offered resume). */
+  readonly resumable: boolean;
+  /** How many sent messages wait to be sent or to be confirmed by the server. */
+  readonly unconfirmed: number;
 
   /** Opens the signaling connection. Call once. */
   start(): this;
@@ -134,7 +147,11 @@ export declare class SwitchboardCall extends EventTarget {
   close(): void;
   setMicrophoneEnabled(enabled: boolean): void;
   setCameraEnabled(enabled: boolean): void;
-  /** Sends any JSON object to the peer through the relay; false if the socket is not open. */
+  /**
+   * Sends any JSON object to the peer through the relay. While the socket is down it queues
+   * the message (sent after the next welcome, and again after a reconnect until the server
+   * confirms it). False only once the call is finished or closed.
+   */
   send(message: RelayMessage): boolean;
 
   addEventListener<K extends keyof SwitchboardCallEventMap>(

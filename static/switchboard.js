@@ -18,6 +18,8 @@ export const ID_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
 export const CLOSE_REPLACED = 4001;
 /** Close code the server uses while draining (service restart): reconnect promptly. */
 export const CLOSE_SERVICE_RESTART = 1012;
+/** Close code the server uses when it refuses a resume token: reconnect without it. */
+export const CLOSE_RESUME_REFUSED = 4003;
 
 const DEFAULT_RECONNECT = Object.freeze({
   initialDelayMs: 500,
@@ -146,11 +148,13 @@ export class SwitchboardCall extends EventTarget {
    * @param {object} [options.reconnect] `{initialDelayMs, maxDelayMs, factor, drainJitterMs, stallTimeoutMs, byeTimeoutMs}`
    * @param {boolean} [options.stopTracksOnFinish] stop the tracks of `localStream` when the call
    *   finishes or is closed, which releases the camera and microphone (default: true)
+   * @param {boolean} [options.resume] ask the server to resume the session across reconnects and
+   *   to confirm what it relayed (default: true; a server that does not offer it is used as before)
    * @param {(...args: unknown[]) => void} [options.log] debug logger (default: none)
    */
   constructor(options) {
     super();
-    const { userID, peerID, token = null, localStream = null, url, reconnect, stopTracksOnFinish = true, log } = options ?? {};
+    const { userID, peerID, token = null, localStream = null, url, reconnect, stopTracksOnFinish = true, resume = true, log } = options ?? {};
     if (!ID_PATTERN.test(userID ?? '') || !ID_PATTERN.test(peerID ?? '')) {
       throw new TypeError('userID and peerID must be 1-64 characters from A-Z a-z 0-9 _ . -');
     }
@@ -161,6 +165,8 @@ export class SwitchboardCall extends EventTarget {
     this.url = url ?? signalingUrl({ userID, peerID, token });
     this.localStream = localStream;
     this.stopTracksOnFinish = stopTracksOnFinish !== false;
+    /** Whether this client asks the server to resume its session (the `resume` option). */
+    this.resume = resume !== false;
     this.reconnectOptions = { ...DEFAULT_RECONNECT, ...(reconnect ?? {}) };
     this._log = typeof log === 'function' ? log : () => {};
 
@@ -190,6 +196,18 @@ export class SwitchboardCall extends EventTarget {
     this._stopped = false; // hang-up, bye received, replaced, or close(): never reconnect
     this._byePending = false; // hung up while the socket was down: reconnect only to send `bye`
     this._byeTimer = null;
+
+    // Resume and confirmed sends (docs/client.md, "Resume and confirmed sends").
+    this._welcomed = false; // the current socket has its welcome: frames go out at once
+    this._resumeToken = null; // token of the latest welcome; null: the next connect starts afresh
+    this._resumeSeq = null; // `seq` of the latest relayed frame (or welcome) received
+    this._resuming = false; // the current socket's welcome offered resume (frames arrive as `relay`)
+    this._serverResumes = false; // the last welcome offered resume: queue our own frames while down
+    this._confirming = false; // ...and numbers our frames (`resume.next`): they wait for an `ack`
+    this._nextNumber = 1; // number the server gives our next frame on this lineage
+    // Frames not yet confirmed, oldest first: `{n, text}`, `n` null while not yet sent on
+    // a confirming socket. Sent again after each welcome until an `ack` covers them.
+    this._outbox = [];
 
     this._pc = null;
     this._lastRemoteOfferAt = 0; // when the peer's last offer arrived (Date.now())
@@ -222,6 +240,16 @@ export class SwitchboardCall extends EventTarget {
     return this.peerOnline ? this._remoteStream : null;
   }
 
+  /** True while the signaling socket's session can be resumed (its welcome offered resume). */
+  get resumable() {
+    return this._resuming && this._resumeToken !== null;
+  }
+
+  /** How many messages given to `send` (or sent by the call itself) wait to be sent or confirmed. */
+  get unconfirmed() {
+    return this._outbox.length;
+  }
+
   /** Opens the signaling connection. Call once. */
   start() {
     if (this._ws || this._stopped) return this;
@@ -240,7 +268,7 @@ export class SwitchboardCall extends EventTarget {
    */
   hangup() {
     if (this._stopped) return;
-    if (this._send({ type: 'bye' })) {
+    if (this._send({ type: 'bye' }, false)) {
       this._finish('ended', 'You hung up.', 'hangup');
       return;
     }
@@ -267,6 +295,7 @@ export class SwitchboardCall extends EventTarget {
   close() {
     this._stopped = true;
     this._byePending = false;
+    this._outbox = [];
     clearTimeout(this._byeTimer);
     clearTimeout(this._reconnectTimer);
     this._disarmWatchdog();
@@ -303,9 +332,17 @@ export class SwitchboardCall extends EventTarget {
     };
   }
 
-  /** Sends any JSON object to the peer through the relay. Returns false if the socket is not open. */
+  /**
+   * Sends any JSON object to the peer through the relay. While the socket is
+   * down (or has no welcome yet) the message waits and goes out after the next
+   * welcome; on a resumable session it is kept until the server confirms it
+   * (`ack`) and sent again after a reconnect. Returns false only once the call
+   * is finished or closed.
+   */
   send(message) {
-    return this._send(message);
+    if (this._stopped) return false;
+    this._send(message, true);
+    return true;
   }
 
   // ---------------------------------------------------------------- signaling socket
@@ -315,8 +352,11 @@ export class SwitchboardCall extends EventTarget {
     this._reconnectTimer = null;
     if (this._stopped && !this._byePending) return;
     let ws;
+    this._welcomed = false;
+    this._resuming = false;
+    this._confirming = false;
     try {
-      ws = new WebSocket(this.url);
+      ws = new WebSocket(this._connectUrl());
     } catch (err) {
       this._log('websocket constructor failed', err);
       this._finish('failed', `Cannot open the signaling connection: ${err.message}`, 'error');
@@ -333,6 +373,17 @@ export class SwitchboardCall extends EventTarget {
         return;
       }
       if (!msg || typeof msg !== 'object' || typeof msg.type !== 'string') return;
+      if (this._resuming && msg.type === 'relay') {
+        // A frame of the peer's, wrapped: keep its place, then handle `data` as if unwrapped.
+        if (typeof msg.seq === 'string') this._resumeSeq = msg.seq;
+        msg = msg.data;
+        if (!msg || typeof msg !== 'object' || typeof msg.type !== 'string') return;
+      } else if (msg.type === 'welcome') {
+        this._onWelcome(ws, msg);
+      } else if (msg.type === 'ack' && this._confirming) {
+        this._onAck(msg.n);
+        return;
+      }
       this._log('<-', msg.type, msg.sid ?? '', msg.oid ?? '');
       this._emit('signal', { message: msg });
       this._enqueue(() => this._onMessage(msg));
@@ -347,8 +398,17 @@ export class SwitchboardCall extends EventTarget {
 
   _onSocketClosed(code, reason) {
     this._log('websocket closed', code, reason);
+    this._welcomed = false;
     this._setSignalingConnected(false);
     if (this._stopped && !this._byePending) return;
+    if (code === CLOSE_RESUME_REFUSED) {
+      // The server would not resume this session: start a new one at once.
+      this._log('resume refused; starting a new session');
+      this._resumeToken = null;
+      this._resumeSeq = null;
+      this._reconnectTimer = setTimeout(() => this._connect(), Math.random() * this.reconnectOptions.drainJitterMs);
+      return;
+    }
     if (code === CLOSE_REPLACED) {
       if (this._byePending) {
         this._byeDone(false);
@@ -374,12 +434,80 @@ export class SwitchboardCall extends EventTarget {
     this._reconnectTimer = setTimeout(() => this._connect(), delay);
   }
 
-  _send(message) {
+  /**
+   * Sends `message` if the socket has its welcome, and returns true. Otherwise
+   * it returns false, after queueing the message for the next welcome if
+   * `queue` is true, or if it is undefined and the server resumes sessions
+   * (what the call itself sends is then delivered too; without resume it is
+   * dropped, as the next welcome or `peer-joined` negotiates afresh).
+   */
+  _send(message, queue) {
     const ws = this._ws;
-    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    const text = JSON.stringify(message);
+    if (!ws || ws.readyState !== WebSocket.OPEN || !this._welcomed) {
+      if (queue ?? this._serverResumes) {
+        this._log('queued', message.type);
+        this._outbox.push({ n: null, text });
+      }
+      return false;
+    }
     this._log('->', message.type, message.sid ?? '', message.oid ?? '');
-    ws.send(JSON.stringify(message));
+    this._transmit(ws, { n: null, text });
     return true;
+  }
+
+  /** Sends one frame on `ws`; on a confirming session it is numbered and kept until its `ack`. */
+  _transmit(ws, frame) {
+    if (this._confirming) {
+      frame.n = this._nextNumber;
+      this._nextNumber += 1;
+      this._outbox.push(frame);
+    }
+    ws.send(frame.text);
+  }
+
+  /** The URL of the next connect: a new session (`resume=1`), or the resume of the last one. */
+  _connectUrl() {
+    if (!this.resume) return this.url;
+    const url = new URL(this.url);
+    if (this._resumeToken === null) {
+      url.searchParams.set('resume', '1');
+      return url.toString();
+    }
+    url.searchParams.set('resume', this._resumeToken);
+    if (this._resumeSeq !== null) url.searchParams.set('after', this._resumeSeq);
+    url.searchParams.set('next', String(this._outbox.find((f) => f.n !== null)?.n ?? this._nextNumber));
+    return url.toString();
+  }
+
+  /**
+   * A welcome arrived on `ws`: take its `resume` (token, place, numbering), then
+   * send what waits: frames not yet confirmed, in order, then what was queued
+   * while the socket was down. Runs before the welcome's other handling, so
+   * that anything sent from then on goes out after them.
+   */
+  _onWelcome(ws, msg) {
+    const resume = this.resume && msg.resume && typeof msg.resume === 'object' ? msg.resume : null;
+    const wasResume = this._resumeToken !== null;
+    this._welcomed = true;
+    this._resuming = typeof resume?.token === 'string';
+    this._serverResumes = this._resuming;
+    this._confirming = this._resuming && Number.isSafeInteger(resume.next) && resume.next >= 1;
+    this._resumeToken = this._resuming ? resume.token : null;
+    this._resumeSeq = this._resuming && typeof resume.seq === 'string' ? resume.seq : null;
+    if (this._confirming) this._nextNumber = resume.next;
+    const waiting = this._outbox;
+    this._outbox = [];
+    if (waiting.length) this._log(wasResume && this._resuming ? 'resuming; sending again:' : 'sending queued:', waiting.length);
+    for (const frame of waiting) this._transmit(ws, { n: null, text: frame.text });
+  }
+
+  /** `{"type":"ack","n":N}`: the server has dealt with our frames up to number N. */
+  _onAck(n) {
+    if (!Number.isSafeInteger(n)) return;
+    let i = 0;
+    while (i < this._outbox.length && this._outbox[i].n !== null && this._outbox[i].n <= n) i += 1;
+    if (i) this._outbox.splice(0, i);
   }
 
   _closeSocket(code, reason) {
@@ -421,11 +549,20 @@ export class SwitchboardCall extends EventTarget {
           await this._kick('peer is online');
         }
         return;
-      case 'peer-joined':
+      case 'peer-joined': {
+        const wasOnline = this.peerOnline;
         this.peerOnline = true;
         this._sendMediaState();
+        if (wasOnline && this.resumable && this._pcConnected() && this._pc.signalingState === 'stable') {
+          // The peer's session moved (a reconnect we never saw it leave), and ours
+          // resumes: nothing between us was lost, and media flows. A peer that
+          // came back afresh (a reload) offers on its own.
+          this._afterNegotiation(this._pc);
+          return;
+        }
         await this._kick('peer joined');
         return;
+      }
       case 'peer-left':
         this.peerOnline = false;
         // Hide the peer's video, but keep the stream: if the peer only lost its
@@ -488,7 +625,7 @@ export class SwitchboardCall extends EventTarget {
     } else if (msg.type === 'peer-left') {
       this.peerOnline = false;
     }
-    if (this.peerOnline && this._send({ type: 'bye' })) this._byeDone(true);
+    if (this.peerOnline && this._send({ type: 'bye' }, false)) this._byeDone(true);
   }
 
   /** Ends the wait for a pending `bye`: sent (`told`) or given up. */

@@ -4,6 +4,7 @@
 // these also prove the declarations are not `any`.
 import {
   CLOSE_REPLACED,
+  CLOSE_RESUME_REFUSED,
   ID_PATTERN,
   MEDIA_STATE_TYPE,
   STATES,
@@ -28,6 +29,7 @@ export async function startCall(video: HTMLVideoElement, remote: HTMLVideoElemen
     url,
     reconnect: { maxDelayMs: 5000 },
     stopTracksOnFinish: true,
+    resume: true,
     log: (...args) => console.debug(...args),
   });
   call.addEventListener('statechange', (e) => {
@@ -51,6 +53,8 @@ export async function startCall(video: HTMLVideoElement, remote: HTMLVideoElemen
   const sent: boolean = call.send({ type: 'chat', text: 'hi' });
   const pc: RTCPeerConnection | null = call.peerConnection;
   console.log(sent, pc, call.remoteStream, call.peerMedia?.video, call.mediaState.audio, call.byePending);
+  const waiting: number = call.unconfirmed;
+  console.log(waiting, call.resumable, call.resume, CLOSE_RESUME_REFUSED === 4003);
   console.log(ID_PATTERN.test('alice'), CLOSE_REPLACED === 4001, MEDIA_STATE_TYPE);
   return call.start();
 }
@@ -68,5 +72,7 @@ export function mistakes(call: SwitchboardCall): void {
   call.setMicrophoneEnabled('off');
   // @ts-expect-error: the close code is the literal 4001
   const code: 1000 = CLOSE_REPLACED;
+  // @ts-expect-error: resume is a boolean
+  new SwitchboardCall({ userID: 'alice', peerID: 'bob', resume: 'yes' });
   console.log(s, code);
 }
