@@ -609,3 +609,78 @@ async fn a_rolling_restart_loses_nothing_on_a_redis_cluster() {
     let cluster = switchboard_tests::RedisCluster::start().await;
     a_rolling_restart_loses_nothing(&cluster.urls(), true).await;
 }
+
+/// The pair's history stream of the only pair on `redis`.
+async fn history_key(admin: &mut redis::aio::MultiplexedConnection) -> String {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*history*").query_async(admin).await.unwrap();
+    let streams: Vec<&String> = keys.iter().filter(|k| !k.contains(":sent:")).collect();
+    assert_eq!(streams.len(), 1, "one pair, one stream: {keys:?}");
+    streams[0].clone()
+}
+
+/// Relays are sent by the script's SHA1 (`EVALSHA`). A Redis that no longer
+/// knows the script (restarted, newly promoted, or `SCRIPT FLUSH`) answers
+/// `NOSCRIPT`, so the script did not run: the lane sends it once more with
+/// its body, and the message is relayed once, with no error for the sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_script_redis_forgot_is_sent_again_with_its_body() {
+    let c = Cluster::redis_with(2, resume_on).await;
+    let mut admin = c.redis.as_ref().unwrap().conn().await;
+    let (mut alice, _) = connect(&c.instances[0], "alice", "bob", "&resume=1").await;
+    let (mut bob, _) = connect(&c.instances[1], "bob", "alice", "&resume=1").await;
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    for round in 1..=3u64 {
+        let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut admin).await.unwrap();
+        alice.send(&json!({"type": "n", "n": round}).to_string()).await;
+        let got = bob.recv_json().await;
+        assert_eq!((got["type"].as_str(), got["data"]["n"].as_u64()), (Some("relay"), Some(round)), "{got}");
+        // Alice hears the frame's confirmation, and no error before it.
+        let ack = alice.recv_json().await;
+        assert_eq!(ack, json!({"type": "ack", "n": round}), "confirmed, not failed");
+    }
+}
+
+/// The pair's stream is not given a TTL by every relay (that was one more
+/// write per message): the claim gives it one, every presence refresh of
+/// the pair's sessions renews it, and a relay that finds it gone (it
+/// expired while nobody refreshed it) creates it with a TTL. It never lives
+/// without one, and never longer than the resume window plus a presence TTL
+/// after its last refresh. (That relays leave the TTL alone is not
+/// asserted: a refresh, every second here, may come between any two.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_stream_always_has_a_ttl_renewed_by_presence_refreshes() {
+    let c = Cluster::redis_with(2, |s| {
+        resume_on(s);
+        s.presence_ttl = Duration::from_secs(3);
+    })
+    .await;
+    // Resume window 30 s, presence TTL 3 s.
+    const KEPT: i64 = 33;
+    let mut admin = c.redis.as_ref().unwrap().conn().await;
+    let (mut alice, _) = connect(&c.instances[0], "alice", "bob", "").await;
+    let (mut bob, _) = connect(&c.instances[1], "bob", "alice", "&resume=1").await;
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    let stream = history_key(&mut admin).await;
+    let ttl = |admin: &redis::aio::MultiplexedConnection| {
+        let mut admin = admin.clone();
+        let stream = stream.clone();
+        async move { redis::cmd("TTL").arg(&stream).query_async::<i64>(&mut admin).await.unwrap() }
+    };
+    let t = ttl(&admin).await;
+    assert!((1..=KEPT).contains(&t), "the claim gave the stream a TTL: {t}");
+
+    // Gone (as if expired): the next relay creates it again, with a TTL.
+    let () = redis::cmd("DEL").arg(&stream).query_async(&mut admin).await.unwrap();
+    alice.send(r#"{"type":"n","n":1}"#).await;
+    assert_eq!(bob.recv_json().await["data"]["n"], 1);
+    let t = ttl(&admin).await;
+    assert!((1..=KEPT).contains(&t), "a relay that created the stream gave it a TTL: {t}");
+
+    // A TTL far too long is brought back by the sessions' next refresh (every second here).
+    let () = redis::cmd("EXPIRE").arg(&stream).arg(100_000).query_async(&mut admin).await.unwrap();
+    eventually("the refresh renews the stream's TTL", || {
+        let ttl = ttl(&admin);
+        async move { (1..=KEPT).contains(&ttl.await) }
+    })
+    .await;
+}

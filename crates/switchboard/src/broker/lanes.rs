@@ -330,15 +330,7 @@ async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Jo
         pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
     }
     match pipe.query_async::<Vec<redis::Value>>(conn).await {
-        Ok(values) => {
-            for (job, value) in batch.drain(..).zip(values) {
-                let reply = match value {
-                    redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
-                    value => Ok(value),
-                };
-                job.reply.finish(reply);
-            }
-        }
+        Ok(values) => finish(conn, &pipe, batch, values).await,
         Err(e) => {
             if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout() {
                 *link = None;
@@ -349,6 +341,85 @@ async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Jo
             }
         }
     }
+}
+
+/// Hands each job of `pipe` its reply. A relayed message whose script Redis
+/// did not know (`NOSCRIPT`: a restarted or newly promoted server, or a
+/// `SCRIPT FLUSH`) did not run: it goes once more, with the script's body
+/// (`EVAL`), before the lane takes its next batch, so its channel's order
+/// holds and nothing runs twice. A second failure is the job's reply.
+async fn finish(
+    conn: &mut impl redis::aio::ConnectionLike,
+    pipe: &redis::Pipeline,
+    jobs: &mut Vec<Job>,
+    values: Vec<redis::Value>,
+) {
+    let mut again: Vec<Job> = Vec::new();
+    let mut retry = redis::pipe();
+    retry.ignore_errors();
+    for ((job, value), cmd) in jobs.drain(..).zip(values).zip(pipe.cmd_iter()) {
+        let value = match value {
+            redis::Value::ServerError(e) => {
+                let e = redis::RedisError::from(e);
+                let unknown = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript);
+                match (unknown, &job.reply) {
+                    (true, Reply::Tell { .. }) => match with_body(cmd) {
+                        Some(eval) => {
+                            retry.add_command(eval);
+                            again.push(job);
+                            continue;
+                        }
+                        None => Err(BrokerError::Redis(e)),
+                    },
+                    _ => Err(BrokerError::Redis(e)),
+                }
+            }
+            value => Ok(value),
+        };
+        job.reply.finish(value);
+    }
+    if again.is_empty() {
+        return;
+    }
+    tracing::info!(count = again.len(), "redis lane: the relay script was unknown to Redis; sent again with its body");
+    match retry.query_async::<Vec<redis::Value>>(conn).await {
+        Ok(values) => {
+            for (job, value) in again.into_iter().zip(values) {
+                job.reply.finish(match value {
+                    redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
+                    value => Ok(value),
+                });
+            }
+        }
+        Err(e) => {
+            let why = e.to_string();
+            for job in again {
+                job.reply.finish(Err(BrokerError::Command(why.clone())));
+            }
+        }
+    }
+}
+
+/// `EVALSHA sha1 …` as `EVAL body …`, for a script this broker knows.
+fn with_body(cmd: &redis::Cmd) -> Option<redis::Cmd> {
+    let args: Option<Vec<&[u8]>> = cmd
+        .args_iter()
+        .map(|arg| match arg {
+            redis::Arg::Simple(bytes) => Some(bytes),
+            _ => None,
+        })
+        .collect();
+    let mut args = args?.into_iter();
+    if !args.next()?.eq_ignore_ascii_case(b"EVALSHA") {
+        return None;
+    }
+    let body = super::redis::script_body(args.next()?)?;
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(body);
+    for arg in args {
+        eval.arg(arg);
+    }
+    Some(eval)
 }
 
 /// Sends a batch on a cluster connection. A pipeline may only name one slot
@@ -369,22 +440,20 @@ async fn run_on_cluster(conn: &ClusterConnection, batch: &mut Vec<Job>) -> bool 
             for job in &mut jobs {
                 pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
             }
-            let replies = pipe.query_async::<Vec<redis::Value>>(&mut conn).await;
-            (jobs, replies)
+            match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
+                Ok(values) => {
+                    finish(&mut conn, &pipe, &mut jobs, values).await;
+                    Ok(())
+                }
+                Err(e) => Err((jobs, e)),
+            }
         }
     });
     let mut answered = true;
-    for (jobs, replies) in futures_util::future::join_all(calls).await {
-        match replies {
-            Ok(values) => {
-                for (job, value) in jobs.into_iter().zip(values) {
-                    job.reply.finish(match value {
-                        redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
-                        value => Ok(value),
-                    });
-                }
-            }
-            Err(e) => {
+    for outcome in futures_util::future::join_all(calls).await {
+        match outcome {
+            Ok(()) => {}
+            Err((jobs, e)) => {
                 answered &= !e.is_timeout();
                 let why = e.to_string();
                 for job in jobs {

@@ -83,25 +83,44 @@ static REFRESH_MANY: LazyLock<Lua> = LazyLock::new(|| Lua::new(REFRESH_MANY_LUA)
 static RELEASE: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE_LUA));
 static CLAIM_KEPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLAIM_KEPT_LUA));
 static REPLAY: LazyLock<Lua> = LazyLock::new(|| Lua::new(REPLAY_LUA));
+static APPEND: LazyLock<Lua> = LazyLock::new(|| Lua::new(APPEND_LUA));
+
+/// The body of the script whose SHA1 is `sha1` (hex), for a command that
+/// Redis answered with `NOSCRIPT`.
+pub(super) fn script_body(sha1: &[u8]) -> Option<&'static str> {
+    [&APPEND, &CLAIM, &CLAIM_KEPT, &REFRESH_MANY, &RELEASE, &REPLAY]
+        .into_iter()
+        .find(|lua| lua.sha1.as_bytes() == sha1)
+        .map(|lua| lua.body)
+}
 
 /// With history on: appends the envelope (header `ARGV[1]`, body `ARGV[2]`)
-/// to the pair's stream `KEYS[1]` (about `ARGV[5]` entries kept, gone
-/// `ARGV[3]` seconds after the last), publishes it with the entry's ID in
-/// its header on `KEYS[2]` with `ARGV[4]`, and returns the ID. A numbered
-/// message (confirmed sends) also names its sender's counter `KEYS[3]` and
-/// its number `ARGV[6]`: a number the counter already reached is a resend,
-/// dropped (`false`); otherwise the counter moves to it, kept as long as the
-/// stream. Sent with its body every time (`EVAL`): a relayed message's
-/// failure has no second try, so `NOSCRIPT` must never happen (Redis looks
-/// the body up by its SHA1).
+/// to the pair's stream `KEYS[1]` (about `ARGV[5]` entries kept), publishes
+/// it with the entry's ID in its header on `KEYS[2]` with `ARGV[4]`, and
+/// returns the ID. A numbered message (confirmed sends) also names its
+/// sender's counter `KEYS[3]` and its number `ARGV[6]`: a number the counter
+/// already reached is a resend, dropped (`false`); otherwise the counter
+/// moves to it, kept `ARGV[3]` seconds.
+///
+/// The stream's TTL is not touched here: the claim gives a new stream one,
+/// and every presence refresh of the pair's sessions renews it
+/// ([`REFRESH_MANY_LUA`]), so it lasts `ARGV[3]` seconds plus one presence
+/// TTL after the pair's last live session. Only a stream that is gone
+/// (expired while no session refreshed it) is created here, with a TTL
+/// (`NOMKSTREAM` finds that case without a second call). Run by its SHA1
+/// (`EVALSHA`); a `NOSCRIPT` reply means it did not run, and the lane sends
+/// it once more with its body (see [`super::lanes`]).
 pub const APPEND_LUA: &str = r"
 if KEYS[3] then
   local n = tonumber(ARGV[6])
   if n <= tonumber(redis.call('GET', KEYS[3]) or '0') then return false end
   redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[3])
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
+if not id then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
 redis.call(ARGV[4], KEYS[2], ARGV[1] .. ' ' .. id .. '\n' .. ARGV[2])
 return id";
 
@@ -135,17 +154,24 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call(ARGV[4], KEYS[3], ARGV[3])
 return redis.call('GET', KEYS[2])";
 
-/// For each i: keeps `KEYS[2i-1]` as `ARGV[i+1]` for `ARGV[1]` seconds (unless
-/// another session owns it) and returns `KEYS[2i]`, or `''` when it is gone.
+/// For each session i: keeps its presence key as `ARGV[i+2]` for `ARGV[1]`
+/// seconds (unless another session owns it) and returns its peer's key's
+/// value, or `''` when it is gone. Without history (`ARGV[2]` is `0`) a
+/// session names two keys (its own, its peer's); with history a third, its
+/// pair's stream, whose TTL becomes `ARGV[2]` seconds (see [`APPEND_LUA`]).
 const REFRESH_MANY_LUA: &str = r"
+local kept = ARGV[2] ~= '0'
+local stride = kept and 3 or 2
 local out = {}
-for i = 1, #KEYS / 2 do
-  local me = ARGV[i + 1]
-  local mine = redis.call('GET', KEYS[2 * i - 1])
+for i = 1, #KEYS / stride do
+  local k = stride * (i - 1)
+  local me = ARGV[i + 2]
+  local mine = redis.call('GET', KEYS[k + 1])
   if mine == false or mine == me then
-    redis.call('SET', KEYS[2 * i - 1], me, 'EX', ARGV[1])
+    redis.call('SET', KEYS[k + 1], me, 'EX', ARGV[1])
   end
-  out[i] = redis.call('GET', KEYS[2 * i]) or ''
+  out[i] = redis.call('GET', KEYS[k + 2]) or ''
+  if kept then redis.call('EXPIRE', KEYS[k + 3], ARGV[2]) end
 end
 return out";
 
@@ -205,6 +231,13 @@ impl RedisBroker {
         self
     }
 
+    /// How long a pair's stream (and a sender's counter) outlives its last
+    /// refresh: the resume window plus one presence TTL, since a live
+    /// session refreshes every third of that TTL; `0` without history.
+    fn kept_secs(&self) -> u64 {
+        self.history.map_or(0, |window| window.as_secs().max(1) + self.ttl_secs)
+    }
+
     fn publish_verb(&self) -> &'static str {
         if self.cluster {
             "SPUBLISH"
@@ -213,20 +246,20 @@ impl RedisBroker {
         }
     }
 
-    /// The `EVAL` of [`APPEND_LUA`] for `envelope` on `channel`.
-    fn append_cmd(&self, channel: &str, envelope: &[u8], window: Duration, numbered: Option<Numbered>) -> redis::Cmd {
+    /// The `EVALSHA` of [`APPEND_LUA`] for `envelope` on `channel`.
+    fn append_cmd(&self, channel: &str, envelope: &[u8], numbered: Option<Numbered>) -> redis::Cmd {
         let newline = envelope.iter().position(|&b| b == b'\n').unwrap_or(envelope.len());
         let body = envelope.get(newline + 1..).unwrap_or_default();
         let stream = crate::pair::history_key(channel);
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(APPEND_LUA);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&APPEND.sha1);
         match numbered {
             Some(numbered) => {
                 cmd.arg(3).arg(&stream).arg(channel).arg(crate::pair::sent_key(&stream, numbered.lineage))
             }
             None => cmd.arg(2).arg(&stream).arg(channel),
         };
-        cmd.arg(&envelope[..newline]).arg(body).arg(window.as_secs().max(1)).arg(self.publish_verb()).arg(HISTORY_LEN);
+        cmd.arg(&envelope[..newline]).arg(body).arg(self.kept_secs()).arg(self.publish_verb()).arg(HISTORY_LEN);
         if let Some(numbered) = numbered {
             cmd.arg(numbered.n);
         }
@@ -300,7 +333,7 @@ impl Broker for RedisBroker {
         numbered: Option<Numbered>,
     ) -> Option<Waiting> {
         let cmd = match self.history {
-            Some(window) => self.append_cmd(channel, &envelope, window, numbered),
+            Some(_) => self.append_cmd(channel, &envelope, numbered),
             None => self.publish_cmd(channel, &envelope),
         };
         self.lanes.send(channel, cmd, envelope.len(), origin)
@@ -317,17 +350,17 @@ impl Broker for RedisBroker {
         let (mine, peer) = self.keys(pair, user);
         let (session, ttl) = (format!("{session:x}").into_bytes(), self.ttl_secs.to_string().into_bytes());
         let verb = self.publish_verb().as_bytes();
-        let Some(window) = self.history else {
+        if self.history.is_none() {
             let keys = [mine.as_str(), peer.as_str(), channel];
             let peer =
                 parse_session(self.eval(pair, &CLAIM, &keys, &[&session[..], &ttl[..], &join[..], verb]).await?)?;
             return Ok(Claimed { peer, seq: None });
-        };
+        }
         let stream = crate::pair::history_key(channel);
         let keys = [mine.as_str(), peer.as_str(), channel, stream.as_str()];
         // The join envelope has no body: its header is all of it but the newline.
         let header = join.strip_suffix(b"\n").unwrap_or(&join);
-        let (secs, len) = (window.as_secs().max(1).to_string().into_bytes(), HISTORY_LEN.to_string().into_bytes());
+        let (secs, len) = (self.kept_secs().to_string().into_bytes(), HISTORY_LEN.to_string().into_bytes());
         let args = [&session[..], &ttl[..], header, verb, &secs[..], &len[..]];
         let (peer, id): (redis::Value, String) =
             redis::from_redis_value(self.eval(pair, &CLAIM_KEPT, &keys, &args).await?)
@@ -423,14 +456,18 @@ impl RedisBroker {
         sessions: &[(&PairId, &UserId, SessionId)],
     ) -> Result<Vec<Option<SessionId>>, BrokerError> {
         let Some((first_pair, ..)) = sessions.first() else { return Ok(Vec::new()) };
-        let mut keys = Vec::with_capacity(sessions.len() * 2);
+        let mut keys = Vec::with_capacity(sessions.len() * 3);
         for (pair, user, _) in sessions {
             let (mine, peer) = self.keys(pair, user);
             keys.push(mine);
             keys.push(peer);
+            if self.history.is_some() {
+                keys.push(crate::pair::history_key(&self.names().channel(pair)));
+            }
         }
-        let mut args = Vec::with_capacity(sessions.len() + 1);
+        let mut args = Vec::with_capacity(sessions.len() + 2);
         args.push(self.ttl_secs.to_string());
+        args.push(self.kept_secs().to_string());
         args.extend(sessions.iter().map(|(_, _, session)| format!("{session:x}")));
         let peers: Vec<String> = redis::from_redis_value(self.eval(first_pair, &REFRESH_MANY, &keys, &args).await?)
             .map_err(redis::RedisError::from)?;
