@@ -34,7 +34,8 @@
 //!   inbox), the handle other tasks touch (outbox, echo window, peer view),
 //!   and two instance-wide tasks, presence upkeep and the heartbeat.
 //! - [`broker`]: the [`broker::Broker`] and [`broker::Inbox`] traits, the
-//!   in-memory broker, the Redis broker with its command lanes, and the
+//!   in-memory broker, the Redis broker with its command lanes and its Lua
+//!   scripts (`broker::scripts`, run by SHA1), and the
 //!   envelope that carries the sender's identity next to the client's bytes.
 //!   With `SWITCHBOARD_RESUME_SECS` > 0, `broker::history`: each pair's last
 //!   envelopes (a Redis stream, or a ring in memory), whose `Seq` resuming

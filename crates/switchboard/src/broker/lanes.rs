@@ -413,7 +413,7 @@ fn with_body(cmd: &redis::Cmd) -> Option<redis::Cmd> {
     if !args.next()?.eq_ignore_ascii_case(b"EVALSHA") {
         return None;
     }
-    let body = super::redis::script_body(args.next()?)?;
+    let body = super::scripts::body_of(args.next()?)?;
     let mut eval = redis::cmd("EVAL");
     eval.arg(body);
     for arg in args {

@@ -11,7 +11,7 @@
 //! to a lane's pipeline, so the broker does it here.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use super::history::{Replay, Seq, HISTORY_LEN};
 use super::lanes::Lanes;
+use super::scripts::{Lua, APPEND, CLAIM, CLAIM_KEPT, REFRESH_MANY, RELEASE, REPLAY};
 use super::subscriber::{Request, Subscriber};
 use super::target::Target;
 use super::{envelope, Broker, BrokerError, Claimed, Inbox, Numbered, RelayOrigin, SessionId, Waiting};
@@ -64,123 +65,6 @@ impl std::fmt::Debug for RedisBroker {
         f.debug_struct("RedisBroker").field("prefix", &self.prefix).finish_non_exhaustive()
     }
 }
-
-/// A Lua script and its SHA1, by which Redis knows it once it has run it.
-struct Lua {
-    body: &'static str,
-    sha1: String,
-}
-
-impl Lua {
-    fn new(body: &'static str) -> Self {
-        use sha1::{Digest, Sha1};
-        Self { body, sha1: format!("{:x}", Sha1::digest(body.as_bytes())) }
-    }
-}
-
-static CLAIM: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLAIM_LUA));
-static REFRESH_MANY: LazyLock<Lua> = LazyLock::new(|| Lua::new(REFRESH_MANY_LUA));
-static RELEASE: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE_LUA));
-static CLAIM_KEPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLAIM_KEPT_LUA));
-static REPLAY: LazyLock<Lua> = LazyLock::new(|| Lua::new(REPLAY_LUA));
-static APPEND: LazyLock<Lua> = LazyLock::new(|| Lua::new(APPEND_LUA));
-
-/// The body of the script whose SHA1 is `sha1` (hex), for a command that
-/// Redis answered with `NOSCRIPT`.
-pub(super) fn script_body(sha1: &[u8]) -> Option<&'static str> {
-    [&APPEND, &CLAIM, &CLAIM_KEPT, &REFRESH_MANY, &RELEASE, &REPLAY]
-        .into_iter()
-        .find(|lua| lua.sha1.as_bytes() == sha1)
-        .map(|lua| lua.body)
-}
-
-/// With history on: appends the envelope (header `ARGV[1]`, body `ARGV[2]`)
-/// to the pair's stream `KEYS[1]` (about `ARGV[5]` entries kept), publishes
-/// it with the entry's ID in its header on `KEYS[2]` with `ARGV[4]`, and
-/// returns the ID. A numbered message (confirmed sends) also names its
-/// sender's counter `KEYS[3]` and its number `ARGV[6]`: a number the counter
-/// already reached is a resend, dropped (`false`); otherwise the counter
-/// moves to it, kept `ARGV[3]` seconds.
-///
-/// The stream's TTL is not touched here: the claim gives a new stream one,
-/// and every presence refresh of the pair's sessions renews it
-/// ([`REFRESH_MANY_LUA`]), so it lasts `ARGV[3]` seconds plus one presence
-/// TTL after the pair's last live session. Only a stream that is gone
-/// (expired while no session refreshed it) is created here, with a TTL
-/// (`NOMKSTREAM` finds that case without a second call). Run by its SHA1
-/// (`EVALSHA`); a `NOSCRIPT` reply means it did not run, and the lane sends
-/// it once more with its body (see [`super::lanes`]).
-pub const APPEND_LUA: &str = r"
-if KEYS[3] then
-  local n = tonumber(ARGV[6])
-  if n <= tonumber(redis.call('GET', KEYS[3]) or '0') then return false end
-  redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[3])
-end
-local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
-if not id then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-end
-redis.call(ARGV[4], KEYS[2], ARGV[1] .. ' ' .. id .. '\n' .. ARGV[2])
-return id";
-
-/// [`CLAIM_LUA`] with history on: the join envelope (header `ARGV[3]`) goes
-/// to the stream `KEYS[4]` first, as [`APPEND_LUA`] does (`ARGV[5]` seconds,
-/// `ARGV[6]` entries). Returns the peer's session and the join's ID.
-const CLAIM_KEPT_LUA: &str = r"
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'h', ARGV[3], 'b', '')
-redis.call('EXPIRE', KEYS[4], ARGV[5])
-redis.call(ARGV[4], KEYS[3], ARGV[3] .. ' ' .. id .. '\n')
-return {redis.call('GET', KEYS[2]) or '', id}";
-
-/// The newest ID of the stream `KEYS[1]` and the entries after `ARGV[1]`
-/// when that entry is still there (`{last ID, entries}`); else the newest ID
-/// alone (`{last ID}`), or nil for no stream. One script, so the check and
-/// the read see the same stream.
-const REPLAY_LUA: &str = r"
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #last == 0 then return false end
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return {last[1][1]} end
-return {last[1][1], redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+')}";
-
-/// Sets `KEYS[1]` to `ARGV[1]` for `ARGV[2]` seconds, publishes the join
-/// envelope `ARGV[3]` on the channel `KEYS[3]` with `ARGV[4]` (`PUBLISH`, or
-/// `SPUBLISH` in a cluster: the channel shares the keys' slot), and returns `KEYS[2]`. One
-/// script, so Redis orders one user's claims and joins alike (see
-/// [`Broker::claim_presence`]).
-const CLAIM_LUA: &str = r"
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call(ARGV[4], KEYS[3], ARGV[3])
-return redis.call('GET', KEYS[2])";
-
-/// For each session i: keeps its presence key as `ARGV[i+2]` for `ARGV[1]`
-/// seconds (unless another session owns it) and returns its peer's key's
-/// value, or `''` when it is gone. Without history (`ARGV[2]` is `0`) a
-/// session names two keys (its own, its peer's); with history a third, its
-/// pair's stream, whose TTL becomes `ARGV[2]` seconds (see [`APPEND_LUA`]).
-const REFRESH_MANY_LUA: &str = r"
-local kept = ARGV[2] ~= '0'
-local stride = kept and 3 or 2
-local out = {}
-for i = 1, #KEYS / stride do
-  local k = stride * (i - 1)
-  local me = ARGV[i + 2]
-  local mine = redis.call('GET', KEYS[k + 1])
-  if mine == false or mine == me then
-    redis.call('SET', KEYS[k + 1], me, 'EX', ARGV[1])
-  end
-  out[i] = redis.call('GET', KEYS[k + 2]) or ''
-  if kept then redis.call('EXPIRE', KEYS[k + 3], ARGV[2]) end
-end
-return out";
-
-/// Deletes `KEYS[1]` only while it still holds `ARGV[1]`.
-const RELEASE_LUA: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0";
 
 impl RedisBroker {
     /// Starts the subscriber task and the lanes on `tracker`, and waits up to
