@@ -106,12 +106,26 @@ impl Target {
 
     /// As [`Target::connect`], and also returns how long the welcome took after the upgrade.
     pub async fn connect_timed(&self, instance: usize, user: &str, peer: &str) -> Result<(Ws, Opened)> {
-        tokio::time::timeout(self.timeout, self.connect_inner(instance, user, peer))
+        let (ws, opened, _welcome) = self.connect_query(instance, user, peer, "").await?;
+        Ok((ws, opened))
+    }
+
+    /// As [`Target::connect_timed`], with `query` (`&name=value...`) appended to the URL, and
+    /// also returns the welcome frame's text.
+    pub async fn connect_query(
+        &self,
+        instance: usize,
+        user: &str,
+        peer: &str,
+        query: &str,
+    ) -> Result<(Ws, Opened, String)> {
+        let url = fill(&self.template, self.ports[instance % self.addrs.len()], user, peer) + query;
+        tokio::time::timeout(self.timeout, self.connect_inner(instance, url))
             .await
             .map_err(|_| anyhow!("timed out after {:?} (connect/upgrade/welcome)", self.timeout))?
     }
 
-    async fn connect_inner(&self, instance: usize, user: &str, peer: &str) -> Result<(Ws, Opened)> {
+    async fn connect_inner(&self, instance: usize, url: String) -> Result<(Ws, Opened, String)> {
         let i = instance % self.addrs.len();
         let dst = self.addrs[i];
         let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
@@ -121,7 +135,6 @@ impl Target {
         }
         let stream = socket.connect(dst).await.context("tcp connect")?;
         stream.set_nodelay(true)?;
-        let url = fill(&self.template, self.ports[i], user, peer);
         let config = WebSocketConfig::default().read_buffer_size(self.read_buffer).write_buffer_size(0);
         let (mut ws, _resp) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
             .await
@@ -141,7 +154,7 @@ impl Target {
             match classify(self.protocol, &text) {
                 Incoming::Welcome => {
                     let welcome_after_101_us = upgraded.elapsed().as_micros() as u64;
-                    return Ok((ws, Opened { welcome_after_101_us }));
+                    return Ok((ws, Opened { welcome_after_101_us }, text));
                 }
                 Incoming::Ping => ws.send(Message::text("3")).await?,
                 Incoming::Error => bail!("server error before welcome: {text:.200}"),

@@ -4,7 +4,8 @@
 //! Scenarios: `idle` (server RSS and kernel memory per connection), `latency` (one-way latency
 //! at a fixed rate), `throughput` (windowed max rate and server CPU per message), `connect`
 //! (upgrades/s), `storm` (mass reconnect) and `latency-under-storm` (live pairs' latency while
-//! other sockets connect). Every run prints a readable table on stderr and one JSON line on
+//! other sockets connect) and `rolling` (loss, duplicates and reordering while the orchestrator
+//! restarts every instance in turn). Every run prints a readable table on stderr and one JSON line on
 //! stdout. Only loopback targets are accepted.
 
 mod client;
@@ -12,6 +13,7 @@ mod kernel;
 mod messaging;
 mod procstat;
 mod report;
+mod rolling;
 mod workers;
 
 use std::time::Duration;
@@ -177,6 +179,39 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         storm_concurrency: usize,
     },
+    /// P pairs send numbered messages at a steady rate and reconnect on any close while the
+    /// orchestrator restarts the instances: prints `ready` on stdout once every pair is up, waits
+    /// for a line on stdin (the restarts are done), then reports loss, duplicates, reordering.
+    Rolling {
+        /// Number of pairs; both users of each pair send.
+        #[arg(long, default_value_t = 50)]
+        pairs: usize,
+        /// Messages per second sent by each user.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Size of each JSON message in bytes.
+        #[arg(long, default_value_t = 300)]
+        size: usize,
+        /// Sending before `ready` is printed, in seconds.
+        #[arg(long, default_value_t = 2)]
+        warmup_secs: u64,
+        /// Sending after the line on stdin, in seconds.
+        #[arg(long, default_value_t = 2)]
+        after_secs: u64,
+        /// Keep sending until this long after the start in all, in seconds (so that stacks
+        /// whose restarts take different times send for the same time).
+        #[arg(long, default_value_t = 0)]
+        min_sending_secs: u64,
+        /// Longest wait for deliveries after sending stopped, in seconds.
+        #[arg(long, default_value_t = 5)]
+        drain_secs: u64,
+        /// Longest wait for the line on stdin, in seconds.
+        #[arg(long, default_value_t = 120)]
+        max_wait_secs: u64,
+        /// Use switchboard's resume protocol and confirmed sends (docs/protocol.md, "Resuming").
+        #[arg(long)]
+        resume: bool,
+    },
 }
 
 impl Scenario {
@@ -188,6 +223,7 @@ impl Scenario {
             Scenario::Connect { .. } => "connect",
             Scenario::Storm { .. } => "storm",
             Scenario::LatencyUnderStorm { .. } => "latency-under-storm",
+            Scenario::Rolling { .. } => "rolling",
         }
     }
 }
@@ -256,6 +292,30 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
                 storm_concurrency: *storm_concurrency,
             };
             messaging::run_under_storm(&cli, &target, &run_id, sp).await?
+        }
+        Scenario::Rolling {
+            pairs,
+            rate,
+            size,
+            warmup_secs,
+            after_secs,
+            min_sending_secs,
+            drain_secs,
+            max_wait_secs,
+            resume,
+        } => {
+            let p = rolling::Params {
+                pairs: *pairs,
+                rate: *rate,
+                size: *size,
+                warmup: Duration::from_secs(*warmup_secs),
+                after: Duration::from_secs(*after_secs),
+                min_sending: Duration::from_secs(*min_sending_secs),
+                drain: Duration::from_secs(*drain_secs),
+                max_wait: Duration::from_secs(*max_wait_secs),
+                resume: *resume,
+            };
+            rolling::run(c, target, &run_id, p).await?
         }
         _ => workers::parent(&cli, &run_id).await?,
     };
