@@ -640,47 +640,25 @@ async fn a_relay_script_redis_forgot_is_sent_again_with_its_body() {
     }
 }
 
-/// The pair's stream is not given a TTL by every relay (that was one more
-/// write per message): the claim gives it one, every presence refresh of
-/// the pair's sessions renews it, and a relay that finds it gone (it
-/// expired while nobody refreshed it) creates it with a TTL. It never lives
-/// without one, and never longer than the resume window plus a presence TTL
-/// after its last refresh. (That relays leave the TTL alone is not
-/// asserted: a refresh, every second here, may come between any two.)
+/// The pair's stream lives the resume window after its last entry: every
+/// relay sets its TTL, also when it had to create the stream anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_history_stream_always_has_a_ttl_renewed_by_presence_refreshes() {
-    let c = Cluster::redis_with(2, |s| {
-        resume_on(s);
-        s.presence_ttl = Duration::from_secs(3);
-    })
-    .await;
-    // Resume window 30 s, presence TTL 3 s.
-    const KEPT: i64 = 33;
+async fn every_relay_gives_the_history_stream_the_resume_window_as_ttl() {
+    let c = Cluster::redis_with(2, resume_on).await;
     let mut admin = c.redis.as_ref().unwrap().conn().await;
     let (mut alice, _) = connect(&c.instances[0], "alice", "bob", "").await;
     let (mut bob, _) = connect(&c.instances[1], "bob", "alice", "&resume=1").await;
     assert_eq!(alice.recv_json().await["type"], "peer-joined");
     let stream = history_key(&mut admin).await;
-    let ttl = |admin: &redis::aio::MultiplexedConnection| {
-        let mut admin = admin.clone();
-        let stream = stream.clone();
-        async move { redis::cmd("TTL").arg(&stream).query_async::<i64>(&mut admin).await.unwrap() }
-    };
-    let t = ttl(&admin).await;
-    assert!((1..=KEPT).contains(&t), "the claim gave the stream a TTL: {t}");
-
-    // Gone (as if expired): the next relay creates it again, with a TTL.
-    let () = redis::cmd("DEL").arg(&stream).query_async(&mut admin).await.unwrap();
-    alice.send(r#"{"type":"n","n":1}"#).await;
-    assert_eq!(bob.recv_json().await["data"]["n"], 1);
-    let t = ttl(&admin).await;
-    assert!((1..=KEPT).contains(&t), "a relay that created the stream gave it a TTL: {t}");
-
-    // A TTL far too long is brought back by the sessions' next refresh (every second here).
-    let () = redis::cmd("EXPIRE").arg(&stream).arg(100_000).query_async(&mut admin).await.unwrap();
-    eventually("the refresh renews the stream's TTL", || {
-        let ttl = ttl(&admin);
-        async move { (1..=KEPT).contains(&ttl.await) }
-    })
-    .await;
+    for n in 1..=3 {
+        // Gone (as if expired), or with a TTL far too long: the relay sets it.
+        let () = match n {
+            1 => redis::cmd("DEL").arg(&stream).query_async(&mut admin).await.unwrap(),
+            _ => redis::cmd("EXPIRE").arg(&stream).arg(100_000).query_async(&mut admin).await.unwrap(),
+        };
+        alice.send(&json!({"type": "n", "n": n}).to_string()).await;
+        assert_eq!(bob.recv_json().await["data"]["n"], n);
+        let ttl: i64 = redis::cmd("TTL").arg(&stream).query_async(&mut admin).await.unwrap();
+        assert!((1..=30).contains(&ttl), "the relay set the stream's TTL to the window: {ttl}");
+    }
 }

@@ -116,10 +116,9 @@ impl RedisBroker {
     }
 
     /// How long a pair's stream (and a sender's counter) outlives its last
-    /// refresh: the resume window plus one presence TTL, since a live
-    /// session refreshes every third of that TTL; `0` without history.
+    /// entry: the resume window, whole seconds; `0` without history.
     fn kept_secs(&self) -> u64 {
-        self.history.map_or(0, |window| window.as_secs().max(1) + self.ttl_secs)
+        self.history.map_or(0, |window| window.as_secs().max(1))
     }
 
     fn publish_verb(&self) -> &'static str {
@@ -340,18 +339,14 @@ impl RedisBroker {
         sessions: &[(&PairId, &UserId, SessionId)],
     ) -> Result<Vec<Option<SessionId>>, BrokerError> {
         let Some((first_pair, ..)) = sessions.first() else { return Ok(Vec::new()) };
-        let mut keys = Vec::with_capacity(sessions.len() * 3);
+        let mut keys = Vec::with_capacity(sessions.len() * 2);
         for (pair, user, _) in sessions {
             let (mine, peer) = self.keys(pair, user);
             keys.push(mine);
             keys.push(peer);
-            if self.history.is_some() {
-                keys.push(crate::pair::history_key(&self.names().channel(pair)));
-            }
         }
-        let mut args = Vec::with_capacity(sessions.len() + 2);
+        let mut args = Vec::with_capacity(sessions.len() + 1);
         args.push(self.ttl_secs.to_string());
-        args.push(self.kept_secs().to_string());
         args.extend(sessions.iter().map(|(_, _, session)| format!("{session:x}")));
         let peers: Vec<String> = redis::from_redis_value(self.eval(first_pair, &REFRESH_MANY, &keys, &args).await?)
             .map_err(redis::RedisError::from)?;

@@ -42,32 +42,23 @@ pub fn body_of(sha1: &[u8]) -> Option<&'static str> {
 }
 
 /// With history on: appends the envelope (header `ARGV[1]`, body `ARGV[2]`)
-/// to the pair's stream `KEYS[1]` (about `ARGV[5]` entries kept), publishes
-/// it with the entry's ID in its header on `KEYS[2]` with `ARGV[4]`, and
-/// returns the ID. A numbered message (confirmed sends) also names its
-/// sender's counter `KEYS[3]` and its number `ARGV[6]`: a number the counter
-/// already reached is a resend, dropped (`false`); otherwise the counter
-/// moves to it, kept `ARGV[3]` seconds.
-///
-/// The stream's TTL is not touched here: the claim gives a new stream one,
-/// and every presence refresh of the pair's sessions renews it
-/// ([`REFRESH_MANY_LUA`]), so it lasts `ARGV[3]` seconds plus one presence
-/// TTL after the pair's last live session. Only a stream that is gone
-/// (expired while no session refreshed it) is created here, with a TTL
-/// (`NOMKSTREAM` finds that case without a second call). Run by its SHA1
-/// (`EVALSHA`); a `NOSCRIPT` reply means it did not run, and the lane sends
-/// it once more with its body (see [`super::lanes`]).
+/// to the pair's stream `KEYS[1]` (about `ARGV[5]` entries kept, gone
+/// `ARGV[3]` seconds after the last), publishes it with the entry's ID in
+/// its header on `KEYS[2]` with `ARGV[4]`, and returns the ID. A numbered
+/// message (confirmed sends) also names its sender's counter `KEYS[3]` and
+/// its number `ARGV[6]`: a number the counter already reached is a resend,
+/// dropped (`false`); otherwise the counter moves to it, kept as long as the
+/// stream. Run by its SHA1 (`EVALSHA`): a `NOSCRIPT` reply means it did not
+/// run, and the lane sends it once more with its body (see
+/// [`super::lanes`]).
 pub const APPEND_LUA: &str = r"
 if KEYS[3] then
   local n = tonumber(ARGV[6])
   if n <= tonumber(redis.call('GET', KEYS[3]) or '0') then return false end
   redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[3])
 end
-local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
-if not id then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call(ARGV[4], KEYS[2], ARGV[1] .. ' ' .. id .. '\n' .. ARGV[2])
 return id";
 
@@ -101,24 +92,17 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call(ARGV[4], KEYS[3], ARGV[3])
 return redis.call('GET', KEYS[2])";
 
-/// For each session i: keeps its presence key as `ARGV[i+2]` for `ARGV[1]`
-/// seconds (unless another session owns it) and returns its peer's key's
-/// value, or `''` when it is gone. Without history (`ARGV[2]` is `0`) a
-/// session names two keys (its own, its peer's); with history a third, its
-/// pair's stream, whose TTL becomes `ARGV[2]` seconds (see [`APPEND_LUA`]).
+/// For each i: keeps `KEYS[2i-1]` as `ARGV[i+1]` for `ARGV[1]` seconds (unless
+/// another session owns it) and returns `KEYS[2i]`, or `''` when it is gone.
 pub const REFRESH_MANY_LUA: &str = r"
-local kept = ARGV[2] ~= '0'
-local stride = kept and 3 or 2
 local out = {}
-for i = 1, #KEYS / stride do
-  local k = stride * (i - 1)
-  local me = ARGV[i + 2]
-  local mine = redis.call('GET', KEYS[k + 1])
+for i = 1, #KEYS / 2 do
+  local me = ARGV[i + 1]
+  local mine = redis.call('GET', KEYS[2 * i - 1])
   if mine == false or mine == me then
-    redis.call('SET', KEYS[k + 1], me, 'EX', ARGV[1])
+    redis.call('SET', KEYS[2 * i - 1], me, 'EX', ARGV[1])
   end
-  out[i] = redis.call('GET', KEYS[k + 2]) or ''
-  if kept then redis.call('EXPIRE', KEYS[k + 3], ARGV[2]) end
+  out[i] = redis.call('GET', KEYS[2 * i]) or ''
 end
 return out";
 
