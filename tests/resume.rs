@@ -9,26 +9,15 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchboard::auth::{ResumeKey, Secret};
-use switchboard::config::Settings;
+use switchboard::auth::Secret;
 use switchboard_tests::client::{ClientRx, ClientTx};
+use switchboard_tests::resuming::{resume_on, SECRET};
 use switchboard_tests::{eventually, Client, Cluster, Instance};
 use tokio::sync::watch;
 
 /// Frames the sender may be ahead of what the receiver has seen: well
 /// inside the history (64 entries), so a cut never outruns it.
 const WINDOW: usize = 24;
-
-/// The resume secret every instance of a test shares.
-const SECRET: &str = "a resume secret for tests, 32+ bytes long";
-
-fn resume_on(s: &mut Settings) {
-    s.resume = Duration::from_secs(30);
-    s.resume_key = Some(ResumeKey::new(&Secret::new(SECRET)));
-    // The sender sends as fast as the window lets it.
-    s.rate_per_sec = 100_000;
-    s.rate_burst = 100_000;
-}
 
 macro_rules! every_broker_with_resume {
     ($($name:ident),+ $(,)?) => {$(

@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use switchboard::auth::{ResumeKey, Secret};
+use switchboard::config::Settings;
 use tokio::sync::watch;
 
 use crate::{Client, DEADLINE};
@@ -27,6 +29,18 @@ use crate::{Client, DEADLINE};
 /// lags filled the history with its own messages, and its resume got a
 /// correct `resync`, about once in seven runs.)
 pub const WINDOW: usize = 16;
+
+/// The resume secret every instance of a test shares.
+pub const SECRET: &str = "a resume secret for tests, 32+ bytes long";
+
+/// Turns resume on (30 s, with [`SECRET`]) in `s`, with a rate limit no
+/// sender reaches: the tests' sides send as fast as they may.
+pub fn resume_on(s: &mut Settings) {
+    s.resume = Duration::from_secs(30);
+    s.resume_key = Some(ResumeKey::new(&Secret::new(SECRET)));
+    s.rate_per_sec = 100_000;
+    s.rate_burst = 100_000;
+}
 
 /// The instances a side may connect to, as a load balancer knows them.
 pub type Urls = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
@@ -93,10 +107,17 @@ impl Side {
     /// Sends the app's message `k` (numbered, kept until confirmed). A send
     /// on a dead socket is not an error: the message waits for the resume.
     pub async fn send(&mut self, client: &mut Client, k: u64) {
+        let text = self.number(k);
+        let _ = client.try_send(text).await;
+    }
+
+    /// Numbers the app's message `k` and keeps it until confirmed; returns
+    /// its text, to send now or (while the side is down) at the resume.
+    fn number(&mut self, k: u64) -> String {
         let text = json!({"type": "n", "n": k, "pad": "x".repeat(200)}).to_string();
         self.unacked.push_back((self.next, text.clone()));
         self.next += 1;
-        let _ = client.try_send(text).await;
+        text
     }
 
     /// Handles one event from the server.
@@ -280,5 +301,106 @@ pub fn assert_exactly_once_in_order(side: &Side, total: usize) {
             side.got.len(),
             &side.got[first_bad.unwrap_or(0).saturating_sub(3)..side.got.len().min(first_bad.unwrap_or(0) + 5)]
         );
+    }
+}
+
+/// A side driven one step at a time (a property test's schedule), its
+/// connection up or down. What it sends while down waits in its `unacked`,
+/// as `switchboard.js` queues it, and goes out at the next resume.
+pub struct Driven {
+    /// The side.
+    pub side: Side,
+    /// The connection, while up.
+    client: Option<Client>,
+    /// Messages sent so far: `k` = 1..=`sent`.
+    pub sent: usize,
+    /// Connections that ended without a step cutting or closing them (the
+    /// side comes back at its next resume).
+    pub dropped: usize,
+    seen: watch::Sender<usize>,
+}
+
+impl Driven {
+    /// A side just connected, with its connection.
+    pub fn new((side, client): (Side, Client)) -> Self {
+        Self { side, client: Some(client), sent: 0, dropped: 0, seen: watch::Sender::new(0) }
+    }
+
+    /// Sends its next `count` messages (queues them, while down).
+    pub async fn send(&mut self, count: usize) {
+        for _ in 0..count {
+            self.sent += 1;
+            let text = self.side.number(self.sent as u64);
+            if let Some(client) = &mut self.client {
+                let _ = client.try_send(text).await;
+            }
+        }
+    }
+
+    /// Resets its connection (a TCP reset), if up; it stays down.
+    pub fn cut(&mut self) {
+        if let Some(client) = self.client.take() {
+            client.reset_connection();
+        }
+    }
+
+    /// Closes its connection normally, if up; it stays down.
+    pub async fn close(&mut self) {
+        if let Some(client) = self.client.take() {
+            client.close().await;
+        }
+    }
+
+    /// Comes back (resending what has no `ack`), if down.
+    pub async fn resume(&mut self) {
+        if self.client.is_none() {
+            self.client = Some(self.side.resume().await);
+        }
+    }
+
+    /// Handles what arrives, until nothing has for `quiet` (or the
+    /// connection ended, which leaves the side down).
+    pub async fn read(&mut self, quiet: Duration) {
+        while let Some(client) = &mut self.client {
+            match tokio::time::timeout(quiet, client.try_recv_json()).await {
+                Err(_quiet) => return,
+                Ok(Ok(event)) => self.side.on_event(event, &self.seen),
+                Ok(Err(_closed)) => {
+                    self.client = None;
+                    self.dropped += 1;
+                }
+            }
+        }
+    }
+
+    /// Comes back if down, then reads until `from_peer` of the peer's
+    /// messages arrived and all of its own were confirmed (coming back
+    /// after any lost connection), failing after half of [`DEADLINE`] (so
+    /// before a read's own deadline, with what the side has).
+    pub async fn settle(&mut self, from_peer: usize) {
+        let within = DEADLINE / 2;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            self.resume().await;
+            if self.side.got.len() >= from_peer && self.side.all_confirmed() {
+                return;
+            }
+            let client = self.client.as_mut().expect("up after a resume");
+            match tokio::time::timeout_at(deadline, client.try_recv_json()).await {
+                Ok(Ok(event)) => self.side.on_event(event, &self.seen),
+                Ok(Err(_closed)) => {
+                    self.client = None;
+                    self.dropped += 1;
+                }
+                Err(_) => panic!(
+                    "{}: after {within:?}, {} of the peer's {from_peer} messages ({:?}), {} of its own {} unconfirmed",
+                    self.side.user,
+                    self.side.got.len(),
+                    self.side.got,
+                    self.side.unacked.len(),
+                    self.sent
+                ),
+            }
+        }
     }
 }
