@@ -15,6 +15,7 @@ pub mod memory;
 pub mod node;
 pub mod pubsub;
 pub mod redis;
+pub mod renewals;
 pub mod scripts;
 pub mod subscriber;
 pub mod target;

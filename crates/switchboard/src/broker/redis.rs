@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use super::history::{Replay, Seq, HISTORY_LEN};
 use super::lanes::Lanes;
+use super::renewals::{Renewals, RENEW_EVERY};
 use super::scripts::{Lua, APPEND, CLAIM, CLAIM_KEPT, REFRESH_MANY, RELEASE, REPLAY};
 use super::subscriber::{Request, Subscriber};
 use super::target::Target;
@@ -58,6 +59,8 @@ pub struct RedisBroker {
     ttl_secs: u64,
     /// With history on: how long a pair's stream outlives its last entry.
     history: Option<Duration>,
+    /// When this instance last renewed each stream's TTL.
+    renewals: Renewals,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -105,7 +108,17 @@ impl RedisBroker {
         );
         let cluster = options.target.is_cluster();
         let ttl_secs = options.presence_ttl.as_secs().max(1);
-        Ok(Self { lanes, requests, ready, degraded, prefix: options.prefix, cluster, ttl_secs, history: None })
+        Ok(Self {
+            lanes,
+            requests,
+            ready,
+            degraded,
+            prefix: options.prefix,
+            cluster,
+            ttl_secs,
+            history: None,
+            renewals: Renewals::default(),
+        })
     }
 
     /// Keeps each pair's last envelopes in a stream for `window` after its
@@ -115,10 +128,11 @@ impl RedisBroker {
         self
     }
 
-    /// How long a pair's stream (and a sender's counter) outlives its last
-    /// entry: the resume window, whole seconds; `0` without history.
+    /// The TTL a pair's stream (and a sender's counter) gets: the resume
+    /// window plus the renewal period (see [`super::renewals`]), whole
+    /// seconds; `0` without history.
     fn kept_secs(&self) -> u64 {
-        self.history.map_or(0, |window| window.as_secs().max(1))
+        self.history.map_or(0, |window| window.as_secs().max(1) + RENEW_EVERY.as_secs())
     }
 
     fn publish_verb(&self) -> &'static str {
@@ -143,6 +157,7 @@ impl RedisBroker {
             None => cmd.arg(2).arg(&stream).arg(channel),
         };
         cmd.arg(&envelope[..newline]).arg(body).arg(self.kept_secs()).arg(self.publish_verb()).arg(HISTORY_LEN);
+        cmd.arg(if self.renewals.due(channel) { "1" } else { "0" });
         if let Some(numbered) = numbered {
             cmd.arg(numbered.n);
         }

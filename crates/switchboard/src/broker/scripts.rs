@@ -42,23 +42,31 @@ pub fn body_of(sha1: &[u8]) -> Option<&'static str> {
 }
 
 /// With history on: appends the envelope (header `ARGV[1]`, body `ARGV[2]`)
-/// to the pair's stream `KEYS[1]` (about `ARGV[5]` entries kept, gone
-/// `ARGV[3]` seconds after the last), publishes it with the entry's ID in
-/// its header on `KEYS[2]` with `ARGV[4]`, and returns the ID. A numbered
+/// to the pair's stream `KEYS[1]` (about `ARGV[5]` entries kept), publishes
+/// it with the entry's ID in its header on `KEYS[2]` with `ARGV[4]`, and
+/// returns the ID. The stream's TTL becomes `ARGV[3]` seconds when
+/// `ARGV[6]` is `1` (see [`super::renewals`]: not every relay renews it),
+/// and whenever the relay had to create the stream (gone since its last
+/// entry, or a new Redis), so a stream never lives without one. A numbered
 /// message (confirmed sends) also names its sender's counter `KEYS[3]` and
-/// its number `ARGV[6]`: a number the counter already reached is a resend,
-/// dropped (`false`); otherwise the counter moves to it, kept as long as the
-/// stream. Run by its SHA1 (`EVALSHA`): a `NOSCRIPT` reply means it did not
-/// run, and the lane sends it once more with its body (see
+/// its number `ARGV[7]`: a number the counter already reached is a resend,
+/// dropped (`false`); otherwise the counter moves to it, kept `ARGV[3]`
+/// seconds. Run by its SHA1 (`EVALSHA`): a `NOSCRIPT` reply means it did
+/// not run, and the lane sends it once more with its body (see
 /// [`super::lanes`]).
 pub const APPEND_LUA: &str = r"
 if KEYS[3] then
-  local n = tonumber(ARGV[6])
+  local n = tonumber(ARGV[7])
   if n <= tonumber(redis.call('GET', KEYS[3]) or '0') then return false end
-  redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[3])
+  redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[3])
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
+if not id then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'h', ARGV[1], 'b', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+elseif ARGV[6] == '1' then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
 redis.call(ARGV[4], KEYS[2], ARGV[1] .. ' ' .. id .. '\n' .. ARGV[2])
 return id";
 
