@@ -265,7 +265,10 @@ scenarioTest('resume: a call through nginx renegotiates while each replica in tu
     assert.deepEqual(pc.log, ['connected'], `${p.label} peer connection states: ${pc.log.join(' -> ')}`);
     const log = await p.stateLog();
     assert.deepEqual(log.slice(log0.get(p).length - 1), ['connected'], `${p.label} page states: ${log.join(' -> ')}`);
-    assert.equal(await p.page.evaluate(() => window.switchboardCall.unconfirmed), 0, `${p.label}: everything confirmed`);
+    // What the page sent last (its final candidates, say) may still wait for
+    // its `ack`: wait for the acks, not for a count read at one instant.
+    await until(async () => (await p.page.evaluate(() => window.switchboardCall.unconfirmed)) === 0,
+      `${p.label}: everything confirmed`, 15000);
   }
   // Media frames are not awaited here: in one CI run on a loaded machine,
   // the remote video did not advance within 45 s after every check above
