@@ -607,17 +607,25 @@ async fn history_key(admin: &mut redis::aio::MultiplexedConnection) -> String {
     streams[0].clone()
 }
 
+/// Two instances with resume on, on one Redis: Alice on the first (with
+/// `alice_query`), Bob on the second (resumable, so relays reach him as
+/// `relay` events), and an admin connection to Redis. Alice has heard Bob join.
+async fn pair_on_two_instances(alice_query: &str) -> (Cluster, redis::aio::MultiplexedConnection, Client, Client) {
+    let c = Cluster::redis_with(2, resume_on).await;
+    let admin = c.redis.as_ref().unwrap().conn().await;
+    let (mut alice, _) = connect(&c.instances[0], "alice", "bob", alice_query).await;
+    let (bob, _) = connect(&c.instances[1], "bob", "alice", "&resume=1").await;
+    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    (c, admin, alice, bob)
+}
+
 /// Relays are sent by the script's SHA1 (`EVALSHA`). A Redis that no longer
 /// knows the script (restarted, newly promoted, or `SCRIPT FLUSH`) answers
 /// `NOSCRIPT`, so the script did not run: the lane sends it once more with
 /// its body, and the message is relayed once, with no error for the sender.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_script_redis_forgot_is_sent_again_with_its_body() {
-    let c = Cluster::redis_with(2, resume_on).await;
-    let mut admin = c.redis.as_ref().unwrap().conn().await;
-    let (mut alice, _) = connect(&c.instances[0], "alice", "bob", "&resume=1").await;
-    let (mut bob, _) = connect(&c.instances[1], "bob", "alice", "&resume=1").await;
-    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    let (_c, mut admin, mut alice, mut bob) = pair_on_two_instances("&resume=1").await;
     for round in 1..=3u64 {
         let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut admin).await.unwrap();
         alice.send(&json!({"type": "n", "n": round}).to_string()).await;
@@ -635,11 +643,7 @@ async fn a_relay_script_redis_forgot_is_sent_again_with_its_body() {
 /// when it had to create the stream anew. It never lives without a TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_history_stream_lives_the_resume_window_after_each_relay() {
-    let c = Cluster::redis_with(2, resume_on).await;
-    let mut admin = c.redis.as_ref().unwrap().conn().await;
-    let (mut alice, _) = connect(&c.instances[0], "alice", "bob", "").await;
-    let (mut bob, _) = connect(&c.instances[1], "bob", "alice", "&resume=1").await;
-    assert_eq!(alice.recv_json().await["type"], "peer-joined");
+    let (_c, mut admin, mut alice, mut bob) = pair_on_two_instances("").await;
     let stream = history_key(&mut admin).await;
     for n in 1..=5 {
         if n == 2 {
