@@ -128,6 +128,13 @@ pub struct Subscriber {
     /// for the slot map, and not given channels for [`SUSPECT_GRACE`] unless
     /// the slot map changes (their replica is likely being promoted).
     suspects: Vec<(Address, Instant)>,
+    /// Slots whose channels a node dropped (`sunsubscribe`: it no longer
+    /// serves them), and that node. It is asked first for the next slot
+    /// map, and a map that still names it for one of those slots is stale:
+    /// other nodes may not have heard of the failover yet, and a replica
+    /// takes sharded subscriptions for its master's slots but may not hear
+    /// the new master's messages yet.
+    dropped_by: Vec<(u16, Address)>,
     connected_before: bool,
     /// Every channel was subscribed when last looked at.
     was_whole: bool,
@@ -165,6 +172,7 @@ impl Subscriber {
             backoff: FIRST_BACKOFF,
             retry_at: Some(Instant::now()),
             suspects: Vec::new(),
+            dropped_by: Vec::new(),
             last_why: None,
             connected_before: false,
             was_whole: false,
@@ -215,7 +223,10 @@ impl Subscriber {
         let target = self.target.clone();
         // Healthy masters first: a frozen one would hold the question up.
         let suspect = |m: &Address| self.suspects.iter().any(|(a, _)| a == m);
-        let mut prefer: Vec<Address> = self.slots.masters().into_iter().filter(|m| !suspect(m)).collect();
+        let mut prefer: Vec<Address> = self.dropped_by.iter().map(|(_, a)| a.clone()).collect();
+        prefer.dedup();
+        let first = prefer.clone();
+        prefer.extend(self.slots.masters().into_iter().filter(|m| !suspect(m) && !first.contains(m)));
         prefer.extend(self.suspects.iter().map(|(a, _)| a.clone()));
         Box::pin(async move {
             if target.is_cluster() {
@@ -240,6 +251,14 @@ impl Subscriber {
             }
             Ok(Layout::Cluster(map)) => {
                 self.reachable = true;
+                if self.dropped_by.iter().any(|(slot, node)| map.master_of(*slot) == Some(node)) {
+                    tracing::debug!(
+                        "redis subscriber: the slot map still names the node that dropped them; asking again"
+                    );
+                    self.lost_attempt();
+                    return;
+                }
+                self.dropped_by.clear();
                 if map != self.slots {
                     self.suspects.clear();
                     self.target.topology_changed();
@@ -450,6 +469,7 @@ impl Subscriber {
             }
             NodeEvent::Misplaced(id, misplaced) => {
                 let mut lost = Vec::new();
+                let dropper = self.address_of(id).cloned();
                 for (channel, acks) in misplaced {
                     let Some(placed) = self.channels.get_mut(&channel) else {
                         for ack in acks {
@@ -461,6 +481,9 @@ impl Subscriber {
                         continue;
                     }
                     placed.node = NOWHERE;
+                    if let Some(address) = &dropper {
+                        self.dropped_by.push((cluster::slot(&channel), address.clone()));
+                    }
                     // A channel with sessions beyond those still waiting was live here.
                     let live = placed.count as usize > acks.len();
                     let homeless = self.homeless.entry(channel.clone()).or_default();
