@@ -62,7 +62,13 @@ async fn subscriber_killed_by_redis_resubscribes_and_resyncs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_subscribe_is_unready_until_redis_takes_it() {
     const REFUSED: &str = "switchboard_broker_subscribe_refused_total";
-    let c = Cluster::redis(2).await;
+    // Resume off: a frame that reaches nobody is refused (with resume on it
+    // is kept in the history instead: tests/resume.rs, the blip tests).
+    let c = Cluster::redis_with(2, |s| {
+        s.resume = std::time::Duration::ZERO;
+        s.resume_key = None;
+    })
+    .await;
     let redis = c.redis.as_ref().unwrap();
     let (mut alice, mut bob) = c.alice_and_bob().await;
     relays_both_ways(&mut alice, &mut bob, "before").await;

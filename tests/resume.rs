@@ -191,7 +191,11 @@ async fn a_token_for_another_user_or_pair_is_refused_with_4003() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_resume_off_a_resume_request_changes_nothing() {
-    let c = Cluster::redis(2).await;
+    let c = Cluster::redis_with(2, |s| {
+        s.resume = Duration::ZERO;
+        s.resume_key = None;
+    })
+    .await;
     let (mut bob, welcome) = connect(c.node(1), "bob", "alice", "&resume=1").await;
     assert!(welcome.get("resume").is_none(), "{welcome}");
     let (mut alice, _) = connect(c.node(0), "alice", "bob", "").await;
@@ -658,4 +662,36 @@ async fn the_history_stream_lives_the_resume_window_after_each_relay() {
         // Whole seconds, rounded down: 29 is a window less a fraction of a second.
         assert!((29..=35).contains(&ttl), "after relay {n}: TTL {ttl}, not the window (plus up to 5 s)");
     }
+}
+
+/// Resume is on by default, and replicas given no secret share the key of
+/// resume tokens through Redis: the first to start stores a random one
+/// (`{prefix}:secret:resume`), the others read it. So a token from one
+/// replica resumes on another (with a key of each replica's own, the
+/// second would close with 4003), and the client gets what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_secret_replicas_share_the_resume_key_through_redis() {
+    let c = Cluster::redis(2).await;
+    let mut admin = c.redis.as_ref().unwrap().conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*:secret:resume").query_async(&mut admin).await.unwrap();
+    assert_eq!(keys.len(), 1, "one shared key: {keys:?}");
+    let secret: String = redis::cmd("GET").arg(&keys[0]).query_async(&mut admin).await.unwrap();
+    assert!(secret.len() == 64 && secret.bytes().all(|b| b.is_ascii_hexdigit()), "32 random bytes in hex");
+
+    let (mut bob, welcome) = connect(c.node(1), "bob", "alice", "&resume=1").await;
+    let (token, seq) = resume_of(&welcome);
+    let (mut alice, _) = connect(c.node(0), "alice", "bob", "").await;
+    assert_eq!(bob.recv_json().await["type"], "peer-joined");
+    alice.send(&json!({"type": "n", "n": 1}).to_string()).await;
+    let first = bob.recv_json().await;
+    assert_eq!(first["data"]["n"], 1, "{first}");
+    let after = first["seq"].as_str().unwrap_or(&seq).to_owned();
+    bob.reset_connection();
+    alice.send(&json!({"type": "n", "n": 2}).to_string()).await;
+
+    // Back on the other replica with the first one's token.
+    let (mut bob, welcome) = connect(c.node(0), "bob", "alice", &format!("&resume={token}&after={after}")).await;
+    assert!(welcome["resume"]["token"].is_string(), "resumed, not refused: {welcome}");
+    let missed = bob.recv_json().await;
+    assert_eq!((missed["type"].as_str(), missed["data"]["n"].as_u64()), (Some("relay"), Some(2)), "{missed}");
 }

@@ -45,8 +45,14 @@ fn init_logs() {
 }
 
 /// Settings for tests: port 0, and Redis when `redis_url` is given.
+/// With Redis, resume tokens are keyed as `Settings::load` keys them with no
+/// secret set: by a key the instances share through Redis.
 pub fn settings(redis_url: Option<&str>) -> Settings {
-    Settings { listen: "127.0.0.1:0".parse().unwrap(), redis_url: redis_url.map(str::to_owned), ..Settings::default() }
+    let mut settings = Settings::default();
+    if redis_url.is_some() {
+        settings.resume_key = Some(switchboard::auth::ResumeKey::shared());
+    }
+    Settings { listen: "127.0.0.1:0".parse().unwrap(), redis_url: redis_url.map(str::to_owned), ..settings }
 }
 
 impl Instance {

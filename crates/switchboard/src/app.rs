@@ -141,6 +141,9 @@ pub async fn run(
     let registry = Arc::new(Registry::new());
     let broker = start_broker(&settings, registry.clone(), &broker_stop, &background).await?;
     start_upkeep(&settings, &registry, &broker, &broker_stop, &background);
+    if let Some(key) = settings.resume_key.clone().filter(crate::auth::ResumeKey::is_shared) {
+        share_resume_key(key, broker.clone(), &broker_stop, &background).await;
+    }
     let grace = settings.shutdown_grace;
     let state = AppState::new(settings, registry, broker);
 
@@ -209,6 +212,61 @@ async fn start_broker(
     };
     let broker = RedisBroker::start(options, inbox, stop.clone(), background, FIRST_BROKER_CONNECT).await?;
     Ok(Arc::new(broker.with_history(settings.resume)))
+}
+
+/// How often replicas that share a resume key through Redis check it: each
+/// puts its key back should Redis have lost it, or learns the one there.
+const RESUME_KEY_CHECK: Duration = Duration::from_secs(30);
+/// How soon a replica that has not learned the shared key yet asks again.
+const RESUME_KEY_RETRY: Duration = Duration::from_secs(1);
+
+/// Learns the resume key that replicas share through the broker (none was
+/// configured): the first replica to start stores a random one, and the
+/// others take it. Waits for the first answer up to [`FIRST_BROKER_CONNECT`]
+/// (the replica is not ready until it has one), then checks it every
+/// [`RESUME_KEY_CHECK`] on `background` until `stop`. When the key changes
+/// (Redis lost it, and another replica stored its own first), the one before
+/// still verifies tokens: a client resuming across the change gets its history.
+async fn share_resume_key(
+    key: crate::auth::ResumeKey,
+    broker: Arc<dyn Broker>,
+    stop: &CancellationToken,
+    background: &TaskTracker,
+) {
+    let (learned, mut learned_rx) = tokio::sync::watch::channel(false);
+    let stop = stop.clone();
+    background.spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            let proposed = key.secret().unwrap_or_else(crate::auth::ResumeKey::random_secret);
+            let wait = match broker.shared_secret("resume", &proposed).await {
+                Ok(secret) => {
+                    if key.adopt(&secret) {
+                        tracing::info!(stored_here = secret == proposed, "resume key: learned the one replicas share");
+                    }
+                    failures = 0;
+                    let _ = learned.send(true);
+                    RESUME_KEY_CHECK
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(60) {
+                        tracing::warn!(error = %e, known = key.is_known(), "resume key: cannot read it from Redis");
+                    }
+                    if key.is_known() {
+                        RESUME_KEY_CHECK
+                    } else {
+                        RESUME_KEY_RETRY
+                    }
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    });
+    let _ = tokio::time::timeout(FIRST_BROKER_CONNECT, learned_rx.wait_for(|&known| known)).await;
 }
 
 /// Presence upkeep and pings: instance-wide tasks that stop with the broker,

@@ -308,9 +308,24 @@ pub fn call_links(
 /// the user, the pair and the session that was first given it: the one that
 /// began the client's numbering of its messages (confirmed sends), which
 /// every session resuming it carries on.
+///
+/// The key comes from a configured secret, is random (one process), or is
+/// [`ResumeKey::shared`]: learned from the broker, where the first replica
+/// to start put a random secret, so that replicas without a configured
+/// secret still take each other's tokens. Clones share the key: a shared key
+/// learned later (or changed, after Redis lost it) holds for every clone.
 #[derive(Clone)]
 pub struct ResumeKey {
-    key: Hmac<Sha256>,
+    keys: Arc<std::sync::RwLock<Keys>>,
+    shared: bool,
+}
+
+/// The key that signs, and the one before it, which still verifies tokens
+/// given out before a change.
+#[derive(Default)]
+struct Keys {
+    current: Option<(Hmac<Sha256>, String)>,
+    previous: Option<Hmac<Sha256>>,
 }
 
 impl fmt::Debug for ResumeKey {
@@ -322,21 +337,65 @@ impl fmt::Debug for ResumeKey {
 impl ResumeKey {
     /// A key from `secret` (`SWITCHBOARD_RESUME_SECRET`, or the link secret).
     pub fn new(secret: &Secret) -> Self {
-        // A key of its own: a resume token can never pass as a link's signature.
-        let mut derive = Hmac::<Sha256>::new_from_slice(secret.expose()).expect("HMAC takes keys of any length");
-        derive.update(b"switchboard resume key v1");
-        let key = derive.finalize().into_bytes();
-        Self { key: Hmac::new_from_slice(&key).expect("HMAC takes keys of any length") }
+        let key = Self::shared();
+        key.adopt(&String::from_utf8_lossy(secret.expose()));
+        Self { shared: false, ..key }
     }
 
     /// A key of random bytes, for one process (the in-memory broker).
     pub fn random() -> Self {
-        let bytes: [u8; 32] = rand::random();
-        Self { key: Hmac::new_from_slice(&bytes).expect("HMAC takes keys of any length") }
+        Self::new(&Secret::new(&Self::random_secret()))
     }
 
-    fn mac(&self, identity: &Identity, session: &str) -> Hmac<Sha256> {
-        let mut mac = self.key.clone();
+    /// No key yet: it is learned from the broker ([`ResumeKey::adopt`]).
+    pub fn shared() -> Self {
+        Self { keys: Arc::default(), shared: true }
+    }
+
+    /// 32 random bytes in hex: a secret for the broker to share.
+    pub fn random_secret() -> String {
+        let bytes: [u8; 32] = rand::random();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether the key is learned from the broker.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Whether tokens can be made and checked (a shared key is learned).
+    pub fn is_known(&self) -> bool {
+        self.read().current.is_some()
+    }
+
+    /// The secret of the current key, if it came from [`ResumeKey::adopt`]
+    /// (a shared key: to be put back should the broker lose it).
+    pub fn secret(&self) -> Option<String> {
+        self.read().current.as_ref().map(|(_, secret)| secret.clone())
+    }
+
+    /// Makes the key derived from `secret` the current one, the old one
+    /// verifying still. Whether it changed.
+    pub fn adopt(&self, secret: &str) -> bool {
+        let mut keys = self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if keys.current.as_ref().is_some_and(|(_, known)| known == secret) {
+            return false;
+        }
+        // A key of its own: a resume token can never pass as a link's signature.
+        let mut derive = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+        derive.update(b"switchboard resume key v1");
+        let key = Hmac::new_from_slice(&derive.finalize().into_bytes()).expect("HMAC takes keys of any length");
+        keys.previous = keys.current.take().map(|(key, _)| key);
+        keys.current = Some((key, secret.to_owned()));
+        true
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Keys> {
+        self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn mac(key: &Hmac<Sha256>, identity: &Identity, session: &str) -> Hmac<Sha256> {
+        let mut mac = key.clone();
         let (user, pair) = (&identity.user, &identity.pair);
         // IDs hold no spaces: the fields can't run into one another.
         let peer = pair.other(user);
@@ -344,23 +403,32 @@ impl ResumeKey {
         mac
     }
 
-    /// The token of `session` for `identity`.
-    pub fn token(&self, identity: &Identity, session: u64) -> String {
+    /// The token of `session` for `identity`; `None` while a shared key is
+    /// not learned yet.
+    pub fn token(&self, identity: &Identity, session: u64) -> Option<String> {
+        let keys = self.read();
+        let (key, _) = keys.current.as_ref()?;
         let session = format!("{session:x}");
-        let mac = self.mac(identity, &session).finalize().into_bytes();
-        format!("{session}.{}", URL_SAFE_NO_PAD.encode(mac))
+        let mac = Self::mac(key, identity, &session).finalize().into_bytes();
+        Some(format!("{session}.{}", URL_SAFE_NO_PAD.encode(mac)))
     }
 
     /// The session `token` was made for by [`ResumeKey::token`], if it was
-    /// made for `identity`.
+    /// made for `identity` with the current key or the one before.
     pub fn verify(&self, identity: &Identity, token: &str) -> Option<u64> {
         let (session, mac) = token.split_once('.')?;
         if session.is_empty() || session.len() > 16 || !session.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mac = URL_SAFE_NO_PAD.decode(mac).ok()?;
-        self.mac(identity, session).verify_slice(&mac).ok()?;
-        u64::from_str_radix(session, 16).ok()
+        let keys = self.read();
+        let current = keys.current.as_ref().map(|(key, _)| key);
+        let valid = [current, keys.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|key| Self::mac(key, identity, session).verify_slice(&mac).is_ok());
+        drop(keys);
+        valid.then(|| u64::from_str_radix(session, 16).ok()).flatten()
     }
 }
 
@@ -599,7 +667,7 @@ mod tests {
         let key = ResumeKey::new(&Secret::new("a resume secret of 32 bytes, or more"));
         let who =
             |user: &str, peer: &str| Identity { user: id(user), pair: PairId::new(&id(user), &id(peer)).unwrap() };
-        let token = key.token(&who("alice", "bob"), 0xabc);
+        let token = key.token(&who("alice", "bob"), 0xabc).unwrap();
         assert!(token.starts_with("abc."));
         assert_eq!(key.verify(&who("alice", "bob"), &token), Some(0xabc), "its session");
         assert!(key.verify(&who("bob", "alice"), &token).is_none(), "the peer can't use it");
@@ -621,5 +689,33 @@ mod tests {
         // A link signed with the same secret is no resume token, nor the reverse.
         let link = LinkSigner::new(&Secret::new("a resume secret of 32 bytes, or more"));
         assert!(key.verify(&who("alice", "bob"), &link.sign(&id("alice"), &id("bob"), SystemTime::now())).is_none());
+    }
+
+    #[test]
+    fn a_shared_resume_key_is_learned_and_the_one_before_still_verifies() {
+        let who = Identity { user: id("alice"), pair: PairId::new(&id("alice"), &id("bob")).unwrap() };
+        let key = ResumeKey::shared();
+        let clone = key.clone();
+        assert!(key.is_shared() && !key.is_known());
+        assert_eq!(key.token(&who, 1), None, "no token before the key is learned");
+        let (first, second, third) =
+            (ResumeKey::random_secret(), ResumeKey::random_secret(), ResumeKey::random_secret());
+        assert_eq!(first.len(), 64);
+        assert_ne!(first, second);
+        assert!(clone.adopt(&first), "a clone learns it for all");
+        assert!(!key.adopt(&first), "the same secret changes nothing");
+        assert_eq!(key.secret().as_deref(), Some(first.as_str()));
+        let old = key.token(&who, 1).unwrap();
+        assert_eq!(
+            ResumeKey::new(&Secret::new(&first)).token(&who, 1).as_ref(),
+            Some(&old),
+            "as from a configured secret"
+        );
+        assert!(key.adopt(&second));
+        let new = key.token(&who, 2).unwrap();
+        assert_eq!((key.verify(&who, &old), key.verify(&who, &new)), (Some(1), Some(2)), "the key before verifies");
+        assert!(key.adopt(&third));
+        assert_eq!((key.verify(&who, &old), key.verify(&who, &new)), (None, Some(2)), "two keys back does not");
+        assert!(!ResumeKey::new(&Secret::new(&first)).is_shared());
     }
 }

@@ -126,7 +126,7 @@ pub const SETTINGS: &[Setting] = &[
     text("auth_secret", None, "HS256 key (32+ bytes); set = /ws needs a signed token (see `switchboard link`)"),
     whole(
         "resume_secs",
-        "0",
+        "30",
         0,
         3600,
         "how long a pair's last 64 relayed messages are kept for clients that reconnect with `resume` \
@@ -135,8 +135,8 @@ pub const SETTINGS: &[Setting] = &[
     text(
         "resume_secret",
         None,
-        "key (32+ bytes, the same on every replica) of resume tokens; unset = AUTH_SECRET's, or a random one \
-         with the in-memory broker; needed with Redis when RESUME_SECS > 0 and AUTH_SECRET is unset",
+        "key (32+ bytes, the same on every replica) of resume tokens; unset = AUTH_SECRET's, or else a random \
+         one: kept in Redis for all replicas to share, or in the process with the in-memory broker",
     ),
     text(
         "allowed_origins",
@@ -604,13 +604,8 @@ impl Values {
                 Some(crate::auth::ResumeKey::new(&crate::auth::Secret::new(&secret)))
             }
             (None, None) if redis_url.is_none() => Some(crate::auth::ResumeKey::random()),
-            (None, None) => {
-                return Err(self.bad(
-                    "resume_secret",
-                    "must be set (the same on every replica) when SWITCHBOARD_RESUME_SECS > 0 with Redis, \
-                     unless SWITCHBOARD_AUTH_SECRET is",
-                ))
-            }
+            // Replicas share a random key through Redis (see `app::share_resume_key`).
+            (None, None) => Some(crate::auth::ResumeKey::shared()),
         };
         let allowed_origins = crate::origin::AllowedOrigins::parse(&self.text_or_empty("allowed_origins")?)
             .map_err(|why| self.bad("allowed_origins", format!("must list origins: {why}")))?
@@ -1030,22 +1025,24 @@ mod tests {
     }
 
     #[test]
-    fn resume_is_off_by_default_and_needs_a_shared_key_with_redis() {
+    fn resume_is_on_by_default_with_a_key_from_a_secret_from_redis_or_random() {
         let redis = ("SWITCHBOARD_REDIS_URL", "redis://127.0.0.1:6379");
-        let on = ("SWITCHBOARD_RESUME_SECS", "30");
-        let off = Settings::load_with_env(None, &[redis]).unwrap();
+        let shared = Settings::load_with_env(None, &[redis]).unwrap();
+        assert_eq!(shared.resume, Duration::from_secs(30), "on by default");
+        let key = shared.resume_key.expect("a key, learned from Redis");
+        assert!(key.is_shared() && !key.is_known(), "replicas share one through Redis");
+        let off = Settings::load_with_env(None, &[redis, ("SWITCHBOARD_RESUME_SECS", "0")]).unwrap();
         assert!(off.resume.is_zero() && off.resume_key.is_none());
-        let err = Settings::load_with_env(None, &[redis, on]).unwrap_err().to_string();
-        assert!(err.to_ascii_uppercase().contains("RESUME_SECRET"), "{err}");
-        let short = Settings::load_with_env(None, &[redis, on, ("SWITCHBOARD_RESUME_SECRET", "short")]);
-        assert!(short.is_err());
+        let short = Settings::load_with_env(None, &[redis, ("SWITCHBOARD_RESUME_SECRET", "short")]);
+        assert!(short.unwrap_err().to_string().to_ascii_uppercase().contains("RESUME_SECRET"));
         let secret = "0123456789abcdef0123456789abcdef";
         for key in ["SWITCHBOARD_RESUME_SECRET", "SWITCHBOARD_AUTH_SECRET"] {
-            let s = Settings::load_with_env(None, &[redis, on, (key, secret)]).unwrap();
-            assert_eq!((s.resume, s.resume_key.is_some()), (Duration::from_secs(30), true), "{key}");
+            let s = Settings::load_with_env(None, &[redis, (key, secret)]).unwrap();
+            let resume_key = s.resume_key.expect(key);
+            assert!(!resume_key.is_shared() && resume_key.is_known(), "{key}");
         }
-        let memory = Settings::load_with_env(None, &[on]).unwrap();
-        assert!(memory.resume_key.is_some(), "one process: a random key will do");
+        let memory = Settings::load_with_env(None, &[]).unwrap().resume_key.expect("memory");
+        assert!(!memory.is_shared() && memory.is_known(), "one process: a random key will do");
     }
 
     #[test]

@@ -146,7 +146,13 @@ impl AppState {
 
     /// Whether new sockets are accepted and the broker can deliver.
     pub fn is_ready(&self) -> bool {
-        self.lifecycle.phase() == Phase::Serving && self.broker.is_ready()
+        self.lifecycle.phase() == Phase::Serving && self.broker.is_ready() && self.resume_key_known()
+    }
+
+    /// Whether resume tokens can be made and checked: always, but for a
+    /// resume key shared through Redis that is not learned yet.
+    pub fn resume_key_known(&self) -> bool {
+        self.settings.resume_key.as_ref().is_none_or(crate::auth::ResumeKey::is_known)
     }
 
     /// Whether a shutdown was asked for.

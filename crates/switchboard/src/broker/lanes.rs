@@ -40,7 +40,8 @@
 //! is sent and forgotten ([`Lanes::send`]: relayed messages). A forgotten
 //! command that fails is reported to its origin, so the session reading the
 //! socket never waits for Redis and wakes up once per message, not twice. So
-//! is a `PUBLISH` that reached no subscriber: the sender's own instance is
+//! is a `PUBLISH` that reached no subscriber (with resume off; with resume on,
+//! the history keeps what no one heard): the sender's own instance is
 //! subscribed to its pair's channel whenever its subscriber is healthy, so a
 //! count of 0 means that subscription is down and the message reached nobody.
 

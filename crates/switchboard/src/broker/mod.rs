@@ -178,6 +178,13 @@ pub trait Broker: Send + Sync + 'static {
         Ok(Replay::Gap { last: None })
     }
 
+    /// The secret named `name` that every instance of the deployment shares:
+    /// the one stored in the broker, or `proposed` if none is (then it is
+    /// stored). A broker of one process has nothing to share with.
+    async fn shared_secret(&self, _name: &str, proposed: &str) -> Result<String, BrokerError> {
+        Ok(proposed.to_owned())
+    }
+
     /// Keeps the presence of each `(pair, user, session)` alive (re-creating
     /// it if it expired) and returns each one's peer's live session, if any,
     /// in the same order. One call covers many sessions: an instance refreshes

@@ -338,6 +338,16 @@ impl Broker for RedisBroker {
         self.eval(pair, &RELEASE, &[&key], &[&format!("{session:x}")]).await.map(drop)
     }
 
+    async fn shared_secret(&self, name: &str, proposed: &str) -> Result<String, BrokerError> {
+        let key = format!("{}:secret:{name}", self.prefix);
+        // Redis 7.0+: sets the key only if it is missing, and answers what it held.
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&key).arg(proposed).arg("NX").arg("GET");
+        let held: Option<String> =
+            redis::from_redis_value(self.lanes.call(&key, cmd).await?).map_err(redis::RedisError::from)?;
+        Ok(held.unwrap_or_else(|| proposed.to_owned()))
+    }
+
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }

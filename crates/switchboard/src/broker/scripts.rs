@@ -44,17 +44,22 @@ pub fn body_of(sha1: &[u8]) -> Option<&'static str> {
 /// With history on: appends the envelope (header `ARGV[1]`, body `ARGV[2]`)
 /// to the pair's stream `KEYS[1]` (about `ARGV[5]` entries kept), publishes
 /// it with the entry's ID in its header on `KEYS[2]` with `ARGV[4]`, and
-/// returns the ID. The stream's TTL becomes `ARGV[3]` seconds when
+/// returns the ID, whether or not a subscriber heard it: a session whose
+/// subscriber was cut off gets it from the history once it is back (or
+/// `resync`), so it is not refused as a bare `PUBLISH` that reached nobody
+/// is (see [`super::lanes`]). The stream's TTL becomes `ARGV[3]` seconds when
 /// `ARGV[6]` is `1` (see [`super::renewals`]: not every relay renews it),
 /// and whenever the relay had to create the stream (gone since its last
 /// entry, or a new Redis), so a stream never lives without one. A numbered
 /// message (confirmed sends) also names its sender's counter `KEYS[3]` and
 /// its number `ARGV[7]`: a number the counter already reached is a resend,
 /// dropped (`false`); otherwise the counter moves to it, kept `ARGV[3]`
-/// seconds. Run by its SHA1 (`EVALSHA`): a `NOSCRIPT` reply means it did
+/// seconds. Flagged `allow-oom` (Redis 7.0+): a Redis out of memory under
+/// `noeviction` refuses new presence keys, but relaying goes on, and a
+/// history is bounded by its length and TTL. Run by its SHA1 (`EVALSHA`): a `NOSCRIPT` reply means it did
 /// not run, and the lane sends it once more with its body (see
 /// [`super::lanes`]).
-pub const APPEND_LUA: &str = r"
+pub const APPEND_LUA: &str = r"#!lua flags=allow-oom
 if KEYS[3] then
   local n = tonumber(ARGV[7])
   if n <= tonumber(redis.call('GET', KEYS[3]) or '0') then return false end

@@ -139,7 +139,7 @@ pub async fn upgrade(
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
-    if !state.broker.is_ready() {
+    if !state.broker.is_ready() || !state.resume_key_known() {
         return Err(ApiError::BrokerUnavailable);
     }
     let permit = state.try_open_socket().ok_or(ApiError::TooManySockets)?;

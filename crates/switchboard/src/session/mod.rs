@@ -386,13 +386,15 @@ async fn resume_from(
         Resume::From { lineage, next, .. } => (lineage, next),
     };
     let registry = &state.registry;
-    let (Some(key), Some(join)) = (&state.settings.resume_key, join) else {
-        // No history to resume from (the broker keeps none).
+    let identity = Identity { user: handle.user.clone(), pair: handle.pair.clone() };
+    let token = state.settings.resume_key.as_ref().and_then(|key| key.token(&identity, lineage));
+    let (Some(token), Some(join)) = (token, join) else {
+        // No history to resume from (the broker keeps none), or no key to
+        // sign a token with (a shared one not learned yet).
         let first = if resume == Resume::Fresh { Vec::new() } else { vec![ServerEvent::Resync.to_bytes()] };
         registry.finish_replay(handle, first, None);
         return None;
     };
-    let token = key.token(&Identity { user: handle.user.clone(), pair: handle.pair.clone() }, lineage);
     let resumed = |seq| Some(Resumed { token, seq, lineage, next });
     let Resume::From { after, .. } = resume else { return resumed(join) };
     let replay = match after {
