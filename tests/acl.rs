@@ -58,6 +58,25 @@ async fn relays_as_an_acl_user_with_the_minimal_acl() {
     let (mut bob, _) = c.node(1).join("bob", "alice").await;
     assert_eq!(alice.recv_json().await["type"], "peer-joined");
     relays_both_ways(&mut alice, &mut bob, "again").await;
+    // Resume (on by default): Carol's session keeps a cursor, her socket is
+    // cut, a frame is relayed meanwhile (appended to the pair's history), and
+    // she resumes on the other instance, which reads it back from the history.
+    let (mut carol, welcome) = c.node(0).join_with("carol", "dave", "&resume=1").await;
+    let (mut dave, _) = c.node(1).join("dave", "carol").await;
+    assert_eq!(carol.recv_json().await["type"], "peer-joined");
+    let (token, seq) = (welcome["resume"]["token"].as_str().unwrap(), welcome["resume"]["seq"].as_str().unwrap());
+    let resume = format!("&resume={token}&after={seq}");
+    carol.reset_connection();
+    dave.send(r#"{"type":"offer","while":"away"}"#).await;
+    let heard = dave.round_trip().await;
+    assert!(!heard.iter().any(|f| f.contains(r#""type":"error""#)), "relayed, no error: {heard:?}");
+    let (mut carol, _) = c.node(1).join_with("carol", "dave", &resume).await;
+    let mut missed = carol.recv_json().await;
+    while missed["type"] == "peer-joined" {
+        // Dave's join, if it came after Carol's cursor: replayed too.
+        missed = carol.recv_json().await;
+    }
+    assert_eq!((missed["type"].as_str(), missed["data"]["while"].as_str()), (Some("relay"), Some("away")), "{missed}");
     let switchboard_clients: String =
         redis::cmd("CLIENT").arg("LIST").query_async(&mut redis.conn().await).await.unwrap();
     assert!(switchboard_clients.contains("user=switchboard"), "{switchboard_clients}");

@@ -102,7 +102,12 @@ impl Instance {
 
     /// Connects `user` to the pair with `peer` and reads the welcome.
     pub async fn join(&self, user: &str, peer: &str) -> (Client, serde_json::Value) {
-        let mut client = Client::connect(&self.ws_url(user, peer)).await.expect("upgrade");
+        self.join_with(user, peer, "").await
+    }
+
+    /// [`Instance::join`] with `query` appended to the URL (`&resume=1`, say).
+    pub async fn join_with(&self, user: &str, peer: &str, query: &str) -> (Client, serde_json::Value) {
+        let mut client = Client::connect(&format!("{}{query}", self.ws_url(user, peer))).await.expect("upgrade");
         let welcome = client.recv_json().await;
         assert_eq!(welcome["type"], "welcome", "first frame must be the welcome: {welcome}");
         (client, welcome)
