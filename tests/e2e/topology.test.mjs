@@ -3,6 +3,7 @@
 // lib/topology.mjs). Everything goes through the load balancer, as in
 // docker-compose.yml.
 import assert from 'node:assert/strict';
+import { unwrapped } from './lib/browser.mjs';
 import { pairIDs, scenarioTest } from './lib/scenario.mjs';
 import {
   SocketPage, currentReplica, dashboardSeries, httpGet, replicaOf, sumOf, topology, until,
@@ -145,7 +146,7 @@ scenarioTest('the call page through nginx: restarting each replica in turn keeps
   for (const p of [a, b]) {
     p.page.on('websocket', (ws) => {
       ws.on('framereceived', (f) => {
-        if (typeof f.payload === 'string') frames.get(p).push({ at: Date.now(), text: f.payload });
+        if (typeof f.payload === 'string') frames.get(p).push({ at: Date.now(), text: unwrapped(f.payload).text });
       });
       ws.on('close', () => closes.get(p).push(Date.now()));
     });

@@ -5,6 +5,25 @@ import path from 'node:path';
 import { chromium } from 'playwright-core';
 import { CHROMIUM } from './paths.mjs';
 
+/**
+ * A received frame as the app sees it. With resume on (the server's default),
+ * switchboard.js asks `resume=1`, and the peer's frames come wrapped in `relay`
+ * events (`{"type":"relay","seq":…,"data":<frame>}`): those give the frame
+ * they carry. Returns its `type` ('?' for none, or not JSON) and its text.
+ * @param {string} payload
+ */
+export function unwrapped(payload) {
+  try {
+    const frame = JSON.parse(payload);
+    if (frame?.type === 'relay' && frame.data !== undefined) {
+      return { type: frame.data?.type ?? '?', text: JSON.stringify(frame.data) };
+    }
+    return { type: frame?.type ?? '?', text: payload };
+  } catch {
+    return { type: '?', text: payload };
+  }
+}
+
 /** The flags every browser test uses (fake camera/microphone, no prompts, quiet). */
 export const CHROMIUM_FLAGS = [
   '--use-fake-device-for-media-stream',
@@ -96,18 +115,14 @@ export class Participant {
     this.page = page;
     /** Every WebSocket the page opened to /ws (playwright WebSocket objects). */
     this.sockets = [];
-    /** Types of the JSON frames the page received on them, in order. */
+    /** Types of the JSON frames the page received on them, in order (relayed ones unwrapped). */
     this.received = [];
     this.console = [];
     page.on('websocket', (ws) => {
       if (new URL(ws.url()).pathname !== '/ws') return;
       this.sockets.push(ws);
       ws.on('framereceived', ({ payload }) => {
-        try {
-          this.received.push(JSON.parse(payload).type);
-        } catch {
-          this.received.push('?');
-        }
+        this.received.push(unwrapped(payload).type);
       });
     });
     page.on('console', (m) => this.console.push(`[${m.type()}] ${m.text()}`));
