@@ -695,3 +695,45 @@ async fn without_a_secret_replicas_share_the_resume_key_through_redis() {
     let missed = bob.recv_json().await;
     assert_eq!((missed["type"].as_str(), missed["data"]["n"].as_u64()), (Some("relay"), Some(2)), "{missed}");
 }
+
+/// Relays that queue up behind a busy Redis go as one script call for the
+/// whole run (`APPEND_MANY`), not one call each: each still gets its own
+/// entry and `seq`, in order, and its confirmation, with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_queued_behind_a_busy_redis_go_as_one_script_call_in_order() {
+    const FRAMES: u64 = 30;
+    let (_c, mut admin, mut alice, mut bob) = pair_on_two_instances("&resume=1").await;
+    let stream = history_key(&mut admin).await;
+    let before: usize = redis::cmd("XLEN").arg(&stream).query_async(&mut admin).await.unwrap();
+    // Writes wait for a second (the admin's commands are not writes): what
+    // Alice sends meanwhile queues on the lane, and goes in the next batch.
+    let () = redis::cmd("CLIENT").arg("PAUSE").arg(1000).arg("WRITE").query_async(&mut admin).await.unwrap();
+    for n in 1..=FRAMES {
+        alice.send(&json!({"type": "n", "n": n}).to_string()).await;
+    }
+    let mut seqs = Vec::new();
+    for n in 1..=FRAMES {
+        let got = bob.recv_json().await;
+        assert_eq!((got["type"].as_str(), got["data"]["n"].as_u64()), (Some("relay"), Some(n)), "{got}");
+        seqs.push(got["seq"].as_str().expect("a seq").to_owned());
+    }
+    let mut sorted = seqs.clone();
+    sorted.sort_by_key(|s| {
+        let (ms, i) = s.split_once('-').expect("a stream ID");
+        (ms.parse::<u64>().unwrap(), i.parse::<u64>().unwrap())
+    });
+    sorted.dedup();
+    assert_eq!(sorted, seqs, "one entry each, in order");
+    loop {
+        let event = alice.recv_json().await;
+        assert_eq!(event["type"], "ack", "confirmed, not failed: {event}");
+        if event["n"] == FRAMES {
+            break;
+        }
+    }
+    let after: usize = redis::cmd("XLEN").arg(&stream).query_async(&mut admin).await.unwrap();
+    assert_eq!(after - before, FRAMES as usize, "each frame is one entry of the pair's history");
+    let sha1 = &switchboard::broker::scripts::APPEND_MANY.sha1;
+    let ran: Vec<bool> = redis::cmd("SCRIPT").arg("EXISTS").arg(sha1).query_async(&mut admin).await.unwrap();
+    assert_eq!(ran, [true], "the queued relays went as one APPEND_MANY call");
+}

@@ -36,7 +36,7 @@ pub struct LinkArgs {
     /// How long the links stay valid, e.g. 30m, 1h, 2days.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
-    /// Where users reach the server, e.g. https://call.example.com
+    /// Where users reach the server, e.g. `https://call.example.com`
     /// [default: SWITCHBOARD_PUBLIC_URL, else http:// and SWITCHBOARD_LISTEN].
     #[arg(long, value_name = "URL")]
     pub base_url: Option<String>,

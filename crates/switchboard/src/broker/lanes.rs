@@ -44,6 +44,10 @@
 //! the history keeps what no one heard): the sender's own instance is
 //! subscribed to its pair's channel whenever its subscriber is healthy, so a
 //! count of 0 means that subscription is down and the message reached nobody.
+//!
+//! With resume on, consecutive relays of one batch that append to the
+//! history go as one script call for all of them (`APPEND_MANY`, see
+//! `pack`), each still answered on its own.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -325,13 +329,9 @@ async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Jo
             return;
         }
     };
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    for job in batch.iter_mut() {
-        pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
-    }
+    let (pipe, groups) = pack(batch);
     match pipe.query_async::<Vec<redis::Value>>(conn).await {
-        Ok(values) => finish(conn, &pipe, batch, values).await,
+        Ok(values) => finish(conn, &pipe, &groups, batch, values).await,
         Err(e) => {
             if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout() {
                 *link = None;
@@ -344,40 +344,118 @@ async fn send(connector: &Connector, link: &mut Option<Link>, batch: &mut Vec<Jo
     }
 }
 
-/// Hands each job of `pipe` its reply. A relayed message whose script Redis
-/// did not know (`NOSCRIPT`: a restarted or newly promoted server, or a
-/// `SCRIPT FLUSH`) did not run: it goes once more, with the script's body
-/// (`EVAL`), before the lane takes its next batch, so its channel's order
-/// holds and nothing runs twice. A second failure is the job's reply.
+/// The pipeline for `jobs`, their commands taken, and how many jobs each of
+/// its commands answers, in order. Consecutive relays that append to the
+/// history (with resume on) go as one [`super::scripts::APPEND_MANY`] call:
+/// each script call costs Redis about as much as a `PUBLISH` before it does
+/// anything, and under load a batch holds many. Order holds: a run is sent
+/// where its first relay stood, and nothing else is moved across it.
+fn pack(jobs: &mut [Job]) -> (redis::Pipeline, Vec<usize>) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    let mut groups = Vec::new();
+    let mut run: Vec<redis::Cmd> = Vec::new();
+    let flush = |run: &mut Vec<redis::Cmd>, pipe: &mut redis::Pipeline, groups: &mut Vec<usize>| {
+        let merged = match run.len() {
+            0 => return,
+            1 => None,
+            _ => append_many(run),
+        };
+        match merged {
+            Some(cmd) => {
+                pipe.add_command(cmd);
+                groups.push(run.len());
+            }
+            None => {
+                for cmd in run.iter() {
+                    pipe.add_command(cmd.clone());
+                    groups.push(1);
+                }
+            }
+        }
+        run.clear();
+    };
+    for job in jobs.iter_mut() {
+        let cmd = std::mem::replace(&mut job.cmd, redis::Cmd::new());
+        if matches!(job.reply, Reply::Tell { .. }) && append_args(&cmd).is_some() {
+            run.push(cmd);
+            continue;
+        }
+        flush(&mut run, &mut pipe, &mut groups);
+        pipe.add_command(cmd);
+        groups.push(1);
+    }
+    flush(&mut run, &mut pipe, &mut groups);
+    (pipe, groups)
+}
+
+/// The keys and the arguments of a script call.
+type ScriptArgs<'a> = (Vec<&'a [u8]>, Vec<&'a [u8]>);
+
+/// The keys and arguments of an [`super::scripts::APPEND`] call (by SHA1).
+fn append_args(cmd: &redis::Cmd) -> Option<ScriptArgs<'_>> {
+    let mut args = cmd.args_iter().map(|arg| match arg {
+        redis::Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    });
+    if !args.next()??.eq_ignore_ascii_case(b"EVALSHA") || args.next()?? != super::scripts::APPEND.sha1.as_bytes() {
+        return None;
+    }
+    let count: usize = std::str::from_utf8(args.next()??).ok()?.parse().ok()?;
+    let rest: Vec<&[u8]> = args.collect::<Option<_>>()?;
+    let (keys, argv) = (rest.get(..count)?, rest.get(count..)?);
+    // Header, body, TTL, verb, length kept, renew flag, and the number if numbered.
+    matches!((keys.len(), argv.len()), (2, 6) | (3, 7)).then(|| (keys.to_vec(), argv.to_vec()))
+}
+
+/// One [`super::scripts::APPEND_MANY`] call for the append calls of `run`, in
+/// order; `None` if one of them is not an append call after all.
+fn append_many(run: &[redis::Cmd]) -> Option<redis::Cmd> {
+    let parts: Vec<ScriptArgs<'_>> = run.iter().map(append_args).collect::<Option<_>>()?;
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(&super::scripts::APPEND_MANY.sha1).arg(parts.len() * 3);
+    for (keys, _) in &parts {
+        // Stream, channel, and the counter (or the stream again: unused).
+        cmd.arg(keys[0]).arg(keys[1]).arg(keys.get(2).copied().unwrap_or(keys[0]));
+    }
+    let (_, first) = &parts[0];
+    cmd.arg(first[2]).arg(first[3]).arg(first[4]);
+    for (_, argv) in &parts {
+        cmd.arg(argv[0]).arg(argv[1]).arg(argv[5]).arg(argv.get(6).copied().unwrap_or(b""));
+    }
+    Some(cmd)
+}
+
+/// Hands each job its reply: `groups` says how many jobs each command of
+/// `pipe` answers (see [`pack`]); a command for several answers with an
+/// array, one reply each. A relayed message whose script Redis did not know
+/// (`NOSCRIPT`: a restarted or newly promoted server, or a `SCRIPT FLUSH`)
+/// did not run: it goes once more, with the script's body (`EVAL`), before
+/// the lane takes its next batch, so its channel's order holds and nothing
+/// runs twice. A second failure is the job's reply.
 async fn finish(
     conn: &mut impl redis::aio::ConnectionLike,
     pipe: &redis::Pipeline,
+    groups: &[usize],
     jobs: &mut Vec<Job>,
     values: Vec<redis::Value>,
 ) {
-    let mut again: Vec<Job> = Vec::new();
+    let mut again: Vec<Vec<Job>> = Vec::new();
     let mut retry = redis::pipe();
     retry.ignore_errors();
-    for ((job, value), cmd) in jobs.drain(..).zip(values).zip(pipe.cmd_iter()) {
-        let value = match value {
-            redis::Value::ServerError(e) => {
-                let e = redis::RedisError::from(e);
-                let unknown = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript);
-                match (unknown, &job.reply) {
-                    (true, Reply::Tell { .. }) => match with_body(cmd) {
-                        Some(eval) => {
-                            retry.add_command(eval);
-                            again.push(job);
-                            continue;
-                        }
-                        None => Err(BrokerError::Redis(e)),
-                    },
-                    _ => Err(BrokerError::Redis(e)),
-                }
+    let mut jobs = jobs.drain(..);
+    for ((&size, value), cmd) in groups.iter().zip(values).zip(pipe.cmd_iter()) {
+        let group: Vec<Job> = jobs.by_ref().take(size).collect();
+        if let redis::Value::ServerError(e) = &value {
+            let unknown = e.kind() == Some(redis::ServerErrorKind::NoScript);
+            let relays = group.iter().all(|job| matches!(job.reply, Reply::Tell { .. }));
+            if let (true, true, Some(eval)) = (unknown, relays, with_body(cmd)) {
+                retry.add_command(eval);
+                again.push(group);
+                continue;
             }
-            value => Ok(value),
-        };
-        job.reply.finish(value);
+        }
+        answer(group, value);
     }
     if again.is_empty() {
         return;
@@ -385,17 +463,48 @@ async fn finish(
     tracing::info!(count = again.len(), "redis lane: the relay script was unknown to Redis; sent again with its body");
     match retry.query_async::<Vec<redis::Value>>(conn).await {
         Ok(values) => {
-            for (job, value) in again.into_iter().zip(values) {
-                job.reply.finish(match value {
-                    redis::Value::ServerError(e) => Err(BrokerError::Redis(e.into())),
-                    value => Ok(value),
-                });
+            for (group, value) in again.into_iter().zip(values) {
+                answer(group, value);
             }
         }
         Err(e) => {
             let why = e.to_string();
-            for job in again {
+            for job in again.into_iter().flatten() {
                 job.reply.finish(Err(BrokerError::Command(why.clone())));
+            }
+        }
+    }
+}
+
+/// Hands `value`, a command's reply, to the jobs it answers: to one as it
+/// is, to several one element each (an error to each of them).
+fn answer(group: Vec<Job>, value: redis::Value) {
+    let result: Result<redis::Value, redis::RedisError> = match value {
+        redis::Value::ServerError(e) => Err(e.into()),
+        value => Ok(value),
+    };
+    let mut group = group;
+    if group.len() == 1 {
+        if let Some(job) = group.pop() {
+            job.reply.finish(result.map_err(BrokerError::Redis));
+        }
+        return;
+    }
+    match result {
+        Ok(redis::Value::Array(values)) if values.len() == group.len() => {
+            for (job, value) in group.into_iter().zip(values) {
+                job.reply.finish(Ok(value));
+            }
+        }
+        Ok(other) => {
+            let why = format!("unexpected reply to {} relays: {other:?}", group.len());
+            for job in group {
+                job.reply.finish(Err(BrokerError::Command(why.clone())));
+            }
+        }
+        Err(e) => {
+            for job in group {
+                job.reply.finish(Err(BrokerError::Redis(e.clone())));
             }
         }
     }
@@ -436,14 +545,10 @@ async fn run_on_cluster(conn: &ClusterConnection, batch: &mut Vec<Job>) -> bool 
     let calls = by_slot.into_values().map(|mut jobs| {
         let mut conn = conn.clone();
         async move {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for job in &mut jobs {
-                pipe.add_command(std::mem::replace(&mut job.cmd, redis::Cmd::new()));
-            }
+            let (pipe, groups) = pack(&mut jobs);
             match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
                 Ok(values) => {
-                    finish(&mut conn, &pipe, &mut jobs, values).await;
+                    finish(&mut conn, &pipe, &groups, &mut jobs, values).await;
                     Ok(())
                 }
                 Err(e) => Err((jobs, e)),
@@ -485,6 +590,81 @@ mod tests {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg("c").arg("m");
         cmd
+    }
+
+    /// An append call as the Redis broker makes it (see `RedisBroker::append_cmd`).
+    fn append(n: Option<&str>) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&crate::broker::scripts::APPEND.sha1).arg(if n.is_some() { 3 } else { 2 });
+        cmd.arg("p:history:a:b").arg("p:pair:a:b");
+        if n.is_some() {
+            cmd.arg("p:history:a:b:sent:1");
+        }
+        cmd.arg("hdr").arg("body").arg(35).arg("PUBLISH").arg(64).arg("0");
+        if let Some(n) = n {
+            cmd.arg(n);
+        }
+        cmd
+    }
+
+    fn args(cmd: &redis::Cmd) -> Vec<String> {
+        cmd.args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => "<not simple>".into(),
+            })
+            .collect()
+    }
+
+    /// Consecutive relays that append go as one `APPEND_MANY` call, where
+    /// the first of them stood; anything else keeps its place and its call.
+    #[test]
+    fn consecutive_appends_go_as_one_call_in_place() {
+        let origin: Arc<dyn RelayOrigin> = Arc::new(Failures::default());
+        let tell = |cmd| Job {
+            cmd,
+            reply: Reply::Tell { origin: origin.clone(), len: 1, queued_at: Instant::now() },
+            slot: 0,
+        };
+        let (waiting, _) = oneshot::channel();
+        let mut jobs = vec![
+            tell(append(None)),
+            tell(append(Some("7"))),
+            Job { cmd: publish(), reply: Reply::Wait(waiting), slot: 0 },
+            tell(append(None)),
+            tell(publish()),
+        ];
+        let (pipe, groups) = pack(&mut jobs);
+        assert_eq!(groups, [2, 1, 1, 1]);
+        let cmds: Vec<Vec<String>> = pipe.cmd_iter().map(args).collect();
+        let many = &crate::broker::scripts::APPEND_MANY.sha1;
+        let counter = "p:history:a:b:sent:1";
+        let expected_first: Vec<&str> = vec![
+            "EVALSHA",
+            many,
+            "6",
+            "p:history:a:b",
+            "p:pair:a:b",
+            "p:history:a:b",
+            "p:history:a:b",
+            "p:pair:a:b",
+            counter,
+            "35",
+            "PUBLISH",
+            "64",
+            "hdr",
+            "body",
+            "0",
+            "",
+            "hdr",
+            "body",
+            "0",
+            "7",
+        ];
+        assert_eq!(cmds[0], expected_first);
+        assert_eq!(cmds[1], args(&publish()));
+        assert_eq!(cmds[2], args(&append(None)), "a lone append stays as it is");
+        assert_eq!(cmds[3], args(&publish()));
     }
 
     /// A relayed message is queued without waiting while its lane has room;

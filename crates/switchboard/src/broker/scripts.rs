@@ -31,11 +31,13 @@ pub static CLAIM_KEPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLAIM_KEPT_LUA)
 pub static REPLAY: LazyLock<Lua> = LazyLock::new(|| Lua::new(REPLAY_LUA));
 /// [`APPEND_LUA`].
 pub static APPEND: LazyLock<Lua> = LazyLock::new(|| Lua::new(APPEND_LUA));
+/// [`APPEND_MANY_LUA`].
+pub static APPEND_MANY: LazyLock<Lua> = LazyLock::new(|| Lua::new(APPEND_MANY_LUA));
 
 /// The body of the script whose SHA1 is `sha1` (hex), for a command that
 /// Redis answered with `NOSCRIPT`.
 pub fn body_of(sha1: &[u8]) -> Option<&'static str> {
-    [&APPEND, &CLAIM, &CLAIM_KEPT, &REFRESH_MANY, &RELEASE, &REPLAY]
+    [&APPEND, &APPEND_MANY, &CLAIM, &CLAIM_KEPT, &REFRESH_MANY, &RELEASE, &REPLAY]
         .into_iter()
         .find(|lua| lua.sha1.as_bytes() == sha1)
         .map(|lua| lua.body)
@@ -74,6 +76,46 @@ elseif ARGV[6] == '1' then
 end
 redis.call(ARGV[4], KEYS[2], ARGV[1] .. ' ' .. id .. '\n' .. ARGV[2])
 return id";
+
+/// [`APPEND_LUA`] for several messages in one call, in order: what a lane
+/// sends in place of consecutive appends of one pipeline (see
+/// [`super::lanes`]), as each call of a script costs Redis about as much as
+/// a `PUBLISH` before it does anything. `ARGV[1]` is the TTL, `ARGV[2]` the
+/// publish command and `ARGV[3]` the length kept; message `i` has the keys
+/// `KEYS[3i-2]` (stream), `KEYS[3i-1]` (channel) and `KEYS[3i]` (its
+/// sender's counter, or the stream again when it is not numbered) and the
+/// arguments `ARGV[4i]` (header), `ARGV[4i+1]` (body), `ARGV[4i+2]` (renew
+/// flag) and `ARGV[4i+3]` (its number, or `''`). Returns each message's
+/// reply as [`APPEND_LUA`] would.
+pub const APPEND_MANY_LUA: &str = r"#!lua flags=allow-oom
+local ttl, verb, keep = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i = 1, #KEYS / 3 do
+  local stream, channel, counter = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local header, body, renew, n = ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2], ARGV[4 * i + 3]
+  local fresh = true
+  if n ~= '' then
+    if tonumber(n) <= tonumber(redis.call('GET', counter) or '0') then
+      fresh = false
+    else
+      redis.call('SET', counter, n, 'EX', ttl)
+    end
+  end
+  if fresh then
+    local id = redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', keep, '*', 'h', header, 'b', body)
+    if not id then
+      id = redis.call('XADD', stream, 'MAXLEN', '~', keep, '*', 'h', header, 'b', body)
+      redis.call('EXPIRE', stream, ttl)
+    elseif renew == '1' then
+      redis.call('EXPIRE', stream, ttl)
+    end
+    redis.call(verb, channel, header .. ' ' .. id .. '\n' .. body)
+    out[i] = id
+  else
+    out[i] = false
+  end
+end
+return out";
 
 /// [`CLAIM_LUA`] with history on: the join envelope (header `ARGV[3]`) goes
 /// to the stream `KEYS[4]` first, as [`APPEND_LUA`] does (`ARGV[5]` seconds,

@@ -133,7 +133,7 @@ fn random_session_id() -> u64 {
 /// Setup runs where this future is polled: the instance's front thread,
 /// which also accepts connections and serves HTTP (see `app::run`). Once the
 /// client is welcomed, the socket moves to the runtime of live sessions
-/// ([`AppState::live`]), so a connect storm's handshakes and setups queue
+/// (`AppState`'s `live` runtime), so a connect storm's handshakes and setups queue
 /// behind one another, not in front of live calls' messages.
 ///
 /// Not an `async fn`: the arguments go straight into the boxed setup, so the
