@@ -52,7 +52,11 @@ pub fn settings(redis_url: Option<&str>) -> Settings {
     if redis_url.is_some() {
         settings.resume_key = Some(switchboard::auth::ResumeKey::shared());
     }
-    Settings { listen: "127.0.0.1:0".parse().unwrap(), redis_url: redis_url.map(str::to_owned), ..settings }
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        redis_url: redis_url.map(switchboard::config::RedisUrl::new),
+        ..settings
+    }
 }
 
 impl Instance {

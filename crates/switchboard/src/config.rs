@@ -276,8 +276,9 @@ pub struct Settings {
     /// Where users reach the server (`http(s)://host[:port][/path]`, without a trailing slash).
     pub public_url: Option<String>,
     /// Redis URL (a comma-separated list in sentinel and cluster modes);
-    /// `None` selects the in-memory broker. May hold a password: never log it.
-    pub redis_url: Option<String>,
+    /// `None` selects the in-memory broker. May hold a password: its `Debug`
+    /// shows neither it nor the rest of the URL.
+    pub redis_url: Option<RedisUrl>,
     /// How `redis_url` is read.
     pub redis_mode: RedisMode,
     /// Sentinel mode: the master set's name.
@@ -506,7 +507,7 @@ impl Values {
                 ));
             }
         }
-        let redis_url = self.text("redis_url")?;
+        let redis_url = self.text("redis_url")?.map(RedisUrl::new);
         let redis_mode = match self.text_or_empty("redis_mode")?.as_str() {
             "standalone" => RedisMode::Standalone,
             "sentinel" => RedisMode::Sentinel,
@@ -672,6 +673,32 @@ impl Values {
 impl Default for Settings {
     fn default() -> Self {
         Settings::load_with_env(None, &[]).expect("the built-in defaults are valid")
+    }
+}
+
+/// `SWITCHBOARD_REDIS_URL`, read as a `str`. It may hold a password, so its
+/// `Debug` (and so `Settings`'s) shows only how many URLs it lists.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL (or comma-separated URLs) `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+}
+
+impl std::ops::Deref for RedisUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls = self.0.split(',').filter(|u| !u.trim().is_empty()).count();
+        write!(f, "RedisUrl(<{urls} URL(s), redacted>)")
     }
 }
 
@@ -1043,6 +1070,16 @@ mod tests {
         }
         let memory = Settings::load_with_env(None, &[]).unwrap().resume_key.expect("memory");
         assert!(!memory.is_shared() && memory.is_known(), "one process: a random key will do");
+    }
+
+    #[test]
+    fn debug_never_shows_the_redis_url_or_its_password() {
+        let url = "redis://switchboard:hunter2-pw@10.0.0.5:6379";
+        let s = Settings::load_with_env(None, &[("SWITCHBOARD_REDIS_URL", url)]).unwrap();
+        assert_eq!(s.redis_url.as_deref(), Some(url), "the URL itself is intact");
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("10.0.0.5"), "{shown}");
+        assert!(shown.contains("RedisUrl(<1 URL(s), redacted>)"), "{shown}");
     }
 
     #[test]
