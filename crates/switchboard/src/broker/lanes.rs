@@ -356,28 +356,19 @@ fn pack(jobs: &mut [Job]) -> (redis::Pipeline, Vec<usize>) {
     let mut groups = Vec::new();
     let mut run: Vec<redis::Cmd> = Vec::new();
     let flush = |run: &mut Vec<redis::Cmd>, pipe: &mut redis::Pipeline, groups: &mut Vec<usize>| {
-        let merged = match run.len() {
-            0 => return,
-            1 => None,
-            _ => append_many(run),
-        };
-        match merged {
-            Some(cmd) => {
-                pipe.add_command(cmd);
-                groups.push(run.len());
-            }
-            None => {
-                for cmd in run.iter() {
-                    pipe.add_command(cmd.clone());
-                    groups.push(1);
-                }
-            }
+        if let Some(many) = (run.len() > 1).then(|| append_many(run)).flatten() {
+            pipe.add_command(many);
+            groups.push(run.len());
+            run.clear();
         }
-        run.clear();
+        for cmd in run.drain(..) {
+            pipe.add_command(cmd);
+            groups.push(1);
+        }
     };
     for job in jobs.iter_mut() {
         let cmd = std::mem::replace(&mut job.cmd, redis::Cmd::new());
-        if matches!(job.reply, Reply::Tell { .. }) && append_args(&cmd).is_some() {
+        if matches!(job.reply, Reply::Tell { .. }) && is_append(&cmd) {
             run.push(cmd);
             continue;
         }
@@ -387,6 +378,14 @@ fn pack(jobs: &mut [Job]) -> (redis::Pipeline, Vec<usize>) {
     }
     flush(&mut run, &mut pipe, &mut groups);
     (pipe, groups)
+}
+
+/// Whether `cmd` calls [`super::scripts::APPEND`] by its SHA1 (its first
+/// two arguments only: the rest is read once, by [`append_many`]).
+fn is_append(cmd: &redis::Cmd) -> bool {
+    let mut args = cmd.args_iter();
+    matches!(args.next(), Some(redis::Arg::Simple(verb)) if verb.eq_ignore_ascii_case(b"EVALSHA"))
+        && matches!(args.next(), Some(redis::Arg::Simple(sha1)) if sha1 == super::scripts::APPEND.sha1.as_bytes())
 }
 
 /// The keys and the arguments of a script call.
@@ -478,12 +477,11 @@ async fn finish(
 
 /// Hands `value`, a command's reply, to the jobs it answers: to one as it
 /// is, to several one element each (an error to each of them).
-fn answer(group: Vec<Job>, value: redis::Value) {
+fn answer(mut group: Vec<Job>, value: redis::Value) {
     let result: Result<redis::Value, redis::RedisError> = match value {
         redis::Value::ServerError(e) => Err(e.into()),
         value => Ok(value),
     };
-    let mut group = group;
     if group.len() == 1 {
         if let Some(job) = group.pop() {
             job.reply.finish(result.map_err(BrokerError::Redis));
